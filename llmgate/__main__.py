@@ -1,0 +1,5 @@
+"""python -m llmgate"""
+
+from llmgate.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,53 @@
+"""create_app(config) -> web.Application: wiring only."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from llmgate.config import Loaded
+from llmgate.server.auth import KeyCheck
+from llmgate.server.handlers import (
+    ROUTER,
+    SETTINGS,
+    ChatCompletions,
+    Settings,
+    healthz,
+    list_models,
+)
+from llmgate.server.middleware import error_envelopes
+from llmgate.upstream.client import client_session
+from llmgate.upstream.provider import Provider
+from llmgate.upstream.router import Router
+
+
+def create_app(loaded: Loaded) -> web.Application:
+    config = loaded.config
+    max_body = int(config.server.max_body_mb * 2**20)
+    app = web.Application(middlewares=[error_envelopes], client_max_size=max_body)
+    app[SETTINGS] = Settings(
+        keys=KeyCheck(config.server.api_keys),
+        max_body=max_body,
+        keepalive_s=config.server.keepalive_s,
+        send_timeout_s=config.server.send_timeout_s,
+    )
+    app[ROUTER] = Router(
+        {
+            name: Provider(name, provider, loaded.unset_env.get(name, ()))
+            for name, provider in config.providers.items()
+        }
+    )
+    app.cleanup_ctx.append(client_session)
+    for route in config.routes:
+        for path in _with_v1(route.path):
+            app.router.add_post(path, ChatCompletions(route.path).handle)
+    for path in _with_v1("/models"):
+        app.router.add_get(path, list_models, allow_head=False)
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+def _with_v1(path: str) -> list[str]:
+    """A route is served as configured and under /v1, as OpenAI clients add it."""
+    if path.startswith("/v1/"):
+        return [path, path.removeprefix("/v1")]
+    return [path, "/v1" + path]

@@ -1,0 +1,184 @@
+"""config.toml: typed settings, ${VAR} expansion, and errors that name the key."""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+import msgspec
+from yarl import URL
+
+from llmgate.protocol import error_path
+
+PASSTHROUGH = "passthrough"
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_Positive = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class ConfigError(Exception):
+    """A mistake in the configuration; the message names the key."""
+
+
+class _Strict(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ServerConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8000
+    api_keys: list[str] = []
+    max_body_mb: _Positive = 16.0
+    keepalive_s: _Positive = 15.0
+    send_timeout_s: _Positive = 30.0
+
+
+class LogConfig(_Strict):
+    format: Literal["text", "json"] = "text"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class ProviderConfig(_Strict, kw_only=True):
+    kind: Literal["openai"] = "openai"
+    base_url: str
+    api_key: str = ""
+    models: list[str] = []
+    default_model: str | None = None
+    headers: dict[str, str] = {}
+    forward_fields: list[str] = []
+    connect_timeout_s: _Positive = 10.0
+    first_token_timeout_s: _Positive = 60.0
+    idle_timeout_s: _Positive = 30.0
+
+
+class RouteConfig(_Strict, kw_only=True):
+    path: str
+
+
+class Config(_Strict):
+    server: ServerConfig = ServerConfig()
+    log: LogConfig = LogConfig()
+    providers: dict[str, ProviderConfig] = {}
+    routes: list[RouteConfig] = msgspec.field(
+        default_factory=lambda: [RouteConfig(path="/chat/completions")]
+    )
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A decoded config and what its environment lacked."""
+
+    config: Config
+    # provider name -> names of its unset ${VAR}s (never their values)
+    unset_env: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+
+
+def load(path: str) -> Loaded:
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
+    return parse(raw, os.environ)
+
+
+def parse(raw: dict[str, Any], env: os._Environ[str] | dict[str, str]) -> Loaded:
+    missing: list[tuple[tuple[Any, ...], str]] = []
+    expanded = _expand(raw, (), env, missing)
+    warnings: list[str] = []
+    unset_env: dict[str, tuple[str, ...]] = {}
+    dropped_keys: set[int] = set()
+    for where, var in missing:
+        key = _dotted(where)
+        if where[:2] == ("server", "api_keys") and len(where) == 3:
+            dropped_keys.add(where[2])
+            warnings.append(f"{key}: ${{{var}}} is not set; that key is ignored")
+        elif where[:1] == ("providers",) and len(where) >= 3:
+            name = where[1]
+            unset_env[name] = (*unset_env.get(name, ()), var)
+            warnings.append(
+                f"{key}: ${{{var}}} is not set; requests to provider '{name}' will fail"
+            )
+        else:
+            raise ConfigError(f"{key}: environment variable {var} is not set")
+    keys = expanded.get("server", {}).get("api_keys")
+    if dropped_keys and isinstance(keys, list):
+        kept = [k for i, k in enumerate(keys) if i not in dropped_keys]
+        if not kept:
+            raise ConfigError(
+                "server.api_keys: every key comes from an unset variable; refusing to run open"
+            )
+        expanded["server"]["api_keys"] = kept
+    config = _decode(expanded)
+    if not config.server.api_keys:
+        warnings.append("server.api_keys is empty: llmgate accepts requests without a key")
+    return Loaded(config, unset_env, tuple(warnings))
+
+
+def _expand(value: Any, where: tuple[Any, ...], env: Any, missing: list) -> Any:
+    if isinstance(value, str):
+
+        def sub(m: re.Match[str]) -> str:
+            var, default = m.group(1), m.group(2)
+            if var in env and env[var] != "":
+                return env[var]
+            if default is not None:
+                return default
+            missing.append((where, var))
+            return ""
+
+        return _ENV_REF.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: _expand(v, (*where, k), env, missing) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, (*where, i), env, missing) for i, v in enumerate(value)]
+    return value
+
+
+def _dotted(where: tuple[Any, ...]) -> str:
+    out = ""
+    for part in where:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _decode(raw: dict[str, Any]) -> Config:
+    providers = raw.pop("providers", {})
+    if not isinstance(providers, dict):
+        raise ConfigError("providers: expected a table of [providers.NAME] sections")
+    config = _convert(raw, Config, "")
+    decoded = {
+        name: _convert(section, ProviderConfig, f"providers.{name}")
+        for name, section in providers.items()
+    }
+    if not decoded:
+        raise ConfigError("providers: at least one [providers.NAME] section is needed")
+    for name, provider in decoded.items():
+        _check_provider(name, provider)
+    for i, route in enumerate(config.routes):
+        if not route.path.startswith("/"):
+            raise ConfigError(f"routes[{i}].path: expected a path starting with '/'")
+    return msgspec.structs.replace(config, providers=decoded)
+
+
+def _convert(raw: Any, type_: type, prefix: str) -> Any:
+    try:
+        return msgspec.convert(raw, type_)
+    except msgspec.ValidationError as exc:
+        what, path = error_path(exc)
+        key = ".".join(p for p in (prefix, path.removeprefix("$").lstrip(".")) if p)
+        raise ConfigError(f"{key or 'config'}: {what}") from None
+
+
+def _check_provider(name: str, provider: ProviderConfig) -> None:
+    key = f"providers.{name}"
+    url = URL(provider.base_url) if "://" in provider.base_url else None
+    if url is None or url.scheme not in ("http", "https") or not url.host:
+        raise ConfigError(f"{key}.base_url: expected a URL (http:// or https://)")
+    if "/" in name:
+        raise ConfigError(f"{key}: a provider name cannot contain '/'")

@@ -1,0 +1,104 @@
+"""Errors a caller may see, as OpenAI error envelopes.
+
+    ApiError                     status + envelope; the only exception a handler answers with
+     └─ UpstreamError            llmgate.upstream: something went wrong with a provider
+         ├─ UpstreamStatus       the provider answered 4xx (kept) or 5xx (502)
+         ├─ UpstreamUnavailable  refused / reset / malformed answer: 502
+         ├─ UpstreamTimeout      no answer in time: 504
+         └─ ProviderNotReady     the provider's ${VAR} is unset: 503
+
+Messages say what to fix; 5xx messages say what failed and the request id, never internals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from aiohttp import web
+
+from llmgate.protocol import ErrorEnvelope, ErrorObject, encoder
+
+# status -> (type, code) when the raiser does not say
+_DEFAULTS: dict[int, tuple[str, str | None]] = {
+    400: ("invalid_request_error", None),
+    401: ("invalid_request_error", "invalid_api_key"),
+    403: ("invalid_request_error", "forbidden"),
+    404: ("invalid_request_error", "not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    413: ("invalid_request_error", "request_too_large"),
+    429: ("rate_limit_error", "rate_limit_exceeded"),
+    499: ("invalid_request_error", "client_closed_request"),
+    500: ("api_error", "internal_error"),
+    502: ("api_error", "upstream_error"),
+    503: ("api_error", "provider_unavailable"),
+    504: ("api_error", "upstream_timeout"),
+}
+
+
+def default_type(status: int) -> tuple[str, str | None]:
+    if status in _DEFAULTS:
+        return _DEFAULTS[status]
+    return ("invalid_request_error", None) if status < 500 else ("api_error", None)
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        type: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        default_t, default_c = default_type(status)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.type = type or default_t
+        self.code = code if code is not None else default_c
+        self.headers = dict(headers or {})
+
+    def body(self) -> bytes:
+        obj = ErrorObject(self.message, self.type, self.param, self.code)
+        return encoder.encode(ErrorEnvelope(obj))
+
+    def frame(self) -> bytes:
+        """The error as an SSE `data:` frame, for failures after the stream began."""
+        return b"data: " + self.body() + b"\n\n"
+
+    def response(self, request_id: str | None = None) -> web.Response:
+        headers = dict(self.headers)
+        if request_id:
+            headers["X-Request-Id"] = request_id
+        return web.Response(
+            status=self.status,
+            body=self.body(),
+            content_type="application/json",
+            headers=headers,
+        )
+
+
+class UpstreamError(ApiError):
+    pass
+
+
+class UpstreamStatus(UpstreamError):
+    pass
+
+
+class UpstreamUnavailable(UpstreamError):
+    def __init__(self, message: str) -> None:
+        super().__init__(502, message)
+
+
+class UpstreamTimeout(UpstreamError):
+    def __init__(self, message: str) -> None:
+        super().__init__(504, message)
+
+
+class ProviderNotReady(UpstreamError):
+    def __init__(self, message: str) -> None:
+        super().__init__(503, message)

@@ -1,0 +1,88 @@
+"""The plain route's stream: upstream SSE relayed to the caller, frame for frame.
+
+Each upstream read is split into events, each event's `data:` lines are written back as
+they came (never re-encoded), and everything one read completed goes out in one write.
+Each payload is decoded into a tiny peek Struct (finish_reason, usage, error): that costs
+well under a microsecond and is what tells a garbage frame from a chunk.
+"""
+
+from __future__ import annotations
+
+import aiohttp
+import msgspec
+from aiohttp_sse import EventSourceResponse
+
+from llmgate.errors import ApiError, UpstreamUnavailable
+from llmgate.protocol import chunk_decoder
+from llmgate.sse import DONE, DONE_FRAME, SSEDecoder, SSEError
+from llmgate.turn import Turn
+from llmgate.upstream.provider import FOREIGN_ERRORS, Provider
+from llmgate.upstream.watchdog import Watchdog
+
+
+class UpstreamErrorFrame(ApiError):
+    """The provider sent `{"error": ...}` mid-stream; it has been relayed as it came."""
+
+    def __init__(self) -> None:
+        super().__init__(502, "provider sent an error frame")
+
+
+async def pump(
+    sse: EventSourceResponse,
+    upstream: aiohttp.ClientResponse,
+    provider: Provider,
+    turn: Turn,
+    watchdog: Watchdog,
+) -> None:
+    """Relay until `[DONE]`; raise ApiError for any failure (nothing written yet for it)."""
+    decoder = SSEDecoder()
+    read = upstream.content.readany
+    idle = provider.config.idle_timeout_s
+    failure: ApiError | None = None
+    done = False
+    while not (done or failure):
+        try:
+            data = await read()
+            events = decoder.feed(data) if data else None
+        except (*FOREIGN_ERRORS, SSEError) as exc:
+            raise _read_error(provider, exc) from exc
+        if events is None:  # the provider closed the stream
+            break
+        watchdog.progress()
+        out: list[bytes] = []
+        for event in events:
+            payload = event.data
+            if payload == DONE:
+                done = True
+                break
+            try:
+                peek = chunk_decoder.decode(payload)
+            except msgspec.DecodeError:
+                failure = UpstreamUnavailable(f"provider '{provider.name}' sent a malformed chunk")
+                break
+            out.append(event.frame())
+            if peek.error is not None:
+                failure = UpstreamErrorFrame()
+                break
+            for choice in peek.choices:
+                if choice.finish_reason:
+                    turn.finish_reason = choice.finish_reason
+            if peek.usage:
+                turn.usage = peek.usage
+        if out:
+            if turn.first_token is None:
+                turn.mark_first_token()
+                watchdog.rearm(idle, f"provider '{provider.name}' went silent for {idle:g}s")
+            turn.chunks += len(out)
+            await sse.write(b"".join(out) if len(out) > 1 else out[0])
+    if failure:
+        raise failure
+    if not done and not turn.finish_reason:
+        raise UpstreamUnavailable(f"provider '{provider.name}' ended the stream before finishing")
+    await sse.write(DONE_FRAME)
+
+
+def _read_error(provider: Provider, exc: BaseException) -> ApiError:
+    if isinstance(exc, SSEError):
+        return UpstreamUnavailable(f"provider '{provider.name}' sent an oversized SSE line")
+    return provider.error_for(exc)

@@ -1,0 +1,166 @@
+"""One OpenAI-compatible provider: its URL, its credentials, and how its failures read."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import aiohttp
+import msgspec
+from yarl import URL
+
+from llmgate.config import PASSTHROUGH, ProviderConfig
+from llmgate.errors import (
+    ProviderNotReady,
+    UpstreamError,
+    UpstreamStatus,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from llmgate.protocol import OPENAI_PARAMS, UpstreamErrorBody
+
+MAX_ERROR_BODY = 64 * 1024
+# What a provider call can raise besides our own errors.
+FOREIGN_ERRORS = (aiohttp.ClientError, OSError, asyncio.TimeoutError)
+_KEYLIKE = re.compile(r"(sk-|Bearer\s+|gsk_|AIza)[A-Za-z0-9_\-*.]{4,}")
+_KEPT_HEADERS = ("Retry-After", "Retry-After-Ms")
+_error_decoder = msgspec.json.Decoder(UpstreamErrorBody)
+
+
+class Provider:
+    def __init__(self, name: str, config: ProviderConfig, unset_env: tuple[str, ...] = ()):
+        self.name = name
+        self.config = config
+        self.unset_env = unset_env
+        self.url = URL(config.base_url.rstrip("/") + "/chat/completions")
+        self.forward = OPENAI_PARAMS | frozenset(config.forward_fields)
+        self.passthrough = config.api_key == PASSTHROUGH
+        self.timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=config.connect_timeout_s, connect=config.connect_timeout_s
+        )
+        headers = {"Content-Type": "application/json", **config.headers}
+        if config.api_key and not self.passthrough:
+            headers["Authorization"] = f"Bearer {config.api_key}"
+        self._headers = {
+            True: {**headers, "Accept": "text/event-stream", "Accept-Encoding": "identity"},
+            False: {**headers, "Accept": "application/json"},
+        }
+
+    async def send(
+        self,
+        session: aiohttp.ClientSession,
+        body: bytes,
+        stream: bool,
+        caller_key: str | None,
+    ) -> aiohttp.ClientResponse:
+        """POST a chat completion; a non-2xx answer is raised as an UpstreamError."""
+        if self.unset_env:
+            names = ", ".join(self.unset_env)
+            raise ProviderNotReady(
+                f"provider '{self.name}' is not configured: environment variable {names} is not set"
+            )
+        headers = self._headers[stream]
+        if self.passthrough and caller_key:
+            headers = {**headers, "Authorization": f"Bearer {caller_key}"}
+        with self.translate():
+            resp = await session.post(
+                self.url, data=body, headers=headers, timeout=self.timeout, allow_redirects=False
+            )
+            if resp.status >= 300:
+                try:
+                    raw = await read_bounded(resp, MAX_ERROR_BODY)
+                finally:
+                    resp.close()
+                raise self._status_error(resp, raw)
+        return resp
+
+    @contextmanager
+    def translate(self) -> Iterator[None]:
+        """Turn aiohttp's and the OS's exceptions into our tree, `from` the original."""
+        try:
+            yield
+        except FOREIGN_ERRORS as exc:
+            raise self.error_for(exc) from exc
+
+    def error_for(self, exc: BaseException) -> UpstreamError:
+        """Our error for a foreign one, without its text (it can hold internals)."""
+        if isinstance(exc, UpstreamError):
+            return exc
+        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+            return UpstreamTimeout(f"provider '{self.name}' did not accept a connection in time")
+        if isinstance(exc, aiohttp.ServerTimeoutError | asyncio.TimeoutError):
+            return UpstreamTimeout(f"provider '{self.name}' did not answer in time")
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            return UpstreamUnavailable(f"could not connect to provider '{self.name}'")
+        if isinstance(exc, aiohttp.ClientPayloadError | aiohttp.ServerDisconnectedError):
+            return UpstreamUnavailable(f"provider '{self.name}' broke off its answer")
+        return UpstreamUnavailable(
+            f"the connection to provider '{self.name}' failed ({type(exc).__name__})"
+        )
+
+    def _status_error(self, resp: aiohttp.ClientResponse, raw: bytes) -> UpstreamStatus:
+        status = resp.status
+        kept = {h: resp.headers[h] for h in _KEPT_HEADERS if h in resp.headers}
+        detail = error_detail(raw)
+        if status in (401, 403) and not self.passthrough:
+            # Our key, not the caller's: say who can fix it, and repeat nothing of the key.
+            message = (
+                f"provider '{self.name}' rejected llmgate's credentials; "
+                f"check providers.{self.name}.api_key"
+            )
+            return UpstreamStatus(status, message, headers=kept)
+        if 400 <= status < 500:
+            message = self.redact(str(detail.get("message") or f"HTTP {status}"))
+            return UpstreamStatus(
+                status,
+                f"provider '{self.name}': {message}",
+                param=_str_or_none(detail.get("param")),
+                type=_str_or_none(detail.get("type")),
+                code=_str_or_none(detail.get("code")),
+                headers=kept,
+            )
+        return UpstreamStatus(
+            502, f"provider '{self.name}' failed with HTTP {status}", headers=kept
+        )
+
+    def redact(self, text: str) -> str:
+        key = self.config.api_key
+        if key and not self.passthrough:
+            text = text.replace(key, "[redacted]")
+        return _KEYLIKE.sub("[redacted]", text)[:2000]
+
+
+async def read_bounded(
+    resp: aiohttp.ClientResponse, limit: int, progress: Callable[[], None] | None = None
+) -> bytes:
+    """Up to `limit` bytes of a body; the rest is left unread."""
+    parts: list[bytes] = []
+    size = 0
+    async for data in resp.content.iter_any():
+        if progress is not None:
+            progress()
+        parts.append(data)
+        size += len(data)
+        if size >= limit:
+            break
+    return b"".join(parts)[:limit]
+
+
+def error_detail(raw: bytes) -> dict:
+    try:
+        body = _error_decoder.decode(raw)
+    except msgspec.DecodeError:
+        return {}
+    if isinstance(body.error, dict):
+        return body.error
+    if isinstance(body.error, str):
+        return {"message": body.error}
+    return {"message": body.message} if body.message else {}
+
+
+def _str_or_none(value: object) -> str | None:
+    if value is None:
+        return None
+    return value if isinstance(value, str) else str(value)

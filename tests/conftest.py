@@ -1,0 +1,70 @@
+"""Fixtures: a fake upstream on 127.0.0.1, llmgate in front of it, and the openai client."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import openai
+import pytest
+from aiohttp.test_utils import TestServer
+
+from llmgate.app import create_app
+from llmgate.config import parse
+from tests.fake_upstream import FakeUpstream
+
+API_KEY = "test-key"
+
+
+def gateway_config(upstream_url: str, **sections: Any) -> dict[str, Any]:
+    raw: dict[str, Any] = {
+        "server": {"api_keys": [API_KEY]},
+        "providers": {
+            "fake": {
+                "base_url": upstream_url,
+                "api_key": "upstream-secret",
+                "models": ["text"],
+                "idle_timeout_s": 2,
+                "first_token_timeout_s": 2,
+            }
+        },
+    }
+    for name, values in sections.items():
+        if name == "providers":
+            raw["providers"] = values
+        else:
+            raw.setdefault(name, {}).update(values)
+    return raw
+
+
+@pytest.fixture
+async def upstream(aiohttp_server) -> FakeUpstream:
+    fake = FakeUpstream()
+    server = await aiohttp_server(fake.app)
+    fake.url = str(server.make_url("/v1"))  # type: ignore[attr-defined]
+    return fake
+
+
+GatewayFactory = Callable[..., Awaitable[TestServer]]
+
+
+@pytest.fixture
+def make_gateway(aiohttp_server, upstream) -> GatewayFactory:
+    async def make(env: dict[str, str] | None = None, **sections: Any) -> TestServer:
+        raw = copy.deepcopy(gateway_config(upstream.url, **sections))
+        return await aiohttp_server(create_app(parse(raw, env or {})))
+
+    return make
+
+
+@pytest.fixture
+async def gateway(make_gateway) -> TestServer:
+    return await make_gateway()
+
+
+@pytest.fixture
+def client(gateway) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(
+        base_url=str(gateway.make_url("/v1")), api_key=API_KEY, max_retries=0, timeout=10
+    )

@@ -1,0 +1,191 @@
+"""An in-process OpenAI-compatible upstream that speaks real SSE, scripted by model name.
+
+The request's `model` picks the behaviour ("text", "crlf", "tools", "stall", "status-429" ...),
+so one fake serves every test and each test reads as what the provider does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from aiohttp import web
+
+CREATED = 1_700_000_000
+
+
+def chunk(model: str, delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict:
+    return {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion.chunk",
+        "created": CREATED,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        **extra,
+    }
+
+
+def text_chunks(model: str, words: list[str]) -> list[dict]:
+    out = [chunk(model, {"role": "assistant", "content": ""})]
+    out += [chunk(model, {"content": w}) for w in words]
+    out.append(chunk(model, {}, "stop"))
+    return out
+
+
+USAGE = {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}
+WORDS = ["Hello", " there", ", h\u00e9llo \U0001f44b", "!"]
+TOOL_CALL_DELTAS = [
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "index": 0,
+                "id": "call_abc",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": ""},
+            }
+        ],
+    },
+    {"tool_calls": [{"index": 0, "function": {"arguments": '{"city":'}}]},
+    {"tool_calls": [{"index": 0, "function": {"arguments": ' "Paris"}'}}]},
+]
+
+
+def frame(obj: Any, eol: bytes = b"\n") -> bytes:
+    data = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
+    return b"data: " + data + eol + eol
+
+
+class FakeUpstream:
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []
+        self.cancelled = 0
+        self.finished = 0
+        self.open_streams = 0
+        self.app = web.Application()
+        self.app.router.add_post("/v1/chat/completions", self.handle)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.requests.append(body)
+        self.headers.append(dict(request.headers))
+        model = body.get("model", "")
+        status = model.removeprefix("status-")
+        if status != model:
+            return self.status(int(status))
+        if model == "slow-headers":
+            await asyncio.sleep(30)
+        if not body.get("stream"):
+            return self.complete(model)
+        self.open_streams += 1
+        try:
+            resp = await self.stream(request, model, body)
+            self.finished += 1
+            return resp
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        finally:
+            self.open_streams -= 1
+
+    def status(self, status: int) -> web.Response:
+        error = {
+            "message": f"fake error {status}",
+            "type": "invalid_request_error",
+            "param": "messages",
+            "code": "fake_code",
+        }
+        headers = {}
+        if status == 429:
+            headers["Retry-After"] = "7"
+        if status == 401:
+            error["message"] = "Incorrect API key provided: sk-proj-abcdef1234"
+        return web.json_response({"error": error}, status=status, headers=headers)
+
+    def complete(self, model: str) -> web.Response:
+        if model == "garbage":
+            return web.Response(body=b"<html>oops</html>", content_type="application/json")
+        return web.json_response(
+            {
+                "id": "chatcmpl-fake",
+                "object": "chat.completion",
+                "created": CREATED,
+                "model": model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "finish_reason": "stop",
+                        "logprobs": None,
+                        "message": {"role": "assistant", "content": "".join(WORDS)},
+                    }
+                ],
+                "usage": USAGE,
+            }
+        )
+
+    async def stream(self, request: web.Request, model: str, body: dict) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        eol = {"crlf": b"\r\n", "cr": b"\r"}.get(model, b"\n")
+        frames = [frame(c, eol) for c in self.script(model, body)]
+        if model in ("no-done", "truncated", "error-mid", "garbage", "stall-mid", "drop"):
+            pass
+        else:
+            frames.append(frame(b"[DONE]", eol))
+        if model == "stall":
+            await asyncio.sleep(3600)
+        if model == "split":
+            raw = b"".join(frames)
+            for i in range(0, len(raw), 3):
+                await resp.write(raw[i : i + 3])
+                await asyncio.sleep(0)
+        elif model == "comments":
+            await resp.write(b": keep-alive\n\nevent: message\nid: 1\nretry: 10\n")
+            await resp.write(
+                b"data: "
+                + json.dumps(chunk(model, {"role": "assistant", "content": ""})).encode()[:40]
+            )
+            rest = json.dumps(chunk(model, {"role": "assistant", "content": ""})).encode()[40:]
+            await resp.write(b"\ndata:" + rest + b"\n\n")
+            for f in frames[1:]:
+                await resp.write(f)
+        else:
+            for f in frames:
+                await resp.write(f)
+        if model == "stall-mid":
+            await asyncio.sleep(3600)
+        if model == "drop":
+            assert request.transport is not None
+            request.transport.abort()
+        await resp.write_eof()
+        return resp
+
+    def script(self, model: str, body: dict) -> list[Any]:
+        if model == "tools":
+            return [chunk(model, d) for d in TOOL_CALL_DELTAS] + [chunk(model, {}, "tool_calls")]
+        if model in ("truncated", "stall-mid", "drop"):
+            return text_chunks(model, WORDS)[:2]
+        if model == "error-mid":
+            error = {"error": {"message": "overloaded", "type": "server_error", "code": None}}
+            return [*text_chunks(model, WORDS)[:2], error]
+        if model == "garbage":
+            return [*text_chunks(model, WORDS)[:2], b"this is not json"]
+        chunks = text_chunks(model, WORDS)
+        if model == "azure":
+            first = {
+                "id": "",
+                "object": "",
+                "created": 0,
+                "model": "",
+                "choices": [],
+                "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": {}}],
+            }
+            chunks.insert(0, first)
+        if (body.get("stream_options") or {}).get("include_usage"):
+            for c in chunks:
+                c["usage"] = None
+            chunks.append({**chunk(model, {}), "choices": [], "usage": USAGE})
+        return chunks
