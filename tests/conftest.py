@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import openai
@@ -63,8 +64,36 @@ async def gateway(make_gateway) -> TestServer:
     return await make_gateway()
 
 
-@pytest.fixture
-def client(gateway) -> openai.AsyncOpenAI:
+def openai_client(gateway: TestServer, api_key: str = API_KEY) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(
-        base_url=str(gateway.make_url("/v1")), api_key=API_KEY, max_retries=0, timeout=10
+        base_url=str(gateway.make_url("/v1")), api_key=api_key, max_retries=0, timeout=10
     )
+
+
+@pytest.fixture
+async def connect() -> AsyncIterator[Callable[..., openai.AsyncOpenAI]]:
+    """openai clients for any gateway a test makes, closed at the end of the test."""
+    made: list[openai.AsyncOpenAI] = []
+
+    def make(gateway: TestServer, api_key: str = API_KEY) -> openai.AsyncOpenAI:
+        made.append(openai_client(gateway, api_key))
+        return made[-1]
+
+    yield make
+    for c in made:
+        await c.close()
+
+
+@pytest.fixture
+def client(gateway, connect) -> openai.AsyncOpenAI:
+    return connect(gateway)
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait until `predicate()` holds: for effects another task or process will show soon."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.005)

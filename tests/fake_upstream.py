@@ -64,11 +64,23 @@ class FakeUpstream:
         self.headers: list[dict[str, str]] = []
         self.cancelled = 0
         self.finished = 0
-        self.open_streams = 0
+        self.open_streams = 0  # requests being answered now
         self.app = web.Application()
         self.app.router.add_post("/v1/chat/completions", self.handle)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.open_streams += 1
+        try:
+            resp = await self.answer(request)
+            self.finished += 1
+            return resp
+        except asyncio.CancelledError:  # llmgate closed the connection
+            self.cancelled += 1
+            raise
+        finally:
+            self.open_streams -= 1
+
+    async def answer(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.requests.append(body)
         self.headers.append(dict(request.headers))
@@ -80,16 +92,7 @@ class FakeUpstream:
             await asyncio.sleep(30)
         if not body.get("stream"):
             return self.complete(model)
-        self.open_streams += 1
-        try:
-            resp = await self.stream(request, model, body)
-            self.finished += 1
-            return resp
-        except asyncio.CancelledError:
-            self.cancelled += 1
-            raise
-        finally:
-            self.open_streams -= 1
+        return await self.stream(request, model, body)
 
     def status(self, status: int) -> web.Response:
         error = {
@@ -144,12 +147,11 @@ class FakeUpstream:
                 await asyncio.sleep(0)
         elif model == "comments":
             await resp.write(b": keep-alive\n\nevent: message\nid: 1\nretry: 10\n")
-            await resp.write(
-                b"data: "
-                + json.dumps(chunk(model, {"role": "assistant", "content": ""})).encode()[:40]
-            )
-            rest = json.dumps(chunk(model, {"role": "assistant", "content": ""})).encode()[40:]
-            await resp.write(b"\ndata:" + rest + b"\n\n")
+            # The first chunk as a payload over two `data:` lines, split between JSON tokens.
+            first = json.dumps(chunk(model, {"role": "assistant", "content": ""})).encode()
+            cut = first.index(b", ") + 1
+            await resp.write(b"data: " + first[:cut])
+            await resp.write(b"\ndata:" + first[cut:] + b"\n\n")
             for f in frames[1:]:
                 await resp.write(f)
         else:

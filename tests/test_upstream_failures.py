@@ -1,0 +1,98 @@
+"""Provider failures before and after the first byte, and timeouts: clear errors, no hangs."""
+
+from __future__ import annotations
+
+import socket
+
+import openai
+import pytest
+
+from tests.conftest import eventually
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize(("model", "status"), [("status-400", 400), ("status-404", 404)])
+async def test_upstream_4xx_keeps_status_and_detail(client, model, status):
+    with pytest.raises(openai.APIStatusError) as info:
+        await client.chat.completions.create(model=model, messages=HI, stream=True)
+    assert info.value.status_code == status
+    assert info.value.body["code"] == "fake_code"
+    assert info.value.body["param"] == "messages"
+
+
+async def test_upstream_401_names_the_config_key_and_leaks_nothing(client):
+    with pytest.raises(openai.AuthenticationError) as info:
+        await client.chat.completions.create(model="status-401", messages=HI)
+    message = info.value.body["message"]
+    assert "providers.fake.api_key" in message
+    assert "sk-" not in message and "upstream-secret" not in message
+
+
+async def test_unset_variable_is_503_naming_it(connect, make_gateway, upstream):
+    raw_provider = {"base_url": upstream.url, "api_key": "${FAKE_KEY}"}
+    gw = await make_gateway(providers={"fake": raw_provider})
+    with pytest.raises(openai.APIStatusError) as info:
+        await connect(gw).chat.completions.create(model="text", messages=HI)
+    assert info.value.status_code == 503
+    assert "FAKE_KEY" in info.value.body["message"]
+    assert upstream.requests == []
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_refused_connection_is_502_with_request_id(connect, make_gateway):
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    gw = await make_gateway(providers={"fake": {"base_url": url}})
+    with pytest.raises(openai.APIStatusError) as info:
+        await connect(gw).chat.completions.create(model="text", messages=HI, stream=True)
+    assert info.value.status_code == 502
+    request_id = info.value.response.headers["X-Request-Id"]
+    assert request_id in info.value.body["message"]
+    assert "Errno" not in info.value.body["message"]
+
+
+async def test_no_headers_in_time_is_504(connect, make_gateway, upstream):
+    gw = await make_gateway(
+        providers={"fake": {"base_url": upstream.url, "first_token_timeout_s": 0.2}}
+    )
+    for stream in (True, False):
+        with pytest.raises(openai.APIStatusError) as info:
+            await connect(gw).chat.completions.create(
+                model="slow-headers", messages=HI, stream=stream
+            )
+        assert info.value.status_code == 504
+        assert info.value.body["code"] == "upstream_timeout"
+
+
+async def test_no_first_token_after_headers_ends_in_error_frame(connect, make_gateway, upstream):
+    gw = await make_gateway(
+        providers={"fake": {"base_url": upstream.url, "first_token_timeout_s": 0.2}}
+    )
+    stream = await connect(gw).chat.completions.create(model="stall", messages=HI, stream=True)
+    with pytest.raises(openai.APIError) as info:
+        async for _ in stream:
+            pass
+    assert info.value.body["code"] == "upstream_timeout"
+    await eventually(lambda: upstream.cancelled == 1)
+
+
+async def test_silent_upstream_mid_stream_hits_idle_timeout(connect, make_gateway, upstream):
+    gw = await make_gateway(providers={"fake": {"base_url": upstream.url, "idle_timeout_s": 0.2}})
+    stream = await connect(gw).chat.completions.create(model="stall-mid", messages=HI, stream=True)
+    seen = []
+    with pytest.raises(openai.APIError) as info:
+        async for c in stream:
+            seen.append(c)
+    assert len(seen) == 2
+    assert info.value.body["code"] == "upstream_timeout"
+
+
+async def test_malformed_non_streamed_answer_is_502(client):
+    with pytest.raises(openai.APIStatusError) as info:
+        await client.chat.completions.create(model="garbage", messages=HI)
+    assert info.value.status_code == 502
