@@ -1,0 +1,89 @@
+"""`python -m llmgate`: starts fast, serves, and exits 2 on a bad config."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+
+def run(*args: str, env: dict[str, str] | None = None, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "llmgate", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=30,
+        **kw,
+    )
+
+
+def test_help_is_useful():
+    out = run("--help").stdout
+    assert "--config" in out and "--port" in out and "llm.url" in out
+
+
+def test_bad_config_exits_2_naming_the_key(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[providers.a]\nbase_url = "https://x/v1"\nbogus = 1\n')
+    result = run("--config", str(path))
+    assert result.returncode == 2
+    assert "providers.a.bogus" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_open_config_with_unset_keys_refuses_to_start(tmp_path):
+    env = {"LLMGATE_API_KEY": "", "OPENAI_API_KEY": "x"}
+    result = run("--config", "config.toml", "--check", env=env)
+    assert result.returncode == 2
+    assert "server.api_keys" in result.stderr
+
+
+def test_check_reports_what_it_serves():
+    env = {"LLMGATE_API_KEY": "k", "OPENAI_API_KEY": ""}
+    result = run("--config", "config.toml", "--check", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "providers openai" in result.stdout
+    assert "OPENAI_API_KEY" in result.stderr  # warned once: requests to it will fail
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_serves_health_with_port_override(tmp_path, fmt):
+    port = free_port()
+    path = tmp_path / "c.toml"
+    path.write_text(
+        f'[server]\napi_keys = []\n[log]\nformat = "{fmt}"\n'
+        '[providers.a]\nbase_url = "http://127.0.0.1:9/v1"\n'
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmgate", "--config", str(path), "--port", str(port)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz") as r:
+                    assert r.status == 200
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "llmgate did not start"
+                assert proc.poll() is None, proc.stderr.read()
+                time.sleep(0.02)
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+    assert "without a key" in err
+    assert "Traceback" not in err

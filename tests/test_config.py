@@ -1,0 +1,90 @@
+"""config.toml: ${VAR} expansion, unset variables, and errors that name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmgate.config import ConfigError, load, parse
+
+PROVIDER = {"base_url": "https://api.example.com/v1", "api_key": "${KEY}"}
+
+
+def with_provider(**sections):
+    return {"providers": {"p": dict(PROVIDER)}, **sections}
+
+
+def test_shipped_config_loads_with_its_variables_set(monkeypatch):
+    monkeypatch.setenv("LLMGATE_API_KEY", "k")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-x")
+    loaded = load("config.toml")
+    assert loaded.config.server.api_keys == ["k"]
+    assert loaded.config.providers["openai"].api_key == "sk-x"
+    assert [r.path for r in loaded.config.routes] == ["/chat/completions"]
+    assert loaded.unset_env == {}
+
+
+def test_variables_expand_with_defaults():
+    raw = with_provider(server={"host": "${HOST:-0.0.0.0}", "port": 9000})
+    loaded = parse(raw, {"KEY": "secret"})
+    assert loaded.config.server.host == "0.0.0.0"
+    assert loaded.config.providers["p"].api_key == "secret"
+
+
+def test_unset_provider_variable_is_a_warning_not_a_crash():
+    loaded = parse(with_provider(), {})
+    assert loaded.unset_env == {"p": ("KEY",)}
+    assert any("KEY" in w for w in loaded.warnings)
+
+
+def test_unset_api_key_entry_is_dropped_never_empty():
+    loaded = parse(with_provider(server={"api_keys": ["${A}", "fixed"]}), {"KEY": "x"})
+    assert loaded.config.server.api_keys == ["fixed"]
+
+
+def test_all_api_keys_unset_refuses_to_run_open():
+    with pytest.raises(ConfigError, match=r"server\.api_keys"):
+        parse(with_provider(server={"api_keys": ["${A}"]}), {"KEY": "x"})
+
+
+def test_empty_api_keys_runs_open_with_a_warning():
+    loaded = parse(with_provider(server={"api_keys": []}), {"KEY": "x"})
+    assert any("without a key" in w for w in loaded.warnings)
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        (with_provider(server={"prot": 1}), "server.prot"),
+        (with_provider(server={"port": "80"}), "server.port"),
+        (with_provider(server={"port": 70000}), "server.port"),
+        ({"providers": {"p": {**PROVIDER, "base_url": "api.example.com"}}}, "providers.p.base_url"),
+        ({"providers": {"p": {**PROVIDER, "base_url": "ftp://x"}}}, "providers.p.base_url"),
+        ({"providers": {"p": {"api_key": "x"}}}, "providers.p.base_url"),
+        ({"providers": {"p": {**PROVIDER, "kind": "azure"}}}, "providers.p.kind"),
+        ({"providers": {"p": {**PROVIDER, "idle_timeout_s": 0}}}, "providers.p.idle_timeout_s"),
+        ({"providers": {}}, "providers"),
+        (with_provider(log={"format": "xml"}), "log.format"),
+        (with_provider(log={"format": "${FMT}"}), "log.format"),
+        (with_provider(routes=[{"path": "chat"}]), "routes[0].path"),
+    ],
+)
+def test_mistakes_name_the_key(raw, key):
+    with pytest.raises(ConfigError) as info:
+        parse(raw, {"KEY": "x"})
+    assert str(info.value).startswith(f"{key}:")
+
+
+def test_error_never_shows_a_secret():
+    raw = {"providers": {"p": {**PROVIDER, "base_url": "nope", "api_key": "${KEY}"}}}
+    with pytest.raises(ConfigError) as info:
+        parse(raw, {"KEY": "sk-very-secret"})
+    assert "sk-very-secret" not in str(info.value)
+
+
+def test_unreadable_and_invalid_toml(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load(str(tmp_path / "missing.toml"))
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load(str(bad))

@@ -1,0 +1,49 @@
+"""The turn's log line: text or JSON, its fields, and never an exception's text."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from llmgate.obs.logging import _Formatter
+from llmgate.turn import Turn
+
+
+def record(turn: Turn, exc: BaseException | None = None) -> logging.LogRecord:
+    exc_info = (type(exc), exc, None) if exc else None
+    rec = logging.LogRecord("llmgate.turn", logging.INFO, __file__, 1, "turn", (), exc_info)
+    rec.turn = turn.fields()
+    return rec
+
+
+def a_turn() -> Turn:
+    turn = Turn("/chat/completions")
+    turn.model, turn.provider, turn.status, turn.chunks = "gpt-4o-mini", "openai", 499, 3
+    turn.usage = {"prompt_tokens": 5, "completion_tokens": 2, "prompt_tokens_details": {}}
+    turn.metadata = {"channel": "ch 1", "turn_id": 4}
+    turn.mark_first_token()
+    return turn
+
+
+def test_json_line_has_the_turn_fields():
+    line = json.loads(_Formatter(json=True).format(record(a_turn())))
+    assert line["status"] == 499 and line["model"] == "gpt-4o-mini"
+    assert line["usage"] == {"prompt_tokens": 5, "completion_tokens": 2}
+    assert line["metadata"] == {"channel": "ch 1", "turn_id": 4}
+    assert line["request_id"].startswith("req_")
+    assert isinstance(line["ttft_ms"], float) and isinstance(line["duration_ms"], float)
+
+
+def test_text_line_is_one_line_of_key_values():
+    line = _Formatter(json=False).format(record(a_turn()))
+    assert "\n" not in line
+    assert "status=499" in line and "provider=openai" in line
+    assert 'metadata={"channel":"ch 1","turn_id":4}' in line
+
+
+def test_exception_shows_its_class_only():
+    secret = RuntimeError("Bearer sk-secret at /srv/llmgate/app.py line 3")
+    for fmt in (True, False):
+        line = _Formatter(json=fmt).format(record(a_turn(), secret))
+        assert "RuntimeError" in line
+        assert "sk-secret" not in line and "Traceback" not in line
