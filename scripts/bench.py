@@ -1,0 +1,350 @@
+"""llmgate's benchmark: the same load straight to a mock upstream and through llmgate.
+
+Three processes: the mock upstream (scripts/bench_mock.py), llmgate, and the load driver
+(scripts/bench_load.py). Each scenario runs direct first, then through llmgate, so the
+difference is llmgate's; llmgate's CPU time and RSS are read from /proc around each run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PY = sys.executable
+TICK = os.sysconf("SC_CLK_TCK")
+
+# name -> load driver options; "quick" shrinks each for the test suite's smoke run.
+SCENARIOS: dict[str, dict] = {
+    "c1": {"requests": 1000, "concurrency": 1, "chunks": 20, "warmup": 50},
+    "c50": {"requests": 5000, "concurrency": 50, "chunks": 20, "warmup": 2},
+    "paced-c200": {"requests": 1000, "concurrency": 200, "chunks": 20, "gap_ms": 20, "warmup": 1},
+    "disconnect": {
+        "requests": 500,
+        "concurrency": 500,
+        "chunks": 1000,
+        "gap_ms": 20,
+        "hang_up": True,
+    },
+}
+QUICK = {"c1": (30, 1), "c50": (100, 10), "paced-c200": (40, 20), "disconnect": (20, 20)}
+BUDGET = {
+    "c1_added_ttft_p50_ms": 0.5,
+    "cpu_ms_per_stream": 0.5,
+    "paced_p99_slack_ms": 40.0,
+    "peak_rss_mb": 80.0,
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"bench: {url} did not come up") from None
+            time.sleep(0.02)
+
+
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return json.load(r)
+
+
+class Proc:
+    """What /proc says of llmgate: CPU seconds, RSS, open descriptors."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def cpu_s(self) -> float:
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICK
+
+    def rss_mb(self, field: str = "VmRSS") -> float:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def sample_peak(self, stop: threading.Event, out: list[float]) -> None:
+        peak = 0.0
+        while not stop.wait(0.02):
+            peak = max(peak, self.rss_mb())
+        out.append(peak)
+
+
+def start_mock() -> tuple[subprocess.Popen, int]:
+    proc = subprocess.Popen([PY, str(HERE / "bench_mock.py")], stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline() if proc.stdout else ""
+    if "listening" not in line:
+        raise SystemExit("bench: the mock upstream did not start")
+    return proc, int(line.rsplit(":", 1)[1])
+
+
+def start_llmgate(mock_port: int, workdir: Path) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    config = workdir / "bench.toml"
+    config.write_text(
+        f'[server]\nport = {port}\napi_keys = ["bench"]\n'
+        f'[providers.mock]\nbase_url = "http://127.0.0.1:{mock_port}/v1"\n'
+    )
+    log = open(workdir / "llmgate.log", "w")  # noqa: SIM115 - lives as long as the process
+    proc = subprocess.Popen(
+        [PY, "-m", "llmgate", "--config", str(config)], stderr=log, cwd=HERE.parent
+    )
+    wait_http(f"http://127.0.0.1:{port}/healthz")
+    return proc, port
+
+
+def drive(url: str, options: dict) -> dict:
+    args = [PY, str(HERE / "bench_load.py"), "--url", url]
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        args += [flag] if value is True else [flag, str(value)]
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    return json.loads(out)
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
+
+
+def summarize(run: dict) -> dict:
+    results = run["results"]
+    ttft = [r["ttft"] for r in results if "ttft" in r]
+    total = [r["total"] for r in results if "total" in r]
+    failed = [r["error"] for r in results if "error" in r]
+    return {
+        "requests": len(results),
+        "failed": len(failed),
+        "errors": sorted(set(failed))[:5],
+        "rps": round(len(results) / run["elapsed_s"], 1),
+        "ttft_p50_ms": pct(ttft, 0.5),
+        "ttft_p99_ms": pct(ttft, 0.99),
+        "total_p50_ms": pct(total, 0.5),
+        "total_p99_ms": pct(total, 0.99),
+    }
+
+
+def run_scenario(options: dict, mock_url: str, gw_url: str, gw: Proc) -> dict:
+    hang_up = options.get("hang_up", False)
+    raw_direct = drive(f"{mock_url}/v1/chat/completions", {**options, **_tag(hang_up, "d")})
+    direct = summarize(raw_direct)
+    cpu0, fds0, rss0 = gw.cpu_s(), gw.fds(), gw.rss_mb()
+    with contextlib.suppress(OSError):
+        Path(f"/proc/{gw.pid}/clear_refs").write_text("5")  # reset VmHWM for this run
+    stop, peaks = threading.Event(), []
+    sampler = threading.Thread(target=gw.sample_peak, args=(stop, peaks))
+    sampler.start()
+    try:
+        raw = drive(f"{gw_url}/v1/chat/completions", {**options, **_tag(hang_up, "g")})
+    finally:
+        stop.set()
+        sampler.join()
+    cpu = gw.cpu_s() - cpu0
+    through = summarize(raw)
+    out = {
+        "direct": direct,
+        "llmgate": through,
+        "added_ttft_p50_ms": _diff(through["ttft_p50_ms"], direct["ttft_p50_ms"]),
+        "added_ttft_p99_ms": _diff(through["ttft_p99_ms"], direct["ttft_p99_ms"]),
+        "cpu_ms_per_request": round(cpu * 1000 / max(through["requests"], 1), 3),
+        "peak_rss_mb": round(max(peaks[0] if peaks else 0.0, gw.rss_mb("VmHWM")), 1),
+        "rss_mb_before": round(rss0, 1),
+        "fds_before": fds0,
+    }
+    if hang_up:
+        out["direct"].update(_close_lags(raw_direct, mock_url))
+        out["llmgate"].update(_close_lags(raw, mock_url))
+        deadline = time.monotonic() + 10
+        while gw.fds() > fds0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        out.update(fds_after=gw.fds(), rss_mb_after=round(gw.rss_mb(), 1))
+    return out
+
+
+def _tag(hang_up: bool, prefix: str) -> dict:
+    return {"tag": prefix} if hang_up else {}
+
+
+def _close_lags(raw: dict, mock_url: str) -> dict:
+    """Did every upstream request see its connection close after the hang-up, and how soon?"""
+    tags = {r["tag"]: r["closed_at"] for r in raw["results"] if "closed_at" in r}
+    deadline = time.monotonic() + 15
+    while True:
+        aborts = get_json(f"{mock_url}/stats")["aborts"]
+        if all(t in aborts for t in tags) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    lags = [(aborts[t] - closed) * 1000 for t, closed in tags.items() if t in aborts]
+    return {
+        "hung_up": len(tags),
+        "upstream_closed": len(lags),
+        "close_lag_p50_ms": pct(lags, 0.5),
+        "close_lag_max_ms": pct(lags, 1.0),
+    }
+
+
+def _diff(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else round(a - b, 3)
+
+
+def budget(results: dict) -> list[tuple[str, bool, str]]:
+    checks = []
+    if "c1" in results:
+        added = results["c1"]["added_ttft_p50_ms"]
+        cpu = results["c1"]["cpu_ms_per_request"]
+        checks.append(
+            ("c1 added ttft p50 <= 0.5 ms", added is not None and added <= 0.5, f"{added} ms")
+        )
+        checks.append(("cpu per 20-chunk stream <= 0.5 ms", cpu <= 0.5, f"{cpu} ms"))
+    if "paced-c200" in results:
+        r = results["paced-c200"]
+        slack = r["added_ttft_p99_ms"]
+        ok = slack is not None and slack <= 40 and r["llmgate"]["failed"] == 0
+        checks.append(
+            (
+                "paced-c200 p99 ttft <= direct + 40 ms, none failed",
+                ok,
+                f"+{slack} ms, {r['llmgate']['failed']} failed",
+            )
+        )
+        checks.append(
+            ("peak RSS at 200 streams <= 80 MB", r["peak_rss_mb"] <= 80, f"{r['peak_rss_mb']} MB")
+        )
+    if "disconnect" in results:
+        r = results["disconnect"]
+        g = r["llmgate"]
+        ok = g["hung_up"] > 0 and g["upstream_closed"] == g["hung_up"]
+        ok = ok and r["fds_after"] <= r["fds_before"]
+        checks.append(
+            (
+                "disconnect: every upstream closed, fds back",
+                ok,
+                f"{g['upstream_closed']}/{g['hung_up']}, fds {r['fds_before']}->{r['fds_after']}",
+            )
+        )
+    return checks
+
+
+def print_table(results: dict, checks: list) -> None:
+    rows = [("scenario", "metric", "direct", "llmgate", "added")]
+    for name, r in results.items():
+        d, g = r["direct"], r["llmgate"]
+        metrics = (
+            "ttft_p50_ms",
+            "ttft_p99_ms",
+            "total_p50_ms",
+            "rps",
+            "failed",
+            "upstream_closed",
+            "close_lag_p50_ms",
+            "close_lag_max_ms",
+        )
+        for metric in metrics:
+            if d.get(metric) is None and g.get(metric) is None:
+                continue
+            added = _diff(g[metric], d[metric])
+            rows.append((name, metric, str(d[metric]), str(g[metric]), _signed(added)))
+        rows.append((name, "llmgate cpu ms/request", "", str(r["cpu_ms_per_request"]), ""))
+        rows.append((name, "llmgate peak rss MB", "", str(r["peak_rss_mb"]), ""))
+        if "fds_after" in r:
+            rows.append(
+                (name, "fds before -> after", "", f"{r['fds_before']} -> {r['fds_after']}", "")
+            )
+            rows.append(
+                (
+                    name,
+                    "rss MB before -> after",
+                    "",
+                    f"{r['rss_mb_before']} -> {r['rss_mb_after']}",
+                    "",
+                )
+            )
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+    print()
+    for label, ok, value in checks:
+        print(f"{'PASS' if ok else 'MISS'}  {label}: {value}")
+
+
+def _signed(value: float | None) -> str:
+    return "" if value is None else f"{value:+g}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("scenarios", nargs="*", help=f"any of {', '.join(SCENARIOS)} (all)")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--quick", action="store_true", help="tiny runs (a smoke test)")
+    args = parser.parse_args()
+    unknown = set(args.scenarios) - set(SCENARIOS)
+    if unknown:
+        parser.error(f"unknown scenario {', '.join(sorted(unknown))}")
+    workdir = Path(tempfile.mkdtemp(prefix="llmgate-bench-"))
+    mock, mock_port = start_mock()
+    gateway = None
+    try:
+        gateway, gw_port = start_llmgate(mock_port, workdir)
+        gw = Proc(gateway.pid)
+        results = {}
+        for name in args.scenarios or list(SCENARIOS):
+            options = dict(SCENARIOS[name])
+            if args.quick:
+                options["requests"], options["concurrency"] = QUICK[name]
+                options["warmup"] = min(options.get("warmup", 0), 1)
+            print(f"running {name} ...", file=sys.stderr, flush=True)
+            results[name] = run_scenario(
+                options, f"http://127.0.0.1:{mock_port}", f"http://127.0.0.1:{gw_port}", gw
+            )
+    finally:
+        for proc in (gateway, mock):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(timeout=10)
+    checks = budget(results)
+    print_table(results, checks)
+    if args.json:
+        report = {
+            "machine": {
+                "cores": os.cpu_count(),
+                "python": platform.python_version(),
+                "platform": platform.platform(),
+            },
+            "budget": BUDGET,
+            "checks": [{"check": c, "ok": ok, "value": v} for c, ok, v in checks],
+            "scenarios": results,
+        }
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
