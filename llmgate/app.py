@@ -28,7 +28,6 @@ def create_app(loaded: Loaded) -> web.Application:
         keys=KeyCheck(config.server.api_keys),
         max_body=max_body,
         keepalive_s=config.server.keepalive_s,
-        send_timeout_s=config.server.send_timeout_s,
     )
     app[ROUTER] = Router(
         {

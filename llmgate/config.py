@@ -33,6 +33,7 @@ class ServerConfig(_Strict):
     max_body_mb: _Positive = 16.0
     keepalive_s: _Positive = 15.0
     send_timeout_s: _Positive = 30.0
+    uvloop: bool = True
 
 
 class LogConfig(_Strict):

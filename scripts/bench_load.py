@@ -63,12 +63,17 @@ async def run(args: argparse.Namespace) -> dict:
 
     async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
         for _ in range(args.warmup):  # open the pool's connections before timing
-            warm = [one(session, args.url, "mock-3-0-0", False) for _ in range(args.concurrency)]
+            model = f"mock-{args.chunks}-0-0"
+            warm = [one(session, args.url, model, False) for _ in range(args.concurrency)]
             await asyncio.gather(*warm)
         started = time.monotonic()
         await asyncio.gather(*(worker() for _ in range(args.concurrency)))
         elapsed = time.monotonic() - started
-    return {"elapsed_s": elapsed, "results": results}
+    return {
+        "elapsed_s": elapsed,
+        "results": results,
+        "warmup_requests": args.warmup * args.concurrency,
+    }
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ import time
 from functools import lru_cache
 
 _MODEL = re.compile(rb'"model"\s*:\s*"mock-(\d+)-(\d+)-(\d+)(?:-([A-Za-z0-9_]+))?"')
-STATS = {"started": 0, "completed": 0, "aborted": 0}
+STATS = {"connections": 0, "started": 0, "completed": 0, "aborted": 0}
 ABORTS: dict[str, float] = {}
 
 
@@ -58,6 +58,7 @@ class MockProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        STATS["connections"] += 1
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.task is not None and not self.task.done():

@@ -39,7 +39,6 @@ class Settings:
     keys: KeyCheck
     max_body: int
     keepalive_s: float
-    send_timeout_s: float
 
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -107,7 +106,7 @@ async def _stream(
                 sep="\n",
                 allow_all_methods=True,
                 ping_interval=settings.keepalive_s,
-                send_timeout=settings.send_timeout_s,
+                send_timeout=None,  # TCP_USER_TIMEOUT is set once on the listening socket
             )
             await sse.prepare(request)
             await pump(sse, upstream, provider, turn, wd)

@@ -74,12 +74,16 @@ async def pump(
                 turn.mark_first_token()
                 watchdog.rearm(idle, f"provider '{provider.name}' went silent for {idle:g}s")
             turn.chunks += len(out)
+            if done:  # the last frames, [DONE] and the chunked-encoding end in one send
+                out.append(DONE_FRAME)
+                await sse.write_eof(b"".join(out))
+                return
             await sse.write(b"".join(out) if len(out) > 1 else out[0])
     if failure:
         raise failure
     if not done and not turn.finish_reason:
         raise UpstreamUnavailable(f"provider '{provider.name}' ended the stream before finishing")
-    await sse.write(DONE_FRAME)
+    await sse.write_eof(DONE_FRAME)
 
 
 def _read_error(provider: Provider, exc: BaseException) -> ApiError:
