@@ -52,7 +52,9 @@ async def run(args: argparse.Namespace) -> dict:
     results: list[dict] = []
     counter = iter(range(args.requests))
 
-    async def worker() -> None:
+    async def worker(k: int) -> None:
+        # Calls do not start in lockstep: spread the workers' first requests over stagger_ms.
+        await asyncio.sleep(args.stagger_ms * k / args.concurrency / 1000)
         for i in counter:
             tag = f"-{args.tag}{i}" if args.hang_up else ""
             model = f"mock-{args.chunks}-{args.first_ms}-{args.gap_ms}{tag}"
@@ -67,7 +69,7 @@ async def run(args: argparse.Namespace) -> dict:
             warm = [one(session, args.url, model, False) for _ in range(args.concurrency)]
             await asyncio.gather(*warm)
         started = time.monotonic()
-        await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+        await asyncio.gather(*(worker(k) for k in range(args.concurrency)))
         elapsed = time.monotonic() - started
     return {
         "elapsed_s": elapsed,
@@ -85,6 +87,7 @@ def main() -> None:
     parser.add_argument("--first-ms", type=int, default=0)
     parser.add_argument("--gap-ms", type=int, default=0)
     parser.add_argument("--warmup", type=int, default=0, help="untimed rounds, all workers")
+    parser.add_argument("--stagger-ms", type=int, default=0, help="spread worker starts")
     parser.add_argument("--hang-up", action="store_true", help="close after the first token")
     parser.add_argument("--tag", default="r", help="prefix of the request tags the mock logs")
     args = parser.parse_args()

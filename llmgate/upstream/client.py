@@ -19,6 +19,9 @@ async def client_session(app: web.Application) -> AsyncIterator[None]:
     )
     session = aiohttp.ClientSession(
         connector=connector,
+        # Cookies from a provider must never carry over from one caller's turn to another's
+        # (and skipping the jar saves work on every request).
+        cookie_jar=aiohttp.DummyCookieJar(),
         timeout=aiohttp.ClientTimeout(total=None),
         skip_auto_headers=("User-Agent",),
         headers={"User-Agent": "llmgate"},
