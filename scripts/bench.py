@@ -240,40 +240,35 @@ def _diff(a: float | None, b: float | None) -> float | None:
 
 
 def budget(results: dict) -> list[tuple[str, bool, str]]:
-    checks = []
+    checks: list[tuple[str, bool, str]] = []
     if "c1" in results:
         added = results["c1"]["added_ttft_p50_ms"]
-        cpu = results["c1"]["cpu_ms_per_request"]
-        checks.append(
-            ("c1 added ttft p50 <= 0.5 ms", added is not None and added <= 0.5, f"{added} ms")
-        )
-        checks.append(("cpu per 20-chunk stream <= 0.5 ms", cpu <= 0.5, f"{cpu} ms"))
+        ok = added is not None and added <= 0.5
+        checks.append(("c1 added ttft p50 <= 0.5 ms", ok, f"{added} ms"))
+    for name in ("c1", "c50"):
+        if name in results:
+            cpu = results[name]["cpu_ms_per_request"]
+            checks.append((f"{name} cpu per 20-chunk stream <= 0.5 ms", cpu <= 0.5, f"{cpu} ms"))
     if "paced-c200" in results:
         r = results["paced-c200"]
-        slack = r["added_ttft_p99_ms"]
-        ok = slack is not None and slack <= 40 and r["llmgate"]["failed"] == 0
-        checks.append(
-            (
-                "paced-c200 p99 ttft <= direct + 40 ms, none failed",
-                ok,
-                f"+{slack} ms, {r['llmgate']['failed']} failed",
-            )
-        )
-        checks.append(
-            ("peak RSS at 200 streams <= 80 MB", r["peak_rss_mb"] <= 80, f"{r['peak_rss_mb']} MB")
-        )
+        slack, failed = r["added_ttft_p99_ms"], r["llmgate"]["failed"]
+        ok = slack is not None and slack <= 40 and failed == 0
+        label = "paced-c200 p99 ttft <= direct + 40 ms, none failed"
+        checks.append((label, ok, f"+{slack} ms, {failed} failed"))
+        rss = r["peak_rss_mb"]
+        checks.append(("peak RSS at 200 streams <= 80 MB", rss <= 80, f"{rss} MB"))
     if "disconnect" in results:
         r = results["disconnect"]
         g = r["llmgate"]
-        ok = g["hung_up"] > 0 and g["upstream_closed"] == g["hung_up"]
-        ok = ok and r["fds_after"] <= r["fds_before"]
-        checks.append(
-            (
-                "disconnect: every upstream closed, fds back",
-                ok,
-                f"{g['upstream_closed']}/{g['hung_up']}, fds {r['fds_before']}->{r['fds_after']}",
-            )
+        ok = 0 < g["hung_up"] == g["upstream_closed"]
+        ok = (
+            ok and r["fds_after"] <= r["fds_before"] and r["rss_mb_after"] <= r["rss_mb_before"] + 2
         )
+        value = (
+            f"{g['upstream_closed']}/{g['hung_up']} closed, fds {r['fds_before']}->"
+            f"{r['fds_after']}, RSS {r['rss_mb_before']}->{r['rss_mb_after']} MB"
+        )
+        checks.append(("disconnect: every upstream closed, fds and RSS back", ok, value))
     return checks
 
 

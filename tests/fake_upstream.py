@@ -140,6 +140,9 @@ class FakeUpstream:
             frames.append(frame(b"[DONE]", eol))
         if model == "stall":
             await asyncio.sleep(3600)
+        while model == "pings":  # alive, but never a token
+            await resp.write(b": keep-alive\n\n")
+            await asyncio.sleep(0.02)
         if model == "split":
             raw = b"".join(frames)
             for i in range(0, len(raw), 3):

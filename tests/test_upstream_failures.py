@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import socket
 
+import aiohttp
 import openai
 import pytest
 
-from tests.conftest import eventually
+from tests.conftest import API_KEY, eventually
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -69,11 +70,14 @@ async def test_no_headers_in_time_is_504(connect, make_gateway, upstream):
         assert info.value.body["code"] == "upstream_timeout"
 
 
-async def test_no_first_token_after_headers_ends_in_error_frame(connect, make_gateway, upstream):
+@pytest.mark.parametrize("model", ["stall", "pings"])
+async def test_no_first_token_after_headers_ends_in_error_frame(
+    connect, make_gateway, upstream, model
+):
     gw = await make_gateway(
         providers={"fake": {"base_url": upstream.url, "first_token_timeout_s": 0.2}}
     )
-    stream = await connect(gw).chat.completions.create(model="stall", messages=HI, stream=True)
+    stream = await connect(gw).chat.completions.create(model=model, messages=HI, stream=True)
     with pytest.raises(openai.APIError) as info:
         async for _ in stream:
             pass
@@ -96,3 +100,23 @@ async def test_malformed_non_streamed_answer_is_502(client):
     with pytest.raises(openai.APIStatusError) as info:
         await client.chat.completions.create(model="garbage", messages=HI)
     assert info.value.status_code == 502
+
+
+async def test_keepalive_comments_flow_while_the_first_token_is_awaited(make_gateway, upstream):
+    gw = await make_gateway(
+        server={"keepalive_s": 0.05},
+        providers={"fake": {"base_url": upstream.url, "first_token_timeout_s": 0.5}},
+    )
+    body = {"model": "stall", "stream": True, "messages": HI}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    async with aiohttp.ClientSession() as session:
+        url = gw.make_url("/v1/chat/completions")
+        async with session.post(url, json=body, headers=headers) as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Type"] == "text/event-stream"
+            assert resp.headers["Cache-Control"] == "no-cache"
+            assert resp.headers["X-Accel-Buffering"] == "no"
+            raw = await resp.read()
+    assert raw.startswith(b": ping\n\n")
+    assert raw.rstrip().endswith(b"}")  # the timeout's error frame, and no [DONE]
+    assert b"[DONE]" not in raw and b"upstream_timeout" in raw

@@ -64,6 +64,9 @@ class ChatCompletions:
         except asyncio.CancelledError:
             turn.status = CLIENT_CLOSED
             raise
+        except Exception:
+            turn.status = 500  # the middleware answers it; the turn line must not say 200
+            raise
         finally:
             turn.log()
 

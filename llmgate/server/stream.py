@@ -48,7 +48,6 @@ async def pump(
             raise _read_error(provider, exc) from exc
         if events is None:  # the provider closed the stream
             break
-        watchdog.progress()
         out: list[bytes] = []
         for event in events:
             payload = event.data
@@ -69,7 +68,8 @@ async def pump(
                     turn.finish_reason = choice.finish_reason
             if peek.usage:
                 turn.usage = peek.usage
-        if out:
+        if out:  # comments are not progress: a provider pinging forever still times out
+            watchdog.progress()
             if turn.first_token is None:
                 turn.mark_first_token()
                 watchdog.rearm(idle, f"provider '{provider.name}' went silent for {idle:g}s")
