@@ -27,8 +27,8 @@ TICK = os.sysconf("SC_CLK_TCK")
 
 # name -> load driver options; "quick" shrinks each for the test suite's smoke run.
 SCENARIOS: dict[str, dict] = {
-    "c1": {"requests": 3000, "concurrency": 1, "chunks": 20, "warmup": 50},
-    "c50": {"requests": 5000, "concurrency": 50, "chunks": 20, "warmup": 2},
+    "c1": {"requests": 1000, "concurrency": 1, "chunks": 20, "warmup": 20, "rounds": 3},
+    "c50": {"requests": 5000, "concurrency": 50, "chunks": 20, "warmup": 2, "rounds": 2},
     # Real calls do not start in lockstep: workers' first requests spread over one stream's length.
     "paced-c200": {
         "requests": 1000,
@@ -161,25 +161,32 @@ def summarize(run: dict) -> dict:
 
 
 def run_scenario(options: dict, mock_url: str, gw_url: str, gw: Proc) -> dict:
+    options = dict(options)
+    rounds = options.pop("rounds", 1)
     hang_up = options.get("hang_up", False)
-    raw_direct = drive(f"{mock_url}/v1/chat/completions", {**options, **_tag(hang_up, "d")})
-    direct = summarize(raw_direct)
+    direct_url, gw_chat = f"{mock_url}/v1/chat/completions", f"{gw_url}/v1/chat/completions"
     if hang_up:  # one untimed round first: what stays after it is the allocator's, not a leak
-        drive(f"{gw_url}/v1/chat/completions", {**options, **_tag(hang_up, "w")})
+        drive(gw_chat, {**options, **_tag(hang_up, "w")})
         _settle(gw, mock_url)
-    cpu0, fds0, rss0 = gw.cpu_s(), gw.fds(), gw.rss_mb()
+    fds0, rss0 = gw.fds(), gw.rss_mb()
     with contextlib.suppress(OSError):
         Path(f"/proc/{gw.pid}/clear_refs").write_text("5")  # reset VmHWM for this run
     stop, peaks = threading.Event(), []
     sampler = threading.Thread(target=gw.sample_peak, args=(stop, peaks))
     sampler.start()
+    directs, throughs, cpu = [], [], 0.0
     try:
-        raw = drive(f"{gw_url}/v1/chat/completions", {**options, **_tag(hang_up, "g")})
+        # Direct and through llmgate take turns, so drift on the machine hits both alike.
+        for r in range(rounds):
+            directs.append(drive(direct_url, {**options, **_tag(hang_up, f"d{r}_")}))
+            cpu0 = gw.cpu_s()
+            throughs.append(drive(gw_chat, {**options, **_tag(hang_up, f"g{r}_")}))
+            cpu += gw.cpu_s() - cpu0
     finally:
         stop.set()
         sampler.join()
-    cpu = gw.cpu_s() - cpu0
-    through = summarize(raw)
+    raw_direct, raw = _merge(directs), _merge(throughs)
+    direct, through = summarize(raw_direct), summarize(raw)
     out = {
         "direct": direct,
         "llmgate": through,
@@ -211,6 +218,14 @@ def _settle(gw: Proc, mock_url: str, fds: int | None = None) -> None:
         ):
             return
         time.sleep(0.05)
+
+
+def _merge(runs: list[dict]) -> dict:
+    return {
+        "elapsed_s": sum(r["elapsed_s"] for r in runs),
+        "results": [x for r in runs for x in r["results"]],
+        "warmup_requests": sum(r["warmup_requests"] for r in runs),
+    }
 
 
 def _tag(hang_up: bool, prefix: str) -> dict:
@@ -339,6 +354,7 @@ def main() -> int:
             if args.quick:
                 options["requests"], options["concurrency"] = QUICK[name]
                 options["warmup"] = min(options.get("warmup", 0), 1)
+                options["rounds"] = 1
             print(f"running {name} ...", file=sys.stderr, flush=True)
             results[name] = run_scenario(
                 options, f"http://127.0.0.1:{mock_port}", f"http://127.0.0.1:{gw_port}", gw
