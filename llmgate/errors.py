@@ -61,6 +61,12 @@ class ApiError(Exception):
         self.code = code if code is not None else default_c
         self.headers = dict(headers or {})
 
+    def for_request(self, request_id: str) -> ApiError:
+        """Name the request in a 5xx message, so a caller's report can be found in the log."""
+        if self.status >= 500 and request_id not in self.message:
+            self.message = f"{self.message} (request {request_id})"
+        return self
+
     def body(self) -> bytes:
         obj = ErrorObject(self.message, self.type, self.param, self.code)
         return encoder.encode(ErrorEnvelope(obj))

@@ -90,7 +90,7 @@ class FakeUpstream:
             return self.status(int(status))
         if model == "slow-headers":
             await asyncio.sleep(30)
-        if not body.get("stream"):
+        if not body.get("stream") or model == "json-when-streamed":
             return self.complete(model)
         return await self.stream(request, model, body)
 

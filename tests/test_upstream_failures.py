@@ -120,3 +120,11 @@ async def test_keepalive_comments_flow_while_the_first_token_is_awaited(make_gat
     assert raw.startswith(b": ping\n\n")
     assert raw.rstrip().endswith(b"}")  # the timeout's error frame, and no [DONE]
     assert b"[DONE]" not in raw and b"upstream_timeout" in raw
+
+
+@pytest.mark.parametrize(("model", "status"), [("json-when-streamed", 502), ("status-503", 502)])
+async def test_stream_asked_but_no_stream_given(client, model, status):
+    with pytest.raises(openai.APIStatusError) as info:
+        await client.chat.completions.create(model=model, messages=HI, stream=True)
+    assert info.value.status_code == status
+    assert info.value.body["type"] == "api_error"

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import aiohttp
 import msgspec
 from aiohttp import web
-from aiohttp_sse import EventSourceResponse
 
 from llmgate.errors import ApiError, UpstreamStatus, UpstreamUnavailable
 from llmgate.protocol import (
@@ -22,11 +21,11 @@ from llmgate.protocol import (
     request_decoder,
 )
 from llmgate.server.auth import KeyCheck
-from llmgate.server.stream import UpstreamErrorFrame, pump
+from llmgate.server.stream import stream_turn
 from llmgate.turn import CLIENT_CLOSED, Turn
 from llmgate.upstream.client import SESSION
 from llmgate.upstream.payload import build
-from llmgate.upstream.provider import Provider, error_detail, read_bounded
+from llmgate.upstream.provider import Provider, error_detail, finish, read_bounded
 from llmgate.upstream.router import Router
 from llmgate.upstream.watchdog import Watchdog
 
@@ -58,9 +57,7 @@ class ChatCompletions:
         except ApiError as exc:
             turn.status = exc.status
             turn.error = exc.code or exc.type
-            if exc.status >= 500:
-                exc.message = f"{exc.message} (request {turn.id})"
-            return exc.response(turn.id)
+            return exc.for_request(turn.id).response(turn.id)
         except asyncio.CancelledError:
             turn.status = CLIENT_CLOSED
             raise
@@ -80,84 +77,10 @@ class ChatCompletions:
         upstream_body, turn.metadata = build(generic_decoder.decode(body), model, provider.forward)
         session = request.app[SESSION]
         if chat.stream:
-            return await _stream(
-                request, turn, settings, session, provider, upstream_body, caller_key
+            return await stream_turn(
+                request, turn, settings.keepalive_s, session, provider, upstream_body, caller_key
             )
         return await _complete(turn, session, provider, upstream_body, caller_key)
-
-
-async def _stream(
-    request: web.Request,
-    turn: Turn,
-    settings: Settings,
-    session: aiohttp.ClientSession,
-    provider: Provider,
-    body: bytes,
-    caller_key: str | None,
-) -> web.StreamResponse:
-    first = provider.config.first_token_timeout_s
-    sse: EventSourceResponse | None = None
-    upstream: aiohttp.ClientResponse | None = None
-    clean = False
-    try:
-        with Watchdog(first, f"provider '{provider.name}' sent nothing within {first:g}s") as wd:
-            upstream = await provider.send(session, body, True, caller_key)
-            if upstream.content_type == "application/json":
-                raise await _json_instead_of_stream(provider, upstream)
-            sse = EventSourceResponse(
-                headers={"X-Request-Id": turn.id},
-                sep="\n",
-                allow_all_methods=True,
-                ping_interval=settings.keepalive_s,
-                send_timeout=None,  # TCP_USER_TIMEOUT is set once on the listening socket
-            )
-            await sse.prepare(request)
-            await pump(sse, upstream, provider, turn, wd)
-            clean = True
-    except ApiError as exc:
-        if sse is None:
-            raise
-        await _fail_stream(sse, turn, exc)
-    except ConnectionResetError:
-        turn.status = CLIENT_CLOSED
-    finally:
-        if upstream is not None:
-            _finish(upstream, clean)
-        if sse is not None:
-            sse.stop_streaming()
-    if sse is None:  # the caller left before our headers went out
-        raise asyncio.CancelledError
-    return sse
-
-
-def _finish(upstream: aiohttp.ClientResponse, clean: bool) -> None:
-    """Pool the connection after a whole answer; close it after anything else."""
-    if clean:
-        upstream.release()
-    else:
-        upstream.close()
-
-
-async def _fail_stream(sse: EventSourceResponse, turn: Turn, exc: ApiError) -> None:
-    """After our 200: the error goes out as a data frame and the stream ends without [DONE]."""
-    turn.status = exc.status
-    turn.error = exc.code or exc.type
-    if isinstance(exc, UpstreamErrorFrame):
-        return  # the provider's own error frame has been relayed already
-    exc.message = f"{exc.message} (request {turn.id})"
-    try:
-        await sse.write(exc.frame())
-    except ConnectionResetError:
-        turn.status = CLIENT_CLOSED
-
-
-async def _json_instead_of_stream(provider: Provider, upstream: aiohttp.ClientResponse) -> ApiError:
-    detail = error_detail(await read_bounded(upstream, 64 * 1024))
-    if detail.get("message"):
-        return UpstreamStatus(
-            502, f"provider '{provider.name}': {provider.redact(detail['message'])}"
-        )
-    return UpstreamUnavailable(f"provider '{provider.name}' answered JSON where a stream was asked")
 
 
 async def _complete(
@@ -178,7 +101,7 @@ async def _complete(
                 raw = await read_bounded(upstream, MAX_COMPLETION_BODY, wd.progress)
             clean = upstream.content.at_eof()
         finally:
-            _finish(upstream, clean)
+            finish(upstream, clean)
     if not clean:
         raise UpstreamUnavailable(f"provider '{provider.name}' sent an oversized answer")
     turn.mark_first_token()

@@ -1,4 +1,4 @@
-"""The plain route's stream: upstream SSE relayed to the caller, frame for frame.
+"""A streamed turn: upstream SSE relayed to the caller frame for frame, failures as frames.
 
 Each upstream read is split into events, each event's `data:` lines are written back as
 they came (never re-encoded), and everything one read completed goes out in one write.
@@ -8,15 +8,24 @@ well under a microsecond and is what tells a garbage frame from a chunk.
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 import msgspec
+from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
-from llmgate.errors import ApiError, UpstreamUnavailable
+from llmgate.errors import ApiError, UpstreamStatus, UpstreamUnavailable
 from llmgate.protocol import chunk_decoder
 from llmgate.sse import DONE, DONE_FRAME, SSEDecoder, SSEError
-from llmgate.turn import Turn
-from llmgate.upstream.provider import FOREIGN_ERRORS, Provider
+from llmgate.turn import CLIENT_CLOSED, Turn
+from llmgate.upstream.provider import (
+    FOREIGN_ERRORS,
+    Provider,
+    error_detail,
+    finish,
+    read_bounded,
+)
 from llmgate.upstream.watchdog import Watchdog
 
 
@@ -25,6 +34,71 @@ class UpstreamErrorFrame(ApiError):
 
     def __init__(self) -> None:
         super().__init__(502, "provider sent an error frame")
+
+
+async def stream_turn(
+    request: web.Request,
+    turn: Turn,
+    keepalive_s: float,
+    session: aiohttp.ClientSession,
+    provider: Provider,
+    body: bytes,
+    caller_key: str | None,
+) -> web.StreamResponse:
+    first = provider.config.first_token_timeout_s
+    sse: EventSourceResponse | None = None
+    upstream: aiohttp.ClientResponse | None = None
+    clean = False
+    try:
+        with Watchdog(first, f"provider '{provider.name}' sent nothing within {first:g}s") as wd:
+            upstream = await provider.send(session, body, True, caller_key)
+            if upstream.content_type == "application/json":
+                raise await _json_instead_of_stream(provider, upstream)
+            sse = EventSourceResponse(
+                headers={"X-Request-Id": turn.id},
+                sep="\n",
+                allow_all_methods=True,
+                ping_interval=keepalive_s,
+                send_timeout=None,  # TCP_USER_TIMEOUT is set once on the listening socket
+            )
+            await sse.prepare(request)
+            await pump(sse, upstream, provider, turn, wd)
+            clean = True
+    except ApiError as exc:
+        if sse is None:
+            raise
+        await _fail_stream(sse, turn, exc)
+    except ConnectionResetError:
+        turn.status = CLIENT_CLOSED
+    finally:
+        if upstream is not None:
+            finish(upstream, clean)
+        if sse is not None:
+            sse.stop_streaming()
+    if sse is None:  # the caller left before our headers went out
+        raise asyncio.CancelledError
+    return sse
+
+
+async def _fail_stream(sse: EventSourceResponse, turn: Turn, exc: ApiError) -> None:
+    """After our 200: the error goes out as a data frame and the stream ends without [DONE]."""
+    turn.status = exc.status
+    turn.error = exc.code or exc.type
+    if isinstance(exc, UpstreamErrorFrame):
+        return  # the provider's own error frame has been relayed already
+    try:
+        await sse.write(exc.for_request(turn.id).frame())
+    except ConnectionResetError:
+        turn.status = CLIENT_CLOSED
+
+
+async def _json_instead_of_stream(provider: Provider, upstream: aiohttp.ClientResponse) -> ApiError:
+    detail = error_detail(await read_bounded(upstream, 64 * 1024))
+    if detail.get("message"):
+        return UpstreamStatus(
+            502, f"provider '{provider.name}': {provider.redact(detail['message'])}"
+        )
+    return UpstreamUnavailable(f"provider '{provider.name}' answered JSON where a stream was asked")
 
 
 async def pump(

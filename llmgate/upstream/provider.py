@@ -132,6 +132,14 @@ class Provider:
         return _KEYLIKE.sub("[redacted]", text)[:2000]
 
 
+def finish(resp: aiohttp.ClientResponse, clean: bool) -> None:
+    """Pool the connection after a whole answer; close it after anything else."""
+    if clean:
+        resp.release()
+    else:
+        resp.close()
+
+
 async def read_bounded(
     resp: aiohttp.ClientResponse, limit: int, progress: Callable[[], None] | None = None
 ) -> bytes:
