@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 
+import aiohttp
 import openai
 import pytest
 
-from tests.fake_upstream import USAGE, WORDS
+from tests.conftest import API_KEY
+from tests.fake_upstream import USAGE, WORDS, frame
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 TEXT = "".join(WORDS)
@@ -115,3 +117,26 @@ async def test_upstream_500_is_502(client):
 async def test_models_lists_provider_models(client):
     models = await client.models.list()
     assert [m.id for m in models.data] == ["fake/text"]
+
+
+async def raw_stream(gateway, model: str) -> bytes:
+    body = {"model": model, "stream": True, "messages": MESSAGES}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    async with aiohttp.ClientSession() as session:
+        url = gateway.make_url("/v1/chat/completions")
+        async with session.post(url, json=body, headers=headers) as resp:
+            return await resp.read()
+
+
+async def test_payloads_are_relayed_byte_for_byte(gateway, upstream):
+    # The fake encodes with json.dumps' ", " and ": " separators: any re-encoding would show.
+    sent = b"".join(frame(c) for c in upstream.script("text", {})) + b"data: [DONE]\n\n"
+    assert await raw_stream(gateway, "text") == sent
+
+
+async def test_multi_line_data_comments_and_event_fields(gateway):
+    raw = await raw_stream(gateway, "comments")
+    first = raw.split(b"\n\n")[0]
+    assert first.count(b"data: ") == 2  # a payload over two data: lines stays two lines
+    assert b"keep-alive" not in raw and b"event:" not in raw and b"retry:" not in raw
+    assert raw.endswith(b"data: [DONE]\n\n")
