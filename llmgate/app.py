@@ -6,18 +6,12 @@ from aiohttp import web
 
 from llmgate.config import Loaded
 from llmgate.server.auth import KeyCheck
-from llmgate.server.handlers import (
-    ROUTER,
-    SETTINGS,
-    ChatCompletions,
-    Settings,
-    healthz,
-    list_models,
-)
+from llmgate.server.handlers import SETTINGS, ChatCompletions, Settings, healthz, list_models
 from llmgate.server.middleware import error_envelopes
+from llmgate.turn import CHANNELS, Channels
 from llmgate.upstream.client import client_session
 from llmgate.upstream.provider import Provider
-from llmgate.upstream.router import Router
+from llmgate.upstream.router import ROUTER, Router
 
 
 def create_app(loaded: Loaded) -> web.Application:
@@ -35,6 +29,7 @@ def create_app(loaded: Loaded) -> web.Application:
             for name, provider in config.providers.items()
         }
     )
+    app[CHANNELS] = Channels()
     app.cleanup_ctx.append(client_session)
     for route in config.routes:
         for path in _with_v1(route.path):

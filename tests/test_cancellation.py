@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 from aiohttp_sse import EventSourceResponse
 
-from llmgate.turn import Turn
+from llmgate.turn import Turn, channel_key
 from llmgate.upstream.client import SESSION
 from tests.conftest import API_KEY, eventually
 
@@ -88,3 +88,56 @@ async def test_a_thousand_hang_ups_leave_nothing_behind(gateway, upstream):
     assert live(aiohttp.ClientResponse) == 0
     assert live(EventSourceResponse) == 0
     assert live(Turn) == 0
+
+
+def agora_body(model: str, turn_id: int, channel: str = "ch1") -> bytes:
+    message = {"role": "user", "content": "hi", "turn_id": turn_id, "timestamp": 1}
+    context = {"appId": "app", "channel": channel}
+    return json.dumps(
+        {"model": model, "stream": True, "messages": [message], "context": context}
+    ).encode()
+
+
+async def test_newer_turn_on_the_channel_ends_the_older_one(gateway, upstream, caplog):
+    caplog.set_level(logging.INFO, logger="llmgate.turn")
+    url = gateway.make_url("/v1/chat/completions")
+    async with aiohttp.ClientSession() as session:
+        old = await session.post(url, data=agora_body("stall-mid", 1), headers=HEADERS)
+        await old.content.readline()  # the older answer has begun
+        other = await session.post(url, data=agora_body("stall-mid", 5, "ch2"), headers=HEADERS)
+        await other.content.readline()
+        async with session.post(url, data=agora_body("text", 2), headers=HEADERS) as new:
+            assert (await new.read()).endswith(b"data: [DONE]\n\n")
+        await eventually(lambda: upstream.cancelled == 1)
+        assert b"[DONE]" not in await old.read()
+        assert upstream.open_streams == 1  # the other channel's turn goes on
+        other.close()
+    turns = [r.turn for r in caplog.records if r.name == "llmgate.turn"]
+    ends = [(t["status"], t.get("error")) for t in turns]
+    assert (200, None) in ends and (499, "superseded") in ends
+
+
+async def test_an_older_turn_id_supersedes_nothing(gateway, upstream):
+    url = gateway.make_url("/v1/chat/completions")
+    async with aiohttp.ClientSession() as session:
+        live = await session.post(url, data=agora_body("stall-mid", 3), headers=HEADERS)
+        await live.content.readline()
+        async with session.post(url, data=agora_body("text", 2), headers=HEADERS) as late:
+            assert (await late.read()).endswith(b"data: [DONE]\n\n")
+        assert upstream.cancelled == 0 and upstream.open_streams == 1
+        live.close()
+
+
+@pytest.mark.parametrize(
+    ("metadata", "key"),
+    [
+        ({"context": {"appId": "a", "channel": "c"}}, "a/c"),
+        ({"app_id": "a", "channel": "c"}, "a/c"),
+        ({"channel": "c"}, "/c"),
+        ({"context": {"userId": "u"}}, None),
+        ({"channel": 5}, None),
+        ({}, None),
+    ],
+)
+def test_channel_key(metadata, key):
+    assert channel_key(metadata) == key

@@ -22,11 +22,11 @@ from llmgate.protocol import (
 )
 from llmgate.server.auth import KeyCheck
 from llmgate.server.stream import stream_turn
-from llmgate.turn import CLIENT_CLOSED, Turn
+from llmgate.turn import CHANNELS, CLIENT_CLOSED, Turn
 from llmgate.upstream.client import SESSION
 from llmgate.upstream.payload import build
 from llmgate.upstream.provider import Provider, error_detail, finish, read_bounded
-from llmgate.upstream.router import Router
+from llmgate.upstream.router import ROUTER
 from llmgate.upstream.watchdog import Watchdog
 
 MAX_COMPLETION_BODY = 64 * 1024 * 1024
@@ -41,7 +41,6 @@ class Settings:
 
 
 SETTINGS = web.AppKey("settings", Settings)
-ROUTER = web.AppKey("router", Router)
 
 
 class ChatCompletions:
@@ -76,11 +75,22 @@ class ChatCompletions:
         turn.model, turn.provider, turn.stream = model, provider.name, bool(chat.stream)
         upstream_body, turn.metadata = build(generic_decoder.decode(body), model, provider.forward)
         session = request.app[SESSION]
-        if chat.stream:
-            return await stream_turn(
-                request, turn, settings.keepalive_s, session, provider, upstream_body, caller_key
-            )
-        return await _complete(turn, session, provider, upstream_body, caller_key)
+        channels = request.app[CHANNELS]
+        channel = channels.enter(turn)
+        try:
+            if chat.stream:
+                return await stream_turn(
+                    request,
+                    turn,
+                    settings.keepalive_s,
+                    session,
+                    provider,
+                    upstream_body,
+                    caller_key,
+                )
+            return await _complete(turn, session, provider, upstream_body, caller_key)
+        finally:
+            channels.leave(channel, turn)
 
 
 async def _complete(

@@ -18,7 +18,7 @@ from aiohttp_sse import EventSourceResponse
 from llmgate.errors import ApiError, UpstreamStatus, UpstreamUnavailable
 from llmgate.protocol import chunk_decoder
 from llmgate.sse import DONE, DONE_FRAME, SSEDecoder, SSEError
-from llmgate.turn import CLIENT_CLOSED, Turn
+from llmgate.turn import CLIENT_CLOSED, SUPERSEDED, Turn
 from llmgate.upstream.provider import (
     FOREIGN_ERRORS,
     Provider,
@@ -70,6 +70,13 @@ async def stream_turn(
         await _fail_stream(sse, turn, exc)
     except ConnectionResetError:
         turn.status = CLIENT_CLOSED
+    except asyncio.CancelledError:
+        if sse is None or turn.error != SUPERSEDED:
+            raise
+        # A newer turn on the channel took over: end this answer cleanly, without [DONE].
+        asyncio.current_task().uncancel()  # type: ignore[union-attr]
+        turn.status = CLIENT_CLOSED
+        await sse.write_eof()
     finally:
         if upstream is not None:
             finish(upstream, clean)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from aiohttp import web
+
 from llmgate.errors import ApiError
 from llmgate.upstream.provider import Provider
 
@@ -38,3 +40,6 @@ class Router:
                 names.insert(0, default)
             out += [(f"{provider.name}/{name}", provider.name) for name in names]
         return out
+
+
+ROUTER = web.AppKey("router", Router)
