@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import socket
 import sys
@@ -56,8 +57,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     sock = _listen(host, port, server.send_timeout_s)
     log.info("listening on http://%s:%d", host, sock.getsockname()[1])
+    app = create_app(loaded)
+    # What exists now lives as long as the process: keep it out of the collector's sight.
+    # A full collection over the ~40k objects of the imports paused the loop ~20 ms here;
+    # frozen, it takes under 2 ms.
+    gc.collect()
+    gc.freeze()
     web.run_app(
-        create_app(loaded),
+        app,
         loop=_event_loop(server.uvloop),
         sock=sock,
         handler_cancellation=True,  # a caller hanging up cancels its turn (barge-in)

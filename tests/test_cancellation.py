@@ -141,3 +141,23 @@ async def test_an_older_turn_id_supersedes_nothing(gateway, upstream):
 )
 def test_channel_key(metadata, key):
     assert channel_key(metadata) == key
+
+
+async def test_a_finished_stream_leaves_no_reference_cycle(gateway):
+    """Cycles wait for the garbage collector, whose pauses a voice call hears."""
+    gc.collect()
+    gc.disable()
+    try:
+        async with aiohttp.ClientSession() as session:
+            for model in ("text", "stall-mid"):
+                resp = await session.post(
+                    gateway.make_url("/v1/chat/completions"), data=body(model), headers=HEADERS
+                )
+                await (resp.read() if model == "text" else resp.content.readline())
+                resp.close()
+        await eventually(
+            lambda: not any(isinstance(o, EventSourceResponse) for o in gc.get_objects())
+        )
+        assert not any(isinstance(o, Turn) for o in gc.get_objects())
+    finally:
+        gc.enable()

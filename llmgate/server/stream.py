@@ -29,6 +29,21 @@ from llmgate.upstream.provider import (
 from llmgate.upstream.watchdog import Watchdog
 
 
+class SSEResponse(EventSourceResponse):
+    """aiohttp-sse's response, with a way to stop its pings that leaves no reference cycle.
+
+    A cancelled ping task keeps its CancelledError, whose traceback holds the task's frame,
+    which holds this response, which holds the task: every stream would leave a cycle for
+    the garbage collector, and gen-2 collections over them paused the loop for 20-40 ms at
+    200 streams. Dropping the task reference breaks the cycle; the task frees itself.
+    """
+
+    def stop_pinging(self) -> None:
+        if self._ping_task is not None:
+            self._ping_task.cancel()
+            self._ping_task = None
+
+
 class UpstreamErrorFrame(ApiError):
     """The provider sent `{"error": ...}` mid-stream; it has been relayed as it came."""
 
@@ -46,7 +61,7 @@ async def stream_turn(
     caller_key: str | None,
 ) -> web.StreamResponse:
     first = provider.config.first_token_timeout_s
-    sse: EventSourceResponse | None = None
+    sse: SSEResponse | None = None
     upstream: aiohttp.ClientResponse | None = None
     clean = False
     try:
@@ -54,7 +69,7 @@ async def stream_turn(
             upstream = await provider.send(session, body, True, caller_key)
             if upstream.content_type == "application/json":
                 raise await _json_instead_of_stream(provider, upstream)
-            sse = EventSourceResponse(
+            sse = SSEResponse(
                 headers={"X-Request-Id": turn.id},
                 sep="\n",
                 allow_all_methods=True,
@@ -81,7 +96,7 @@ async def stream_turn(
         if upstream is not None:
             finish(upstream, clean)
         if sse is not None:
-            sse.stop_streaming()
+            sse.stop_pinging()
     if sse is None:  # the caller left before our headers went out
         raise asyncio.CancelledError
     return sse
