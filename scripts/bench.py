@@ -165,9 +165,10 @@ def run_scenario(options: dict, mock_url: str, gw_url: str, gw: Proc) -> dict:
     rounds = options.pop("rounds", 1)
     hang_up = options.get("hang_up", False)
     direct_url, gw_chat = f"{mock_url}/v1/chat/completions", f"{gw_url}/v1/chat/completions"
-    if hang_up:  # one untimed round first: what stays after it is the allocator's, not a leak
-        drive(gw_chat, {**options, **_tag(hang_up, "w")})
-        _settle(gw, mock_url)
+    if hang_up:  # untimed rounds first: what stays after them is the allocator's, not a leak
+        for w in range(2):
+            drive(gw_chat, {**options, **_tag(hang_up, f"w{w}_")})
+            _settle(gw, mock_url)
     fds0, rss0 = gw.fds(), gw.rss_mb()
     with contextlib.suppress(OSError):
         Path(f"/proc/{gw.pid}/clear_refs").write_text("5")  # reset VmHWM for this run
