@@ -90,7 +90,7 @@ class FakeUpstream:
             return self.status(int(status))
         if model == "slow-headers":
             await asyncio.sleep(30)
-        if not body.get("stream") or model == "json-when-streamed":
+        if not body.get("stream") or model in ("json-when-streamed", "error-200"):
             return self.complete(model)
         return await self.stream(request, model, body)
 
@@ -109,6 +109,8 @@ class FakeUpstream:
         return web.json_response({"error": error}, status=status, headers=headers)
 
     def complete(self, model: str) -> web.Response:
+        if model == "error-200":
+            return web.json_response({"error": {"message": "quota exceeded for sk-abcdef123"}})
         if model == "garbage":
             return web.Response(body=b"<html>oops</html>", content_type="application/json")
         return web.json_response(

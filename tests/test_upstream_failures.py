@@ -122,9 +122,18 @@ async def test_keepalive_comments_flow_while_the_first_token_is_awaited(make_gat
     assert b"[DONE]" not in raw and b"upstream_timeout" in raw
 
 
-@pytest.mark.parametrize(("model", "status"), [("json-when-streamed", 502), ("status-503", 502)])
-async def test_stream_asked_but_no_stream_given(client, model, status):
+@pytest.mark.parametrize("model", ["json-when-streamed", "status-503"])
+async def test_stream_asked_but_no_stream_given_is_502(client, model):
     with pytest.raises(openai.APIStatusError) as info:
         await client.chat.completions.create(model=model, messages=HI, stream=True)
-    assert info.value.status_code == status
+    assert info.value.status_code == 502
     assert info.value.body["type"] == "api_error"
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_error_envelope_with_status_200_is_502_with_its_message(client, stream):
+    with pytest.raises(openai.APIStatusError) as info:
+        await client.chat.completions.create(model="error-200", messages=HI, stream=stream)
+    assert info.value.status_code == 502
+    assert "quota exceeded" in info.value.body["message"]
+    assert "sk-abcdef" not in info.value.body["message"]

@@ -10,7 +10,7 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
-from llmgate.errors import ApiError, UpstreamStatus, UpstreamUnavailable
+from llmgate.errors import ApiError, UpstreamUnavailable
 from llmgate.protocol import (
     ChatRequest,
     ChunkPeek,
@@ -25,7 +25,7 @@ from llmgate.server.stream import stream_turn
 from llmgate.turn import CHANNELS, CLIENT_CLOSED, Turn
 from llmgate.upstream.client import SESSION
 from llmgate.upstream.payload import build
-from llmgate.upstream.provider import Provider, error_detail, finish, read_bounded
+from llmgate.upstream.provider import Provider, finish, read_bounded
 from llmgate.upstream.router import ROUTER
 from llmgate.upstream.watchdog import Watchdog
 
@@ -117,9 +117,9 @@ async def _complete(
     turn.mark_first_token()
     peek = _peek_completion(provider, raw)
     if peek.error is not None:
-        detail = error_detail(raw)
-        message = provider.redact(str(detail.get("message") or "error"))
-        raise UpstreamStatus(502, f"provider '{provider.name}': {message}")
+        raise provider.answer_error(raw) or UpstreamUnavailable(
+            f"provider '{provider.name}' answered with an error"
+        )
     turn.usage = peek.usage
     turn.finish_reason = next((c.finish_reason for c in peek.choices if c.finish_reason), None)
     return web.Response(

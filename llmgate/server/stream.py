@@ -15,14 +15,14 @@ import msgspec
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
-from llmgate.errors import ApiError, UpstreamStatus, UpstreamUnavailable
+from llmgate.errors import ApiError, UpstreamUnavailable
 from llmgate.protocol import chunk_decoder
 from llmgate.sse import DONE, DONE_FRAME, SSEDecoder, SSEError
 from llmgate.turn import CLIENT_CLOSED, SUPERSEDED, Turn
 from llmgate.upstream.provider import (
     FOREIGN_ERRORS,
+    MAX_ERROR_BODY,
     Provider,
-    error_detail,
     finish,
     read_bounded,
 )
@@ -86,7 +86,7 @@ async def stream_turn(
     except ConnectionResetError:
         turn.status = CLIENT_CLOSED
     except asyncio.CancelledError:
-        if sse is None or turn.error != SUPERSEDED:
+        if sse is None or not sse.prepared or turn.error != SUPERSEDED:
             raise
         # A newer turn on the channel took over: end this answer cleanly, without [DONE].
         asyncio.current_task().uncancel()  # type: ignore[union-attr]
@@ -115,12 +115,10 @@ async def _fail_stream(sse: EventSourceResponse, turn: Turn, exc: ApiError) -> N
 
 
 async def _json_instead_of_stream(provider: Provider, upstream: aiohttp.ClientResponse) -> ApiError:
-    detail = error_detail(await read_bounded(upstream, 64 * 1024))
-    if detail.get("message"):
-        return UpstreamStatus(
-            502, f"provider '{provider.name}': {provider.redact(detail['message'])}"
-        )
-    return UpstreamUnavailable(f"provider '{provider.name}' answered JSON where a stream was asked")
+    error = provider.answer_error(await read_bounded(upstream, MAX_ERROR_BODY))
+    return error or UpstreamUnavailable(
+        f"provider '{provider.name}' answered JSON where a stream was asked"
+    )
 
 
 async def pump(

@@ -125,6 +125,13 @@ class Provider:
             502, f"provider '{self.name}' failed with HTTP {status}", headers=kept
         )
 
+    def answer_error(self, raw: bytes) -> UpstreamStatus | None:
+        """A 2xx answer that is an error envelope (or the JSON a stream request got)."""
+        message = error_detail(raw).get("message")
+        if not message:
+            return None
+        return UpstreamStatus(502, f"provider '{self.name}': {self.redact(str(message))}")
+
     def redact(self, text: str) -> str:
         key = self.config.api_key
         if key and not self.passthrough:
