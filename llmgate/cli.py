@@ -18,6 +18,7 @@ from llmgate.obs import logging as obs_logging
 log = logging.getLogger("llmgate")
 
 EXIT_CONFIG = 2
+EXIT_LISTEN = 1
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -55,7 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         routes = ", ".join(r.path for r in loaded.config.routes)
         print(f"config ok: providers {providers}; routes {routes}; listen {host}:{port}")
         return 0
-    sock = _listen(host, port, server.send_timeout_s)
+    try:
+        sock = _listen(host, port, server.send_timeout_s)
+    except OSError as exc:
+        print(f"llmgate: cannot listen on {host}:{port} ({exc.strerror})", file=sys.stderr)
+        return EXIT_LISTEN
     log.info("listening on http://%s:%d", host, sock.getsockname()[1])
     app = create_app(loaded)
     # What exists now lives as long as the process: keep it out of the collector's sight.
@@ -76,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _event_loop(want_uvloop: bool) -> asyncio.AbstractEventLoop:
-    """uvloop when asked for and installed: it roughly halves the event loop's CPU per stream."""
+    """uvloop when asked for and installed (CPU per stream at c1: 0.70 -> 0.64 ms here)."""
     if want_uvloop:
         try:
             import uvloop

@@ -87,3 +87,14 @@ def test_serves_health_with_port_override(tmp_path, fmt):
         _, err = proc.communicate(timeout=10)
     assert "without a key" in err
     assert "Traceback" not in err
+
+
+def test_port_in_use_is_a_clear_error(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[server]\napi_keys = []\n[providers.a]\nbase_url = "http://127.0.0.1:9/v1"\n')
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        result = run("--config", str(path), "--port", str(busy.getsockname()[1]))
+    assert result.returncode == 1
+    assert "cannot listen" in result.stderr and "Traceback" not in result.stderr
