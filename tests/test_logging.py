@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 
-from llmgate.obs.logging import _Formatter
+import pytest
+
+from llmgate.obs.logging import _Formatter, setup
 from llmgate.turn import Turn
 
 
@@ -47,3 +49,23 @@ def test_exception_shows_its_class_only():
         line = _Formatter(json=fmt).format(record(a_turn(), secret))
         assert "RuntimeError" in line
         assert "sk-secret" not in line and "Traceback" not in line
+
+
+@pytest.fixture
+def restore_logging():
+    loggers = [logging.getLogger(), logging.getLogger("llmgate")]
+    saved = [(lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
+    yield
+    for lg, (handlers, level, propagate) in zip(loggers, saved, strict=True):
+        lg.handlers[:], lg.level, lg.propagate = handlers, level, propagate
+
+
+def test_library_errors_go_through_the_same_formatter(capsys, restore_logging):
+    setup("text", "info")
+    try:
+        raise ValueError("secret sk-abc in a library's exception")
+    except ValueError:
+        logging.getLogger("asyncio").error("Task exception was never retrieved", exc_info=True)
+    err = capsys.readouterr().err
+    assert "Task exception was never retrieved" in err and "exc=ValueError" in err
+    assert "sk-abc" not in err and "Traceback" not in err

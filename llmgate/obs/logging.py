@@ -48,12 +48,13 @@ def _text(value: Any) -> str:
 def setup(fmt: str = "text", level: str = "info") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Formatter(json=fmt == "json"))
-    root = logging.getLogger("llmgate")
+    ours = logging.getLogger("llmgate")
+    ours.handlers[:] = [handler]
+    ours.setLevel(level.upper())
+    ours.propagate = False
+    # Everyone else's warnings (aiohttp, asyncio's "Task exception was never retrieved")
+    # go through the same formatter, so no library prints a traceback either. aiohttp's
+    # access log would repeat what the turn line says.
+    root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    root.propagate = False
-    # aiohttp's access log repeats what the turn line says; its errors still show.
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    aio = logging.getLogger("aiohttp")
-    aio.handlers[:] = [handler]
-    aio.setLevel(logging.WARNING)
+    root.setLevel(logging.WARNING)
