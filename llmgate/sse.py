@@ -53,6 +53,11 @@ class SSEDecoder:
         self._lines: list[bytes] = []
         self._event = b""
 
+    @property
+    def idle(self) -> bool:
+        """Between events: nothing buffered, so the next read starts on a fresh line."""
+        return not (self._buf or self._lines or self._skip_lf or self._event)
+
     def feed(self, chunk: bytes) -> list[Event]:
         if self._skip_lf:
             self._skip_lf = False

@@ -1,9 +1,5 @@
-"""A streamed turn: upstream SSE relayed to the caller frame for frame, failures as frames.
-
-Each upstream read is split into events, each event's `data:` lines are written back as
-they came (never re-encoded), and everything one read completed goes out in one write.
-Each payload is decoded into a tiny peek Struct (finish_reason, usage, error): that costs
-well under a microsecond and is what tells a garbage frame from a chunk.
+"""A streamed turn: our headers once the provider said 200, its frames relayed as they
+came (server/relay.py), everything one read completed in one write, failures as frames.
 """
 
 from __future__ import annotations
@@ -11,13 +7,12 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
-import msgspec
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
 from llmgate.errors import ApiError, UpstreamUnavailable
-from llmgate.protocol import chunk_decoder
-from llmgate.sse import DONE, DONE_FRAME, SSEDecoder, SSEError
+from llmgate.server.relay import Relay, UpstreamErrorFrame
+from llmgate.sse import DONE_FRAME, SSEError
 from llmgate.turn import CLIENT_CLOSED, SUPERSEDED, Turn
 from llmgate.upstream.provider import (
     FOREIGN_ERRORS,
@@ -42,13 +37,6 @@ class SSEResponse(EventSourceResponse):
         if self._ping_task is not None:
             self._ping_task.cancel()
             self._ping_task = None
-
-
-class UpstreamErrorFrame(ApiError):
-    """The provider sent `{"error": ...}` mid-stream; it has been relayed as it came."""
-
-    def __init__(self) -> None:
-        super().__init__(502, "provider sent an error frame")
 
 
 async def stream_turn(
@@ -129,53 +117,32 @@ async def pump(
     watchdog: Watchdog,
 ) -> None:
     """Relay until `[DONE]`; raise ApiError for any failure (nothing written yet for it)."""
-    decoder = SSEDecoder()
+    relay = Relay(turn, provider.name)
     read = upstream.content.readany
     idle = provider.config.idle_timeout_s
-    failure: ApiError | None = None
-    done = False
-    while not (done or failure):
+    while True:
         try:
             data = await read()
-            events = decoder.feed(data) if data else None
+            out = relay.feed(data) if data else None
         except (*FOREIGN_ERRORS, SSEError) as exc:
             raise _read_error(provider, exc) from exc
-        if events is None:  # the provider closed the stream
+        if out is None:  # the provider closed the stream
             break
-        out: list[bytes] = []
-        for event in events:
-            payload = event.data
-            if payload == DONE:
-                done = True
-                break
-            try:
-                peek = chunk_decoder.decode(payload)
-            except msgspec.DecodeError:
-                failure = UpstreamUnavailable(f"provider '{provider.name}' sent a malformed chunk")
-                break
-            out.append(event.frame())
-            if peek.error is not None:
-                failure = UpstreamErrorFrame()
-                break
-            for choice in peek.choices:
-                if choice.finish_reason:
-                    turn.finish_reason = choice.finish_reason
-            if peek.usage:
-                turn.usage = peek.usage
         if out:  # comments are not progress: a provider pinging forever still times out
             watchdog.progress()
             if turn.first_token is None:
                 turn.mark_first_token()
                 watchdog.rearm(idle, f"provider '{provider.name}' went silent for {idle:g}s")
-            turn.chunks += len(out)
-            if done:  # the last frames, [DONE] and the chunked-encoding end in one send
-                out.append(DONE_FRAME)
-                await sse.write_eof(b"".join(out))
-                return
-            await sse.write(b"".join(out) if len(out) > 1 else out[0])
-    if failure:
-        raise failure
-    if not done and not turn.finish_reason:
+        if relay.failure:
+            if out:
+                await sse.write(out)
+            raise relay.failure
+        if relay.done:  # the last frames, [DONE] and the chunked-encoding end in one send
+            await sse.write_eof(out + DONE_FRAME)
+            return
+        if out:
+            await sse.write(out)
+    if not turn.finish_reason:
         raise UpstreamUnavailable(f"provider '{provider.name}' ended the stream before finishing")
     await sse.write_eof(DONE_FRAME)
 

@@ -1,0 +1,112 @@
+"""The frame relay: the fast whole-frames path and the event path give the same bytes."""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llmgate.server.relay import Relay, UpstreamErrorFrame
+from llmgate.turn import Turn
+
+
+class EventsOnly(Relay):
+    """The reference: every read event by event."""
+
+    def _whole_frames(self, data: bytes) -> bytes | None:
+        return None
+
+
+def chunk(content: str | None = None, finish: str | None = None, usage: bool = False) -> bytes:
+    delta = {} if content is None else {"content": content}
+    body = {
+        "object": "chat.completion.chunk",
+        "choices": [{"delta": delta, "finish_reason": finish}],
+    }
+    if usage:
+        body = {"choices": [], "usage": {"total_tokens": 7}}
+    return json.dumps(body).encode()
+
+
+def frames(*payloads: bytes) -> bytes:
+    return b"".join(b"data: " + p + b"\n\n" for p in payloads)
+
+
+def run(relay_class: type[Relay], *reads: bytes) -> tuple[bytes, Relay, Turn]:
+    turn = Turn("/chat/completions")
+    relay = relay_class(turn, "p")
+    out = b""
+    for read in reads:
+        out += relay.feed(read)
+        if relay.done or relay.failure:
+            break
+    return out, relay, turn
+
+
+def test_whole_frames_pass_through_and_are_peeked():
+    body = frames(chunk("a"), chunk("b"), chunk(finish="stop"), chunk(usage=True))
+    out, relay, turn = run(Relay, body + b"data: [DONE]\n\n")
+    assert out == body
+    assert Relay(Turn("/chat/completions"), "p")._whole_frames(body) == body  # the fast path
+    assert relay.done and relay.failure is None
+    assert (turn.chunks, turn.finish_reason, turn.usage) == (4, "stop", {"total_tokens": 7})
+
+
+def test_error_frame_is_relayed_then_ends_the_stream():
+    error = b'{"error": {"message": "overloaded"}}'
+    out, relay, _ = run(Relay, frames(chunk("a"), error, chunk("never")))
+    assert out == frames(chunk("a"), error)
+    assert isinstance(relay.failure, UpstreamErrorFrame)
+
+
+def test_garbage_frame_stops_before_it():
+    for garbage in (b"not json", b"[1, 2]", b'{"a": 1}, {"b": 2}', b""):
+        out, relay, _ = run(Relay, frames(chunk("a"), garbage, chunk("b")))
+        assert out == frames(chunk("a")), garbage
+        assert relay.failure is not None and relay.failure.status == 502
+
+
+def test_done_in_the_middle_ends_there():
+    out, relay, _ = run(Relay, frames(chunk("a"), b"[DONE]", chunk("late")))
+    assert out == frames(chunk("a"))
+    assert relay.done
+
+
+@st.composite
+def streams(draw) -> tuple[list[bytes], bytes]:
+    """(the reads, what the caller must get) for a stream of mixed frame shapes."""
+    eol = draw(st.sampled_from([b"\n", b"\r\n", b"\r"]))
+    words = draw(st.lists(st.text(max_size=8), max_size=8))
+    raw, expected = b"", b""
+    for word in words:
+        payload = chunk(word)
+        shape = draw(st.sampled_from(["plain", "two-lines", "comment", "event"]))
+        if shape == "two-lines":
+            head, tail = payload.split(b", ", 1)
+            raw += b"data: " + head + b"," + eol + b"data: " + tail + eol + eol
+            expected += b"data: " + head + b",\ndata: " + tail + b"\n\n"
+            continue
+        if shape == "comment":
+            raw += b": ping" + eol + eol
+        if shape == "event":
+            raw += b"event: delta" + eol
+        raw += b"data: " + payload + eol + eol
+        expected += b"data: " + payload + b"\n\n"
+    raw += b"data: " + chunk(finish="stop") + eol + eol + b"data: [DONE]" + eol + eol
+    expected += b"data: " + chunk(finish="stop") + b"\n\n"
+    cuts = sorted(draw(st.lists(st.integers(0, len(raw)), max_size=6)))
+    reads = [raw[a:b] for a, b in zip([0, *cuts], [*cuts, len(raw)], strict=True)]
+    return [r for r in reads if r], expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(streams())
+def test_fast_path_and_event_path_give_the_same_bytes(stream):
+    reads, expected = stream
+    fast, fast_relay, fast_turn = run(Relay, *reads)
+    slow, slow_relay, slow_turn = run(EventsOnly, *reads)
+    assert fast == slow == expected
+    assert fast_relay.done and slow_relay.done
+    assert fast_turn.chunks == slow_turn.chunks
+    assert fast_turn.finish_reason == slow_turn.finish_reason == "stop"
