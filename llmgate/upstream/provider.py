@@ -34,7 +34,8 @@ class Provider:
         self.name = name
         self.config = config
         self.unset_env = unset_env
-        self.url = URL(config.base_url.rstrip("/") + "/chat/completions")
+        base = URL(config.base_url)  # a query (Azure's ?api-version=...) stays on the end
+        self.url = base.with_path(base.path.rstrip("/") + "/chat/completions", keep_query=True)
         self.forward = OPENAI_PARAMS | frozenset(config.forward_fields)
         self.passthrough = config.api_key == PASSTHROUGH
         self.timeout = aiohttp.ClientTimeout(
