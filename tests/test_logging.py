@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 import logging
 
 import pytest
 
-from llmgate.obs.logging import _Formatter, setup
+from llmgate.obs.logging import FLUSH_S, _BatchingHandler, _Formatter, setup
 from llmgate.turn import Turn
 
 
@@ -69,3 +71,28 @@ def test_library_errors_go_through_the_same_formatter(capsys, restore_logging):
     err = capsys.readouterr().err
     assert "Task exception was never retrieved" in err and "exc=ValueError" in err
     assert "sk-abc" not in err and "Traceback" not in err
+
+
+async def test_info_lines_from_the_loop_are_written_in_one_batch(restore_logging):
+    stream = io.StringIO()
+    handler = _BatchingHandler(stream)
+    handler.setFormatter(_Formatter(json=False))
+    log = logging.getLogger("llmgate.test-batch")
+    log.handlers[:], log.propagate = [handler], False
+    log.setLevel(logging.INFO)
+    log.info("one")
+    log.info("two")
+    assert stream.getvalue() == ""  # gathered, not yet written
+    log.warning("now")  # a warning goes at once, with what waited before it
+    assert [line.split()[-1] for line in stream.getvalue().splitlines()] == ["one", "two", "now"]
+    log.info("three")
+    await asyncio.sleep(FLUSH_S * 3)
+    assert stream.getvalue().splitlines()[-1].endswith("three")
+
+
+def test_off_the_loop_lines_are_written_at_once():
+    stream = io.StringIO()
+    handler = _BatchingHandler(stream)
+    handler.setFormatter(_Formatter(json=True))
+    handler.handle(logging.LogRecord("x", logging.INFO, __file__, 1, "hello", (), None))
+    assert json.loads(stream.getvalue())["msg"] == "hello"

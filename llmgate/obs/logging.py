@@ -2,10 +2,15 @@
 
 A record's exception is shown by its class name only: a traceback or an exception's text
 can carry internals or secrets, and neither belongs in a log line.
+
+Info lines written from the event loop are gathered for up to FLUSH_S and written together:
+one write per turn cost ~50 us of CPU on this VM, 8% of a 20-chunk stream. Warnings and
+errors, and anything logged off the loop, are written at once; exit flushes the rest.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import time
@@ -14,6 +19,43 @@ from typing import Any
 import msgspec
 
 _encode = msgspec.json.Encoder().encode
+FLUSH_S = 0.05
+
+
+class _BatchingHandler(logging.StreamHandler):
+    """A StreamHandler that writes the loop's info lines in batches."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._lines: list[str] = []
+        self._scheduled = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + self.terminator
+            loop = asyncio.get_running_loop() if record.levelno < logging.WARNING else None
+        except RuntimeError:  # no loop in this thread: write through
+            loop = None
+        except Exception:
+            self.handleError(record)
+            return
+        self._lines.append(line)
+        if loop is None:
+            self.flush()
+        elif not self._scheduled:
+            self._scheduled = True
+            loop.call_later(FLUSH_S, self.flush)
+
+    def flush(self) -> None:
+        self.acquire()
+        try:
+            self._scheduled = False
+            if self._lines:
+                text, self._lines = "".join(self._lines), []
+                self.stream.write(text)
+            super().flush()
+        finally:
+            self.release()
 
 
 class _Formatter(logging.Formatter):
@@ -46,7 +88,7 @@ def _text(value: Any) -> str:
 
 
 def setup(fmt: str = "text", level: str = "info") -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _BatchingHandler(sys.stderr)
     handler.setFormatter(_Formatter(json=fmt == "json"))
     ours = logging.getLogger("llmgate")
     ours.handlers[:] = [handler]
