@@ -47,6 +47,7 @@ SCENARIOS: dict[str, dict] = {
     },
 }
 QUICK = {"c1": (30, 1), "c50": (100, 10), "paced-c200": (40, 20), "disconnect": (20, 20)}
+RETAINED_KB_PER_HANG_UP = 10
 BUDGET = {
     "c1_added_ttft_p50_ms": 0.5,
     "cpu_ms_per_stream": 0.5,
@@ -287,14 +288,21 @@ def budget(results: dict) -> list[tuple[str, bool, str]]:
         ok = (
             ok
             and r["fds_after"] <= r["fds_before"]
-            and r["rss_mb_after"] <= max(r["rss_mb_before"], r["rss_mb_warm_peak"]) + 1
+            # Python keeps freed arenas, so RSS after a storm wobbles with its peak; a leak
+            # of one response's objects (tens of KB) per hang-up would show well past this.
+            and r["rss_mb_after"] - r["rss_mb_before"]
+            <= RETAINED_KB_PER_HANG_UP * g["hung_up"] / 1024
         )
         value = (
             f"{g['upstream_closed']}/{g['hung_up']} closed, fds {r['fds_before']}->"
             f"{r['fds_after']}, RSS {r['rss_mb_before']}->{r['rss_mb_after']} MB"
             f" (warm-up peak {r['rss_mb_warm_peak']} MB)"
         )
-        checks.append(("disconnect: every upstream closed, fds back, RSS no new high", ok, value))
+        label = (
+            "disconnect: every upstream closed, fds back, "
+            f"RSS kept <= {RETAINED_KB_PER_HANG_UP} KB a hang-up"
+        )
+        checks.append((label, ok, value))
     return checks
 
 

@@ -173,3 +173,16 @@ async def test_a_finished_stream_leaves_no_reference_cycle(gateway):
         assert not any(type(o) is Turn for o in gc.get_objects())
     finally:
         gc.enable()
+
+
+async def test_storms_of_concurrent_hang_ups_leave_nothing_behind(gateway, upstream):
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
+    counts = []
+    async with aiohttp.ClientSession(connector=connector) as session:
+        for _ in range(3):
+            storm = (hang_up_after(session, gateway, "stall-mid", 2) for _ in range(200))
+            await asyncio.gather(*storm)
+            await eventually(lambda: upstream.open_streams == 0)
+            counts.append(tracked_objects(upstream))
+    assert upstream.cancelled == 600
+    assert counts[2] - counts[1] < 200  # the first storm fills pools; later ones add nothing
