@@ -348,6 +348,16 @@ def print_table(results: dict, checks: list) -> None:
         print(f"{'PASS' if ok else 'MISS'}  {label}: {value}")
 
 
+def _cpu_times() -> list[int]:
+    return [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+
+
+def _steal_percent(before: list[int], after: list[int]) -> float:
+    """Share of the machine's CPU time the hypervisor gave to others (8th field of `cpu`)."""
+    delta = [b - a for a, b in zip(before, after, strict=True)]
+    return round(100 * delta[7] / max(sum(delta), 1), 1)
+
+
 def _signed(value: float | None) -> str:
     return "" if value is None else f"{value:+g}"
 
@@ -362,6 +372,7 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown scenario {', '.join(sorted(unknown))}")
     workdir = Path(tempfile.mkdtemp(prefix="llmgate-bench-"))
+    cpu_before = _cpu_times()
     mock, mock_port = start_mock()
     gateway = None
     try:
@@ -383,14 +394,20 @@ def main() -> int:
             if proc is not None:
                 proc.terminate()
                 proc.wait(timeout=10)
+    steal = _steal_percent(cpu_before, _cpu_times())
     checks = budget(results)
     print_table(results, checks)
+    print(
+        f"\n{os.cpu_count()} cores; CPU stolen by the hypervisor during the run: {steal}%"
+        + (" (numbers are noisy)" if steal > 2 else "")
+    )
     if args.json:
         report = {
             "machine": {
                 "cores": os.cpu_count(),
                 "python": platform.python_version(),
                 "platform": platform.platform(),
+                "steal_percent": steal,
             },
             "budget": BUDGET,
             "checks": [{"check": c, "ok": ok, "value": v} for c, ok, v in checks],
