@@ -14,7 +14,14 @@ fi
 EXTRAS="${LLMGATE_EXTRAS:-}"
 STAMP=".venv/.llmgate-installed${EXTRAS:+-$EXTRAS}"
 if [ ! -f "$STAMP" ] || [ setup.cfg -nt "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".${EXTRAS:+[$EXTRAS]}"
+  echo "llmgate: installing into .venv ..." >&2
+  pip=(.venv/bin/python -m pip install --disable-pip-version-check)
+  # Quiet unless it fails: build back-ends print warnings nobody can act on here.
+  "${pip[@]}" --upgrade pip > .venv/install.log 2>&1 || true  # an old pip still works
+  if ! "${pip[@]}" -e ".${EXTRAS:+[$EXTRAS]}" >> .venv/install.log 2>&1; then
+    cat .venv/install.log >&2
+    echo "llmgate: installing failed (log above, also in .venv/install.log)" >&2
+    exit 1
+  fi
   touch "$STAMP"
 fi
