@@ -5,6 +5,7 @@ came (server/relay.py), everything one read completed in one write, failures as 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import aiohttp
 from aiohttp import web
@@ -68,7 +69,7 @@ async def stream_turn(
             await pump(sse, upstream, provider, turn, wd)
             clean = True
     except ApiError as exc:
-        if sse is None:
+        if sse is None or not sse.prepared:
             raise
         await _fail_stream(sse, turn, exc)
     except ConnectionResetError:
@@ -79,7 +80,8 @@ async def stream_turn(
         # A newer turn on the channel took over: end this answer cleanly, without [DONE].
         asyncio.current_task().uncancel()  # type: ignore[union-attr]
         turn.status = CLIENT_CLOSED
-        await sse.write_eof()
+        with contextlib.suppress(ConnectionResetError):  # its caller may be gone as well
+            await sse.write_eof()
     finally:
         if upstream is not None:
             finish(upstream, clean)
