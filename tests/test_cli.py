@@ -11,6 +11,8 @@ import urllib.request
 
 import pytest
 
+from llmgate.cli import _listen
+
 
 def run(*args: str, env: dict[str, str] | None = None, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -58,12 +60,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("fmt", ["text", "json"])
-def test_serves_health_with_port_override(tmp_path, fmt):
+@pytest.mark.parametrize(("fmt", "uvloop"), [("text", "true"), ("json", "false")])
+def test_serves_health_with_port_override(tmp_path, fmt, uvloop):
     port = free_port()
     path = tmp_path / "c.toml"
     path.write_text(
-        f'[server]\napi_keys = []\n[log]\nformat = "{fmt}"\n'
+        f'[server]\napi_keys = []\nuvloop = {uvloop}\n[log]\nformat = "{fmt}"\n'
         '[providers.a]\nbase_url = "http://127.0.0.1:9/v1"\n'
     )
     proc = subprocess.Popen(
@@ -98,3 +100,12 @@ def test_port_in_use_is_a_clear_error(tmp_path):
         result = run("--config", str(path), "--port", str(busy.getsockname()[1]))
     assert result.returncode == 1
     assert "cannot listen" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_listening_socket_drops_callers_that_acknowledge_nothing():
+    sock = _listen("127.0.0.1", 0, 12.5)
+    try:
+        # Accepted connections inherit TCP_USER_TIMEOUT (send_timeout_s) from the listener.
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 12500
+    finally:
+        sock.close()
