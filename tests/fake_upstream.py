@@ -171,6 +171,11 @@ class FakeUpstream:
         return resp
 
     def script(self, model: str, body: dict) -> list[Any]:
+        if model == "flood":  # more than socket buffers hold, as fast as it goes
+            filler = "x" * 4000
+            return [chunk(model, {"content": filler}) for _ in range(5000)] + [
+                chunk(model, {}, "stop")
+            ]
         if model == "tools":
             return [chunk(model, d) for d in TOOL_CALL_DELTAS] + [chunk(model, {}, "tool_calls")]
         if model in ("truncated", "stall-mid", "drop"):

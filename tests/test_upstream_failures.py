@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 
 import aiohttp
@@ -137,3 +138,17 @@ async def test_error_envelope_with_status_200_is_502_with_its_message(client, st
     assert info.value.status_code == 502
     assert "quota exceeded" in info.value.body["message"]
     assert "sk-abcdef" not in info.value.body["message"]
+
+
+async def test_a_caller_slow_to_read_is_not_a_silent_provider(make_gateway, upstream):
+    gw = await make_gateway(providers={"fake": {"base_url": upstream.url, "idle_timeout_s": 0.2}})
+    body = {"model": "flood", "stream": True, "messages": HI}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    async with aiohttp.ClientSession() as session:
+        url = gw.make_url("/v1/chat/completions")
+        async with session.post(url, json=body, headers=headers) as resp:
+            await resp.content.readline()
+            await asyncio.sleep(1)  # buffers fill; llmgate waits on us, not on the provider
+            raw = await resp.read()
+    assert raw.endswith(b"data: [DONE]\n\n")
+    assert b"upstream_timeout" not in raw

@@ -137,16 +137,28 @@ async def pump(
                 watchdog.rearm(idle, f"provider '{provider.name}' went silent for {idle:g}s")
         if relay.failure:
             if out:
-                await sse.write(out)
+                await _send(sse, out, watchdog)
             raise relay.failure
         if relay.done:  # the last frames, [DONE] and the chunked-encoding end in one send
-            await sse.write_eof(out + DONE_FRAME)
+            await _send(sse, out + DONE_FRAME, watchdog, last=True)
             return
         if out:
-            await sse.write(out)
+            await _send(sse, out, watchdog)
     if not turn.finish_reason:
         raise UpstreamUnavailable(f"provider '{provider.name}' ended the stream before finishing")
-    await sse.write_eof(DONE_FRAME)
+    await _send(sse, DONE_FRAME, watchdog, last=True)
+
+
+async def _send(
+    sse: EventSourceResponse, data: bytes, watchdog: Watchdog, last: bool = False
+) -> None:
+    """Write to the caller; time blocked on a slow reader is not the provider's silence."""
+    watchdog.paused = True
+    try:
+        await (sse.write_eof(data) if last else sse.write(data))
+    finally:
+        watchdog.paused = False
+        watchdog.progress()
 
 
 def _read_error(provider: Provider, exc: BaseException) -> ApiError:

@@ -14,9 +14,10 @@ class Watchdog:
     Cheaper than rescheduling a timeout on every read: the hot path only stores a time,
     and the timer re-arms itself lazily when it fires early. On expiry the cancellation
     becomes UpstreamTimeout; a cancellation from elsewhere (client gone) passes through.
+    While `paused` (we are waiting on the caller, not the provider) it never expires.
     """
 
-    __slots__ = ("_handle", "_last", "_limit", "_loop", "_message", "_task", "expired")
+    __slots__ = ("_handle", "_last", "_limit", "_loop", "_message", "_task", "expired", "paused")
 
     def __init__(self, limit: float, message: str) -> None:
         self._limit = limit
@@ -26,6 +27,7 @@ class Watchdog:
         self._handle: asyncio.TimerHandle | None = None
         self._last = 0.0
         self.expired = False
+        self.paused = False
 
     def __enter__(self) -> Watchdog:
         self._task = asyncio.current_task()
@@ -45,6 +47,8 @@ class Watchdog:
         self._handle = self._loop.call_at(self._last + limit, self._check)
 
     def _check(self) -> None:
+        if self.paused:
+            self._last = self._loop.time()
         due = self._last + self._limit
         if self._loop.time() < due:
             self._handle = self._loop.call_at(due, self._check)
