@@ -161,9 +161,14 @@ def _decode(raw: dict[str, Any]) -> Config:
         raise ConfigError("providers: at least one [providers.NAME] section is needed")
     for name, provider in decoded.items():
         _check_provider(name, provider)
+    seen = {"/models", "/healthz"}  # served by llmgate itself
     for i, route in enumerate(config.routes):
         if not route.path.startswith("/"):
             raise ConfigError(f"routes[{i}].path: expected a path starting with '/'")
+        bare = route.path.removeprefix("/v1") or "/"  # each route is also served under /v1
+        if bare in seen:
+            raise ConfigError(f"routes[{i}].path: {route.path} is already served")
+        seen.add(bare)
     return msgspec.structs.replace(config, providers=decoded)
 
 

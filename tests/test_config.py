@@ -66,6 +66,8 @@ def test_empty_api_keys_runs_open_with_a_warning():
         (with_provider(log={"format": "xml"}), "log.format"),
         (with_provider(log={"format": "${FMT}"}), "log.format"),
         (with_provider(routes=[{"path": "chat"}]), "routes[0].path"),
+        (with_provider(routes=[{"path": "/a"}, {"path": "/v1/a"}]), "routes[1].path"),
+        (with_provider(routes=[{"path": "/v1/models"}]), "routes[0].path"),
     ],
 )
 def test_mistakes_name_the_key(raw, key):
