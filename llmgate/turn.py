@@ -48,6 +48,11 @@ class Turn:
         self.error: str | None = None
         self.metadata: dict[str, Any] = {}
 
+    def failed(self, status: int, error: str | None) -> None:
+        """Record how the turn failed, for its log line."""
+        self.status = status
+        self.error = error
+
     def mark_first_token(self) -> None:
         if self.first_token is None:
             self.first_token = time.perf_counter() - self.started

@@ -54,8 +54,7 @@ class ChatCompletions:
         try:
             return await self._turn(request, turn)
         except ApiError as exc:
-            turn.status = exc.status
-            turn.error = exc.code or exc.type
+            turn.failed(exc.status, exc.code or exc.type)
             return exc.for_request(turn.id).response(turn.id)
         except asyncio.CancelledError:
             turn.status = CLIENT_CLOSED

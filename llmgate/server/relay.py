@@ -14,10 +14,10 @@ import msgspec
 
 from llmgate.errors import ApiError, UpstreamUnavailable
 from llmgate.protocol import ChunkPeek, chunk_decoder
-from llmgate.sse import DONE, SSEDecoder
+from llmgate.sse import DONE, DONE_FRAME, SSEDecoder
 from llmgate.turn import Turn
 
-_DONE_TAIL = len(b"data: [DONE]\n\n")
+_DONE_TAIL = len(DONE_FRAME)
 _peeks_decoder = msgspec.json.Decoder(list[ChunkPeek])
 
 

@@ -94,8 +94,7 @@ async def stream_turn(
 
 async def _fail_stream(sse: EventSourceResponse, turn: Turn, exc: ApiError) -> None:
     """After our 200: the error goes out as a data frame and the stream ends without [DONE]."""
-    turn.status = exc.status
-    turn.error = exc.code or exc.type
+    turn.failed(exc.status, exc.code or exc.type)
     if isinstance(exc, UpstreamErrorFrame):
         return  # the provider's own error frame has been relayed already
     try:
