@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import gc
 import logging
-import socket
 import sys
-
-from aiohttp import web
 
 from llmgate import config as configuration
 from llmgate.app import create_app
 from llmgate.obs import logging as obs_logging
+from llmgate.server import serve
 
 log = logging.getLogger("llmgate")
 
@@ -57,50 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config ok: providers {providers}; routes {routes}; listen {host}:{port}")
         return 0
     try:
-        sock = _listen(host, port, server.send_timeout_s)
+        sock = serve.listen(host, port, server.send_timeout_s)
     except OSError as exc:
         print(f"llmgate: cannot listen on {host}:{port} ({exc.strerror})", file=sys.stderr)
         return EXIT_LISTEN
     log.info("listening on http://%s:%d", host, sock.getsockname()[1])
-    app = create_app(loaded)
-    # What exists now lives as long as the process: keep it out of the collector's sight.
-    # A full collection over the ~40k objects of the imports paused the loop ~20 ms here;
-    # frozen, it takes under 2 ms.
-    gc.collect()
-    gc.freeze()
-    web.run_app(
-        app,
-        loop=_event_loop(server.uvloop),
-        sock=sock,
-        handler_cancellation=True,  # a caller hanging up cancels its turn (barge-in)
-        access_log=None,
-        print=None,
-        shutdown_timeout=5,
-    )
+    serve.run(create_app(loaded), sock, server.uvloop)
     return 0
-
-
-def _event_loop(want_uvloop: bool) -> asyncio.AbstractEventLoop:
-    """uvloop when asked for and installed (CPU per stream at c1: 0.70 -> 0.64 ms here)."""
-    if want_uvloop:
-        try:
-            import uvloop
-        except ImportError:
-            log.warning("server.uvloop: uvloop is not installed; using asyncio's loop")
-        else:
-            return uvloop.new_event_loop()
-    return asyncio.new_event_loop()
-
-
-def _listen(host: str, port: int, send_timeout_s: float) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if hasattr(socket, "TCP_USER_TIMEOUT"):
-        # Accepted connections inherit it: the kernel drops a caller that acknowledges
-        # nothing for this long, which cancels its turn. Once here, not per response.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(send_timeout_s * 1000))
-    sock.bind((host, port))
-    sock.listen(1024)
-    sock.setblocking(False)
-    return sock

@@ -190,6 +190,47 @@ class ChunkPeek(msgspec.Struct):
     error: Any = None
 
 
+# --- what a stage sees of each upstream chunk ---------------------------------------------
+
+
+class FunctionDeltaView(msgspec.Struct):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDeltaView(msgspec.Struct):
+    index: int = 0
+    id: str | None = None
+    type: str | None = None
+    function: FunctionDeltaView | None = None
+
+
+class DeltaView(msgspec.Struct):
+    role: str | None = None
+    content: str | None = None
+    refusal: str | None = None
+    tool_calls: list[ToolCallDeltaView] | None = None
+    audio: dict[str, Any] | None = None
+
+
+class ChoiceView(msgspec.Struct):
+    index: int = 0
+    delta: DeltaView | None = None
+    finish_reason: str | None = None
+
+
+class ChunkView(msgspec.Struct):
+    """A chat.completion.chunk as stages read it: what they act on, nothing else decoded."""
+
+    id: Any = None
+    created: Any = None
+    model: Any = None
+    system_fingerprint: Any = None
+    choices: list[ChoiceView] = []
+    usage: dict[str, Any] | None = None
+    error: Any = None
+
+
 class UpstreamErrorBody(msgspec.Struct):
     """An upstream's error envelope; anything else in it is ignored."""
 
@@ -214,6 +255,7 @@ class ErrorEnvelope(msgspec.Struct):
 request_decoder = msgspec.json.Decoder(ChatRequest)
 generic_decoder = msgspec.json.Decoder()
 chunk_decoder = msgspec.json.Decoder(ChunkPeek)
+view_decoder = msgspec.json.Decoder(ChunkView)
 encoder = msgspec.json.Encoder()
 
 

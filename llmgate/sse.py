@@ -10,6 +10,7 @@ from __future__ import annotations
 
 DONE = b"[DONE]"
 DONE_FRAME = b"data: [DONE]\n\n"
+PING_FRAME = b": ping\n\n"
 MAX_LINE = 8 * 1024 * 1024
 
 
@@ -43,12 +44,17 @@ class Event:
 
 
 class SSEDecoder:
-    """Feed it reads as they come; it returns the events each read completed."""
+    """Feed it reads as they come; it returns the events each read completed.
 
-    __slots__ = ("_buf", "_event", "_lines", "_skip_lf")
+    A line still open at the end of a read waits as a list of its pieces, joined once when
+    its end arrives: a long line over many small reads costs its length, not its square.
+    """
+
+    __slots__ = ("_event", "_lines", "_open", "_open_size", "_skip_lf")
 
     def __init__(self) -> None:
-        self._buf = b""
+        self._open: list[bytes] = []  # pieces of the line not yet ended
+        self._open_size = 0
         self._skip_lf = False
         self._lines: list[bytes] = []
         self._event = b""
@@ -56,7 +62,7 @@ class SSEDecoder:
     @property
     def idle(self) -> bool:
         """Between events: nothing buffered, so the next read starts on a fresh line."""
-        return not (self._buf or self._lines or self._skip_lf or self._event)
+        return not (self._open or self._lines or self._skip_lf or self._event)
 
     def feed(self, chunk: bytes) -> list[Event]:
         if self._skip_lf:
@@ -67,13 +73,25 @@ class SSEDecoder:
             # A CR at the end already ends a line; an LF opening the next read is its pair.
             self._skip_lf = chunk[-1:] == b"\r"
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        if self._buf:
-            chunk = self._buf + chunk
+        if b"\n" not in chunk:
+            if chunk:
+                self._hold(chunk)
+            return []
+        if self._open:
+            self._open.append(chunk)
+            chunk = b"".join(self._open)
+            self._open, self._open_size = [], 0
         lines = chunk.split(b"\n")
-        self._buf = lines.pop()
-        if len(self._buf) > MAX_LINE:
+        tail = lines.pop()
+        if tail:
+            self._hold(tail)
+        return self._fields(lines)
+
+    def _hold(self, piece: bytes) -> None:
+        self._open.append(piece)
+        self._open_size += len(piece)
+        if self._open_size > MAX_LINE:
             raise SSEError(f"an SSE line exceeds {MAX_LINE} bytes")
-        return self._fields(lines) if lines else []
 
     def _fields(self, lines: list[bytes]) -> list[Event]:
         events: list[Event] = []

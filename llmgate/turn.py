@@ -1,4 +1,4 @@
-"""One request's life: its id, what it asked for, how it went, its log line, its barge-in."""
+"""One request's life: its id, what it asked for, how it ended, its log line, its barge-in."""
 
 from __future__ import annotations
 
@@ -8,12 +8,19 @@ import os
 import time
 from typing import Any
 
+import msgspec
 from aiohttp import web
 
 log = logging.getLogger("llmgate.turn")
 
 CLIENT_CLOSED = 499
-SUPERSEDED = "superseded"  # turn.error of a turn a newer one on its channel ended
+SUPERSEDED = "superseded"  # the log's error for a turn a newer one on its channel ended
+
+# The log line names metadata, never repeats it at length: Agora merges any `llm.params`
+# into the body, and a caller's stray field can hold a whole document.
+META_VALUE_CHARS = 200
+META_TOTAL_CHARS = 2048
+_encode = msgspec.json.Encoder().encode
 
 
 class Turn:
@@ -25,11 +32,14 @@ class Turn:
         "id",
         "metadata",
         "model",
+        "notes",
         "provider",
+        "rounds",
         "route",
         "started",
         "status",
         "stream",
+        "superseded",
         "usage",
     )
 
@@ -41,21 +51,39 @@ class Turn:
         self.provider: str | None = None
         self.stream = False
         self.status = 200
+        self.error: str | None = None
+        self.superseded = False  # set by Channels: a newer turn on the channel took over
         self.first_token: float | None = None
         self.chunks = 0
+        self.rounds = 0
         self.usage: dict[str, Any] | None = None
         self.finish_reason: str | None = None
-        self.error: str | None = None
         self.metadata: dict[str, Any] = {}
+        self.notes: dict[str, dict[str, Any]] | None = None
 
-    def failed(self, status: int, error: str | None) -> None:
-        """Record how the turn failed, for its log line."""
+    def end(self, status: int, error: str | None = None) -> None:
+        """The one place a turn's outcome is recorded (200 until something else is)."""
         self.status = status
-        self.error = error
+        self.error = SUPERSEDED if status == CLIENT_CLOSED and self.superseded else error
 
     def mark_first_token(self) -> None:
         if self.first_token is None:
             self.first_token = time.perf_counter() - self.started
+
+    def add_round(self, chunks: int, finish_reason: str | None, usage: Any) -> None:
+        """One upstream answer ended: chunks and usage add up, the last finish_reason stands."""
+        self.rounds += 1
+        self.chunks += chunks
+        if finish_reason:
+            self.finish_reason = finish_reason
+        if isinstance(usage, dict):
+            self.usage = _add_usage(self.usage, usage)
+
+    def note(self, stage: str, **fields: Any) -> None:
+        """A stage's own fields for the log line, under the stage's name."""
+        if self.notes is None:
+            self.notes = {}
+        self.notes.setdefault(stage, {}).update(fields)
 
     def fields(self) -> dict[str, Any]:
         """The log line's fields. Never message text, never a key."""
@@ -70,6 +98,8 @@ class Turn:
             "duration_ms": _ms(time.perf_counter() - self.started),
             "chunks": self.chunks,
         }
+        if self.rounds > 1:
+            out["rounds"] = self.rounds
         if self.finish_reason:
             out["finish_reason"] = self.finish_reason
         if self.usage:
@@ -78,8 +108,10 @@ class Turn:
             }
         if self.error:
             out["error"] = self.error
+        if self.notes:
+            out.update(self.notes)
         if self.metadata:
-            out["metadata"] = self.metadata
+            out["metadata"] = bounded(self.metadata)
         return out
 
     def log(self) -> None:
@@ -89,6 +121,47 @@ class Turn:
 
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 2)
+
+
+def _add_usage(total: dict[str, Any] | None, usage: dict[str, Any]) -> dict[str, Any]:
+    if total is None:
+        return dict(usage)
+    out = dict(total)
+    for key, value in usage.items():
+        if type(value) is int and type(out.get(key, 0)) is int:
+            out[key] = out.get(key, 0) + value
+        elif key not in out:
+            out[key] = value
+    return out
+
+
+def bounded(metadata: dict[str, Any]) -> dict[str, Any]:
+    """Metadata for a log line: each value at most ~200 characters, ~2 KB in all."""
+    out: dict[str, Any] = {}
+    size = 0
+    for key, value in metadata.items():
+        key = str(key)[:64]
+        if isinstance(value, str):
+            shown: Any = _clip(value)
+            cost = len(shown)
+        elif value is None or type(value) in (bool, int, float):
+            shown, cost = value, 8
+        else:
+            text = _encode(value).decode()
+            shown = value if len(text) <= META_VALUE_CHARS else _clip(text)
+            cost = min(len(text), META_VALUE_CHARS)
+        size += cost + len(key)
+        if size > META_TOTAL_CHARS:
+            out["truncated_keys"] = len(metadata) - len(out)
+            break
+        out[key] = shown
+    return out
+
+
+def _clip(text: str) -> str:
+    if len(text) <= META_VALUE_CHARS:
+        return text
+    return f"{text[:META_VALUE_CHARS]}... ({len(text)} chars)"
 
 
 class Channels:
@@ -113,7 +186,7 @@ class Channels:
             if live[0] > number:
                 return None  # an older turn arriving late supersedes nothing
             if live[0] < number and not live[2].done():
-                live[1].error = SUPERSEDED
+                live[1].superseded = True
                 live[2].cancel()
         self._live[key] = (number, turn, task)
         return key

@@ -10,7 +10,6 @@ import os
 
 import aiohttp
 import pytest
-from aiohttp_sse import EventSourceResponse
 
 from llmgate.server.stream import SSEResponse
 from llmgate.turn import Turn, channel_key
@@ -100,7 +99,7 @@ async def test_a_thousand_hang_ups_leave_nothing_behind(gateway, upstream):
     connector = gateway.app[SESSION].connector
     assert sum(len(c) for c in connector._conns.values()) == 0  # nothing pooled mid-answer
     assert live(aiohttp.ClientResponse) == 0
-    assert live(EventSourceResponse) == 0
+    assert live(SSEResponse) == 0
     assert live(Turn) == 0
 
 

@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from llmgate.cli import _listen
+from llmgate.server.serve import listen
 
 
 def run(*args: str, env: dict[str, str] | None = None, **kw) -> subprocess.CompletedProcess:
@@ -103,7 +103,7 @@ def test_port_in_use_is_a_clear_error(tmp_path):
 
 
 def test_listening_socket_drops_callers_that_acknowledge_nothing():
-    sock = _listen("127.0.0.1", 0, 12.5)
+    sock = listen("127.0.0.1", 0, 12.5)
     try:
         # Accepted connections inherit TCP_USER_TIMEOUT (send_timeout_s) from the listener.
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 12500

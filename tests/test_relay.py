@@ -7,8 +7,7 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmgate.server.relay import Relay, UpstreamErrorFrame
-from llmgate.turn import Turn
+from llmgate.upstream.relay import Relay, Tally, UpstreamErrorFrame
 
 
 class EventsOnly(Relay):
@@ -33,22 +32,21 @@ def frames(*payloads: bytes) -> bytes:
     return b"".join(b"data: " + p + b"\n\n" for p in payloads)
 
 
-def run(relay_class: type[Relay], *reads: bytes) -> tuple[bytes, Relay, Turn]:
-    turn = Turn("/chat/completions")
-    relay = relay_class(turn, "p")
+def run(relay_class: type[Relay], *reads: bytes) -> tuple[bytes, Relay, Tally]:
+    relay = relay_class("p")
     out = b""
     for read in reads:
         out += relay.feed(read)
         if relay.done or relay.failure:
             break
-    return out, relay, turn
+    return out, relay, relay.tally
 
 
 def test_whole_frames_pass_through_and_are_peeked():
     body = frames(chunk("a"), chunk("b"), chunk(finish="stop"), chunk(usage=True))
     out, relay, turn = run(Relay, body + b"data: [DONE]\n\n")
     assert out == body
-    assert Relay(Turn("/chat/completions"), "p")._whole_frames(body) == body  # the fast path
+    assert Relay("p")._whole_frames(body) == body  # the fast path
     assert relay.done and relay.failure is None
     assert (turn.chunks, turn.finish_reason, turn.usage) == (4, "stop", {"total_tokens": 7})
 

@@ -6,30 +6,21 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-import aiohttp
 import msgspec
 from aiohttp import web
 
-from llmgate.errors import ApiError, UpstreamUnavailable
-from llmgate.protocol import (
-    ChatRequest,
-    ChunkPeek,
-    chunk_decoder,
-    encoder,
-    error_path,
-    generic_decoder,
-    request_decoder,
-)
+from llmgate.errors import ApiError
+from llmgate.pipeline import Ask, Call
+from llmgate.protocol import ChatRequest, encoder, error_path, generic_decoder, request_decoder
 from llmgate.server.auth import KeyCheck
-from llmgate.server.stream import stream_turn
+from llmgate.server.collect import collect
+from llmgate.server.stream import Staged, require_finish, stream_answer
 from llmgate.turn import CHANNELS, CLIENT_CLOSED, Turn
+from llmgate.upstream.call import UpstreamCall
 from llmgate.upstream.client import SESSION
 from llmgate.upstream.payload import build
-from llmgate.upstream.provider import Provider, finish, read_bounded
 from llmgate.upstream.router import ROUTER
-from llmgate.upstream.watchdog import Watchdog
 
-MAX_COMPLETION_BODY = 64 * 1024 * 1024
 _ROLES = "system, developer, user, assistant or tool"
 
 
@@ -44,23 +35,27 @@ SETTINGS = web.AppKey("settings", Settings)
 
 
 class ChatCompletions:
-    """POST <route>: one turn, from the caller's body to the provider's last byte."""
+    """POST <route>: one turn, from the caller's body to the provider's last byte.
 
-    def __init__(self, route: str) -> None:
+    `call` is the route's composed Call when it has stages; without, the route relays.
+    """
+
+    def __init__(self, route: str, call: Call | None = None) -> None:
         self.route = route
+        self.call = call
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         turn = Turn(self.route)
         try:
             return await self._turn(request, turn)
         except ApiError as exc:
-            turn.failed(exc.status, exc.code or exc.type)
+            turn.end(exc.status, exc.code or exc.type)
             return exc.for_request(turn.id).response(turn.id)
         except asyncio.CancelledError:
-            turn.status = CLIENT_CLOSED
+            turn.end(CLIENT_CLOSED)
             raise
         except Exception:
-            turn.status = 500  # the middleware answers it; the turn line must not say 200
+            turn.end(500, "internal_error")  # the middleware answers it
             raise
         finally:
             turn.log()
@@ -77,60 +72,43 @@ class ChatCompletions:
         channels = request.app[CHANNELS]
         channel = channels.enter(turn)
         try:
+            if self.call is not None:
+                ask = Ask(upstream_body, turn, provider, session, caller_key)
+                if chat.stream:
+                    source = Staged(self.call(ask))
+                    return await stream_answer(request, turn, settings.keepalive_s, source)
+                return await _collected(turn, self.call, ask)
+            call = UpstreamCall(
+                session, provider, encoder.encode(upstream_body), caller_key, turn, turn.stream
+            )
             if chat.stream:
-                return await stream_turn(
-                    request,
-                    turn,
-                    settings.keepalive_s,
-                    session,
-                    provider,
-                    upstream_body,
-                    caller_key,
-                )
-            return await _complete(turn, session, provider, upstream_body, caller_key)
+                return await stream_answer(request, turn, settings.keepalive_s, call)
+            return await _complete(turn, call)
         finally:
             channels.leave(channel, turn)
 
 
-async def _complete(
-    turn: Turn,
-    session: aiohttp.ClientSession,
-    provider: Provider,
-    body: bytes,
-    caller_key: str | None,
-) -> web.Response:
-    first = provider.config.first_token_timeout_s
-    idle = provider.config.idle_timeout_s
-    with Watchdog(first, f"provider '{provider.name}' did not answer within {first:g}s") as wd:
-        upstream = await provider.send(session, body, False, caller_key)
-        wd.rearm(idle, f"provider '{provider.name}' went silent for {idle:g}s")
-        clean = False
-        try:
-            with provider.translate():
-                raw = await read_bounded(upstream, MAX_COMPLETION_BODY, wd.progress)
-            clean = upstream.content.at_eof()
-        finally:
-            finish(upstream, clean)
-    if not clean:
-        raise UpstreamUnavailable(f"provider '{provider.name}' sent an oversized answer")
+async def _complete(turn: Turn, call: UpstreamCall) -> web.Response:
+    try:
+        await call.open()
+        raw = await call.answer()
+    finally:
+        call.close()
     turn.mark_first_token()
-    peek = _peek_completion(provider, raw)
-    if peek.error is not None:
-        raise provider.answer_error(raw) or UpstreamUnavailable(
-            f"provider '{provider.name}' answered with an error"
-        )
-    turn.usage = peek.usage
-    turn.finish_reason = next((c.finish_reason for c in peek.choices if c.finish_reason), None)
+    return _json(turn, raw)
+
+
+async def _collected(turn: Turn, call: Call, ask: Ask) -> web.Response:
+    completion = await collect(call, ask)
+    require_finish(completion.finish_reason, turn.provider)
+    turn.mark_first_token()
+    return _json(turn, completion.encode())
+
+
+def _json(turn: Turn, raw: bytes) -> web.Response:
     return web.Response(
         body=raw, content_type="application/json", headers={"X-Request-Id": turn.id}
     )
-
-
-def _peek_completion(provider: Provider, raw: bytes) -> ChunkPeek:
-    try:
-        return chunk_decoder.decode(raw)
-    except msgspec.DecodeError:
-        raise UpstreamUnavailable(f"provider '{provider.name}' sent a malformed answer") from None
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:

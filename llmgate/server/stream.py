@@ -1,166 +1,200 @@
-"""A streamed turn: our headers once the provider said 200, its frames relayed as they
-came (server/relay.py), everything one read completed in one write, failures as frames.
+"""The one SSE writer: our headers once the answer has begun, frames as they come, and one
+end-of-stream policy for every route.
+
+A source is the plain route's UpstreamCall (each read's frames, byte for byte) or a staged
+route's Call (`Staged`, one Piece at a time). The policy: `[DONE]` only after a
+finish_reason; a stream that ends without one is a failure; after our headers a failure is
+one `data: {"error": ...}` frame and no `[DONE]`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
+from typing import Protocol
 
-import aiohttp
 from aiohttp import web
-from aiohttp_sse import EventSourceResponse
 
 from llmgate.errors import ApiError, UpstreamUnavailable
-from llmgate.server.relay import Relay, UpstreamErrorFrame
-from llmgate.sse import DONE_FRAME, SSEError
-from llmgate.turn import CLIENT_CLOSED, SUPERSEDED, Turn
-from llmgate.upstream.provider import (
-    FOREIGN_ERRORS,
-    MAX_ERROR_BODY,
-    Provider,
-    finish,
-    read_bounded,
-)
-from llmgate.upstream.watchdog import Watchdog
+from llmgate.pipeline import Opened, Piece
+from llmgate.sse import DONE_FRAME, PING_FRAME
+from llmgate.turn import CLIENT_CLOSED, Turn
+from llmgate.upstream.relay import UpstreamErrorFrame
 
 
-class SSEResponse(EventSourceResponse):
-    """aiohttp-sse's response, with a way to stop its pings that leaves no reference cycle.
+class SSEResponse(web.StreamResponse):
+    """An event stream, with our own `: ping` keep-alives.
 
-    A cancelled ping task keeps its CancelledError, whose traceback holds the task's frame,
-    which holds this response, which holds the task: every stream would leave a cycle for
-    the garbage collector, and gen-2 collections over them paused the loop for 20-40 ms at
-    200 streams. Dropping the task reference breaks the cycle; the task frees itself.
+    A ping every `keepalive_s` from one timer per stream, written by a task made only when a
+    ping is due. (aiohttp-sse's response keeps a task per stream for its pings, and ending
+    that task without leaving a reference cycle, which gen-2 collections pause the loop
+    for, meant touching its private attributes.)
     """
 
+    def __init__(self, request_id: str, keepalive_s: float) -> None:
+        super().__init__(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "Connection": "keep-alive",
+                "X-Accel-Buffering": "no",  # nginx: do not buffer the stream
+                "X-Request-Id": request_id,
+            }
+        )
+        self._keepalive_s = keepalive_s
+        self._timer: asyncio.TimerHandle | None = None
+        self._pinging: asyncio.Task | None = None
+
+    async def prepare(self, request: web.BaseRequest):  # type: ignore[override]
+        first = not self.prepared  # aiohttp prepares a returned response once more
+        writer = await super().prepare(request)
+        if first:
+            self._timer = asyncio.get_running_loop().call_later(self._keepalive_s, self._due)
+        return writer
+
+    def _due(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self._keepalive_s, self._due)
+        if self._pinging is None:
+            self._pinging = loop.create_task(self._ping())
+
+    async def _ping(self) -> None:
+        try:
+            await self.write(PING_FRAME)
+        except (ConnectionResetError, RuntimeError):  # gone, or the answer ended meanwhile
+            pass
+        finally:
+            self._pinging = None
+
     def stop_pinging(self) -> None:
-        if self._ping_task is not None:
-            self._ping_task.cancel()
-            self._ping_task = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
-async def stream_turn(
-    request: web.Request,
-    turn: Turn,
-    keepalive_s: float,
-    session: aiohttp.ClientSession,
-    provider: Provider,
-    body: bytes,
-    caller_key: str | None,
+class CallerGone(Exception):
+    """A write to the caller failed: it closed the connection."""
+
+
+class Source(Protocol):
+    ended: bool
+
+    @property
+    def finish_reason(self) -> str | None: ...
+
+    async def open(self) -> None: ...
+
+    async def relayed(self) -> bytes: ...
+
+    async def aclose(self) -> None: ...
+
+
+def require_finish(finish_reason: str | None, provider: str | None) -> None:
+    """An answer that ended without a finish_reason was cut off: a dead provider must not
+    look like a finished answer."""
+    if not finish_reason:
+        raise UpstreamUnavailable(f"provider '{provider}' ended the stream before finishing")
+
+
+def end_of_answer(finish_reason: str | None, provider: str | None) -> bytes:
+    """What follows a streamed answer's last chunk."""
+    require_finish(finish_reason, provider)
+    return DONE_FRAME
+
+
+async def stream_answer(
+    request: web.Request, turn: Turn, keepalive_s: float, source: Source
 ) -> web.StreamResponse:
-    first = provider.config.first_token_timeout_s
     sse: SSEResponse | None = None
-    upstream: aiohttp.ClientResponse | None = None
-    clean = False
     try:
-        with Watchdog(first, f"provider '{provider.name}' sent nothing within {first:g}s") as wd:
-            upstream = await provider.send(session, body, True, caller_key)
-            if upstream.content_type == "application/json":
-                raise await _json_instead_of_stream(provider, upstream)
-            sse = SSEResponse(
-                headers={"X-Request-Id": turn.id},
-                sep="\n",
-                allow_all_methods=True,
-                ping_interval=keepalive_s,
-                send_timeout=None,  # TCP_USER_TIMEOUT is set once on the listening socket
-            )
-            await sse.prepare(request)
-            await pump(sse, upstream, provider, turn, wd)
-            clean = True
+        await source.open()
+        sse = SSEResponse(turn.id, keepalive_s)
+        await sse.prepare(request)
+        await _pump(sse, turn, source)
     except ApiError as exc:
-        if sse is None or not sse.prepared:
+        if sse is None:
             raise
-        await _fail_stream(sse, turn, exc)
-    except ConnectionResetError:
-        turn.status = CLIENT_CLOSED
+        await _fail(sse, turn, exc)
+    except CallerGone:
+        turn.end(CLIENT_CLOSED)
     except asyncio.CancelledError:
-        if sse is None or not sse.prepared or turn.error != SUPERSEDED:
+        if sse is None or not turn.superseded:
             raise
         # A newer turn on the channel took over: end this answer cleanly, without [DONE].
         asyncio.current_task().uncancel()  # type: ignore[union-attr]
-        turn.status = CLIENT_CLOSED
-        with contextlib.suppress(ConnectionResetError):  # its caller may be gone as well
-            await sse.write_eof()
+        turn.end(CLIENT_CLOSED)
+        with contextlib.suppress(CallerGone):  # its caller may be gone as well
+            await _write(sse, b"", last=True)
     finally:
-        if upstream is not None:
-            finish(upstream, clean)
+        await source.aclose()
         if sse is not None:
             sse.stop_pinging()
-    if sse is None:  # the caller left before our headers went out
-        raise asyncio.CancelledError
     return sse
 
 
-async def _fail_stream(sse: EventSourceResponse, turn: Turn, exc: ApiError) -> None:
-    """After our 200: the error goes out as a data frame and the stream ends without [DONE]."""
-    turn.failed(exc.status, exc.code or exc.type)
-    if isinstance(exc, UpstreamErrorFrame):
-        return  # the provider's own error frame has been relayed already
-    try:
-        await sse.write(exc.for_request(turn.id).frame())
-    except ConnectionResetError:
-        turn.status = CLIENT_CLOSED
-
-
-async def _json_instead_of_stream(provider: Provider, upstream: aiohttp.ClientResponse) -> ApiError:
-    error = provider.answer_error(await read_bounded(upstream, MAX_ERROR_BODY))
-    return error or UpstreamUnavailable(
-        f"provider '{provider.name}' answered JSON where a stream was asked"
-    )
-
-
-async def pump(
-    sse: EventSourceResponse,
-    upstream: aiohttp.ClientResponse,
-    provider: Provider,
-    turn: Turn,
-    watchdog: Watchdog,
-) -> None:
-    """Relay until `[DONE]`; raise ApiError for any failure (nothing written yet for it)."""
-    relay = Relay(turn, provider.name)
-    read = upstream.content.readany
-    idle = provider.config.idle_timeout_s
+async def _pump(sse: SSEResponse, turn: Turn, source: Source) -> None:
+    """Write what the source gives until it ends; ApiError for any failure."""
+    relayed = source.relayed
     while True:
-        try:
-            data = await read()
-            out = relay.feed(data) if data else None
-        except (*FOREIGN_ERRORS, SSEError) as exc:
-            raise _read_error(provider, exc) from exc
-        if out is None:  # the provider closed the stream
-            break
-        if out:  # comments are not progress: a provider pinging forever still times out
-            watchdog.progress()
-            if turn.first_token is None:
-                turn.mark_first_token()
-                watchdog.rearm(idle, f"provider '{provider.name}' went silent for {idle:g}s")
-        if relay.failure:
-            if out:
-                await _send(sse, out, watchdog)
-            raise relay.failure
-        if relay.done:  # the last frames, [DONE] and the chunked-encoding end in one send
-            await _send(sse, out + DONE_FRAME, watchdog, last=True)
+        out = await relayed()
+        if out and turn.first_token is None:
+            turn.mark_first_token()
+        if source.ended:  # the last frames, [DONE] and the chunked end in one send
+            await _write(sse, out + end_of_answer(source.finish_reason, turn.provider), True)
             return
-        if out:
-            await _send(sse, out, watchdog)
-    if not turn.finish_reason:
-        raise UpstreamUnavailable(f"provider '{provider.name}' ended the stream before finishing")
-    await _send(sse, DONE_FRAME, watchdog, last=True)
+        await _write(sse, out)
 
 
-async def _send(
-    sse: EventSourceResponse, data: bytes, watchdog: Watchdog, last: bool = False
-) -> None:
-    """Write to the caller; time blocked on a slow reader is not the provider's silence."""
-    watchdog.paused = True
+async def _write(sse: SSEResponse, data: bytes, last: bool = False) -> None:
     try:
         await (sse.write_eof(data) if last else sse.write(data))
-    finally:
-        watchdog.paused = False
-        watchdog.progress()
+    except ConnectionResetError:
+        raise CallerGone from None
 
 
-def _read_error(provider: Provider, exc: BaseException) -> ApiError:
-    if isinstance(exc, SSEError):
-        return UpstreamUnavailable(f"provider '{provider.name}' sent an oversized SSE line")
-    return provider.error_for(exc)
+async def _fail(sse: SSEResponse, turn: Turn, exc: ApiError) -> None:
+    """After our 200: the error goes out as a data frame and the stream ends without [DONE]."""
+    turn.end(exc.status, exc.code or exc.type)
+    if isinstance(exc, UpstreamErrorFrame):
+        return  # the provider's own error frame has been relayed already
+    with contextlib.suppress(CallerGone):  # the provider's failure, whether or not it is heard
+        await _write(sse, exc.for_request(turn.id).frame())
+
+
+class Staged:
+    """A staged route's Call, read by the writer the way it reads a plain UpstreamCall."""
+
+    __slots__ = ("_held", "_items", "ended", "finish_reason")
+
+    def __init__(self, items: AsyncIterator[Piece | Opened]) -> None:
+        self._items = items
+        self._held: Piece | None = None
+        self.ended = False
+        self.finish_reason: str | None = None
+
+    async def open(self) -> None:
+        """Wait until the answer begins: the provider said 200, or a stage spoke first."""
+        self._held = await self._step()
+
+    async def relayed(self) -> bytes:
+        piece, self._held = self._held, None
+        while piece is None:
+            if self.ended:
+                return b""
+            piece = await self._step()
+        finish = piece.finish_reason
+        if finish:
+            self.finish_reason = finish
+        return piece.raw
+
+    async def _step(self) -> Piece | None:
+        try:
+            item = await anext(self._items)
+        except StopAsyncIteration:
+            self.ended = True
+            return None
+        return item if isinstance(item, Piece) else None
+
+    async def aclose(self) -> None:
+        await self._items.aclose()  # type: ignore[attr-defined]

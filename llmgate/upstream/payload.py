@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmgate.protocol import ENGINE_MESSAGE_FIELDS, encoder
+from llmgate.protocol import ENGINE_MESSAGE_FIELDS
 
 
-def build(raw: dict[str, Any], model: str, forward: frozenset[str]) -> tuple[bytes, dict[str, Any]]:
-    """Return the upstream body and the metadata taken out of `raw` (which is modified)."""
+def build(
+    raw: dict[str, Any], model: str, forward: frozenset[str]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Return the upstream body (`raw`, changed in place) and the metadata taken out of it."""
     metadata: dict[str, Any] = {}
     for key in [k for k in raw if k not in forward]:
         metadata[key] = raw.pop(key)
@@ -32,4 +34,4 @@ def build(raw: dict[str, Any], model: str, forward: frozenset[str]) -> tuple[byt
     if turn_id is not None:
         metadata["turn_id"] = turn_id
     raw["model"] = model
-    return encoder.encode(raw), metadata
+    return raw, metadata

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Mapping
 
 import aiohttp
 import msgspec
@@ -21,9 +20,6 @@ from llmgate.errors import (
 )
 from llmgate.protocol import OPENAI_PARAMS, UpstreamErrorBody
 
-MAX_ERROR_BODY = 64 * 1024
-# What a provider call can raise besides our own errors.
-FOREIGN_ERRORS = (aiohttp.ClientError, OSError, asyncio.TimeoutError)
 _KEYLIKE = re.compile(r"(sk-|Bearer\s+|gsk_|AIza)[A-Za-z0-9_\-*.]{4,}")
 _KEPT_HEADERS = ("Retry-After", "Retry-After-Ms")
 _error_decoder = msgspec.json.Decoder(UpstreamErrorBody)
@@ -49,44 +45,21 @@ class Provider:
             False: {**headers, "Accept": "application/json"},
         }
 
-    async def send(
-        self,
-        session: aiohttp.ClientSession,
-        body: bytes,
-        stream: bool,
-        caller_key: str | None,
-    ) -> aiohttp.ClientResponse:
-        """POST a chat completion; a non-2xx answer is raised as an UpstreamError."""
+    def check_ready(self) -> None:
         if self.unset_env:
             names = ", ".join(self.unset_env)
             raise ProviderNotReady(
                 f"provider '{self.name}' is not configured: environment variable {names} is not set"
             )
+
+    def headers(self, stream: bool, caller_key: str | None) -> dict[str, str]:
         headers = self._headers[stream]
         if self.passthrough and caller_key:
             headers = {**headers, "Authorization": f"Bearer {caller_key}"}
-        with self.translate():
-            resp = await session.post(
-                self.url, data=body, headers=headers, timeout=self.timeout, allow_redirects=False
-            )
-            if resp.status >= 300:
-                try:
-                    raw = await read_bounded(resp, MAX_ERROR_BODY)
-                finally:
-                    resp.close()
-                raise self._status_error(resp, raw)
-        return resp
-
-    @contextmanager
-    def translate(self) -> Iterator[None]:
-        """Turn aiohttp's and the OS's exceptions into our tree, `from` the original."""
-        try:
-            yield
-        except FOREIGN_ERRORS as exc:
-            raise self.error_for(exc) from exc
+        return headers
 
     def error_for(self, exc: BaseException) -> UpstreamError:
-        """Our error for a foreign one, without its text (it can hold internals)."""
+        """Our error for aiohttp's or the OS's, without its text (it can hold internals)."""
         if isinstance(exc, UpstreamError):
             return exc
         if isinstance(exc, aiohttp.ConnectionTimeoutError):
@@ -95,15 +68,17 @@ class Provider:
             return UpstreamTimeout(f"provider '{self.name}' did not answer in time")
         if isinstance(exc, aiohttp.ClientConnectorError):
             return UpstreamUnavailable(f"could not connect to provider '{self.name}'")
-        if isinstance(exc, aiohttp.ClientPayloadError | aiohttp.ServerDisconnectedError):
+        if isinstance(
+            exc, aiohttp.ClientPayloadError | aiohttp.ServerDisconnectedError | ConnectionError
+        ):
             return UpstreamUnavailable(f"provider '{self.name}' broke off its answer")
         return UpstreamUnavailable(
             f"the connection to provider '{self.name}' failed ({type(exc).__name__})"
         )
 
-    def _status_error(self, resp: aiohttp.ClientResponse, raw: bytes) -> UpstreamStatus:
-        status = resp.status
-        kept = {h: resp.headers[h] for h in _KEPT_HEADERS if h in resp.headers}
+    def status_error(self, status: int, headers: Mapping[str, str], raw: bytes) -> UpstreamStatus:
+        """The caller's error for a non-2xx answer whose body (bounded) is `raw`."""
+        kept = {h: headers[h] for h in _KEPT_HEADERS if h in headers}
         detail = error_detail(raw)
         if status in (401, 403) and not self.passthrough:
             # Our key, not the caller's: say who can fix it, and repeat nothing of the key.
@@ -138,30 +113,6 @@ class Provider:
         if key and not self.passthrough:
             text = text.replace(key, "[redacted]")
         return _KEYLIKE.sub("[redacted]", text)[:2000]
-
-
-def finish(resp: aiohttp.ClientResponse, clean: bool) -> None:
-    """Pool the connection after a whole answer; close it after anything else."""
-    if clean:
-        resp.release()
-    else:
-        resp.close()
-
-
-async def read_bounded(
-    resp: aiohttp.ClientResponse, limit: int, progress: Callable[[], None] | None = None
-) -> bytes:
-    """Up to `limit` bytes of a body; the rest is left unread."""
-    parts: list[bytes] = []
-    size = 0
-    async for data in resp.content.iter_any():
-        if progress is not None:
-            progress()
-        parts.append(data)
-        size += len(data)
-        if size >= limit:
-            break
-    return b"".join(parts)[:limit]
 
 
 def error_detail(raw: bytes) -> dict:

@@ -1,20 +1,20 @@
-"""A per-turn timer that ends a wait on a provider that makes no progress."""
+"""A per-call timer that ends a wait on a provider that makes no progress."""
 
 from __future__ import annotations
 
 import asyncio
-from types import TracebackType
 
 from llmgate.errors import UpstreamTimeout
 
 
 class Watchdog:
-    """Cancels the current task when `progress()` was not called for `limit` seconds.
+    """Cancels the task that started it when `progress()` was not called for `limit` seconds.
 
     Cheaper than rescheduling a timeout on every read: the hot path only stores a time,
-    and the timer re-arms itself lazily when it fires early. On expiry the cancellation
-    becomes UpstreamTimeout; a cancellation from elsewhere (client gone) passes through.
-    While `paused` (we are waiting on the caller, not the provider) it never expires.
+    and the timer re-arms itself lazily when it fires early. Its owner turns the
+    cancellation it caused into UpstreamTimeout (`caused_alone`, `timeout_error`); a
+    cancellation from elsewhere (the caller left) goes on. While `paused` (the answer is
+    downstream of the provider: a stage or a slow caller has it) it never expires.
     """
 
     __slots__ = ("_handle", "_last", "_limit", "_loop", "_message", "_task", "expired", "paused")
@@ -23,17 +23,13 @@ class Watchdog:
         self._limit = limit
         self._message = message
         self._loop = asyncio.get_running_loop()
-        self._task: asyncio.Task | None = None
-        self._handle: asyncio.TimerHandle | None = None
-        self._last = 0.0
-        self.expired = False
-        self.paused = False
-
-    def __enter__(self) -> Watchdog:
         self._task = asyncio.current_task()
         self._last = self._loop.time()
-        self._handle = self._loop.call_at(self._last + self._limit, self._check)
-        return self
+        self._handle: asyncio.TimerHandle | None = self._loop.call_at(
+            self._last + limit, self._check
+        )
+        self.expired = False
+        self.paused = False
 
     def progress(self) -> None:
         self._last = self._loop.time()
@@ -53,22 +49,26 @@ class Watchdog:
         if self._loop.time() < due:
             self._handle = self._loop.call_at(due, self._check)
             return
+        self._handle = None
         self.expired = True
         if self._task is not None:
             self._task.cancel()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def caused_alone(self) -> bool:
+        """For a CancelledError being handled: whether only this watchdog asked for it.
+
+        If so, the cancellation is withdrawn (`uncancel`) and `timeout_error()` says what
+        happened; if the caller left as well, the CancelledError must go on.
+        """
+        if self.expired and self._task is not None:
+            self.expired = False
+            return self._task.uncancel() == 0
+        return False
+
+    def timeout_error(self) -> UpstreamTimeout:
+        return UpstreamTimeout(self._message)
+
+    def stop(self) -> None:
         if self._handle is not None:
             self._handle.cancel()
-        if (
-            self.expired
-            and exc_type is asyncio.CancelledError
-            and self._task is not None
-            and self._task.uncancel() == 0
-        ):
-            raise UpstreamTimeout(self._message) from exc
+            self._handle = None

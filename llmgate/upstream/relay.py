@@ -10,15 +10,39 @@ by event through SSEDecoder. Either way every payload is decoded once into a sma
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import msgspec
 
 from llmgate.errors import ApiError, UpstreamUnavailable
-from llmgate.protocol import ChunkPeek, chunk_decoder
+from llmgate.protocol import ChunkPeek, ChunkView, chunk_decoder
 from llmgate.sse import DONE, DONE_FRAME, SSEDecoder
-from llmgate.turn import Turn
 
 _DONE_TAIL = len(DONE_FRAME)
 _peeks_decoder = msgspec.json.Decoder(list[ChunkPeek])
+
+
+class Tally:
+    """What one upstream answer came to: its chunks, its last finish_reason and usage.
+
+    The last usage seen stands: some providers repeat a running total in every chunk.
+    """
+
+    __slots__ = ("chunks", "finish_reason", "usage")
+
+    def __init__(self) -> None:
+        self.chunks = 0
+        self.finish_reason: str | None = None
+        self.usage: dict | None = None
+
+    def note(self, peeks: Sequence[ChunkPeek | ChunkView]) -> None:
+        self.chunks += len(peeks)
+        for peek in peeks:
+            for choice in peek.choices:
+                if choice.finish_reason:
+                    self.finish_reason = choice.finish_reason
+            if peek.usage:
+                self.usage = peek.usage
 
 
 class UpstreamErrorFrame(ApiError):
@@ -35,14 +59,14 @@ class Relay:
     own), and `failure` holds the error to report once the returned bytes are sent.
     """
 
-    __slots__ = ("_decoder", "_provider", "_turn", "done", "failure")
+    __slots__ = ("_decoder", "_provider", "done", "failure", "tally")
 
-    def __init__(self, turn: Turn, provider: str) -> None:
+    def __init__(self, provider: str) -> None:
         self._decoder = SSEDecoder()
-        self._turn = turn
         self._provider = provider
         self.done = False
         self.failure: ApiError | None = None
+        self.tally = Tally()
 
     def feed(self, data: bytes) -> bytes:
         if self._decoder.idle:
@@ -75,7 +99,7 @@ class Relay:
             # One value per payload, else a payload held two values or none.
             if len(peeks) != len(payloads) or any(p.error is not None for p in peeks):
                 return None
-            self._note(peeks)
+            self.tally.note(peeks)
         self.done = done
         return data
 
@@ -97,15 +121,5 @@ class Relay:
             if peek.error is not None:
                 self.failure = UpstreamErrorFrame()
                 break
-            self._note((peek,))
+            self.tally.note((peek,))
         return b"".join(out)
-
-    def _note(self, peeks: list[ChunkPeek] | tuple[ChunkPeek, ...]) -> None:
-        turn = self._turn
-        turn.chunks += len(peeks)
-        for peek in peeks:
-            for choice in peek.choices:
-                if choice.finish_reason:
-                    turn.finish_reason = choice.finish_reason
-            if peek.usage:
-                turn.usage = peek.usage

@@ -1,0 +1,80 @@
+"""The seam between caller and provider: what a stage sees, and how stages compose.
+
+    Ask     the upstream body as a dict (not yet encoded), the turn, and where it goes
+    Piece   one upstream chunk: its frame as it came, its JSON, and a small decoded view
+    OPENED  the provider said 200: the writer may send the caller its headers
+    Call    Ask -> async iterator of OPENED and Pieces (the provider's, or a stage's)
+    Stage   wrap(inner: Call) -> Call
+
+A stage that changes a chunk replaces its Piece (`Piece.of`); one it leaves alone passes
+the same object on, so its bytes reach the caller as the provider sent them. A stage
+that yields a Piece before OPENED (a waiting message) gets the caller's headers sent then.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from llmgate.protocol import ChunkView, encoder, view_decoder
+
+if TYPE_CHECKING:
+    import aiohttp
+
+    from llmgate.turn import Turn
+    from llmgate.upstream.provider import Provider
+
+
+@dataclass(slots=True)
+class Ask:
+    body: dict[str, Any]
+    turn: Turn
+    provider: Provider
+    session: aiohttp.ClientSession
+    caller_key: str | None
+
+
+class Piece:
+    __slots__ = ("data", "raw", "view")
+
+    def __init__(self, raw: bytes, data: bytes, view: ChunkView) -> None:
+        self.raw = raw  # the SSE frame, `data: ...\n\n`, as the caller will get it
+        self.data = data  # its JSON payload
+        self.view = view
+
+    @classmethod
+    def of(cls, chunk: dict[str, Any]) -> Piece:
+        """A piece for a chunk a stage made or changed."""
+        data = encoder.encode(chunk)
+        return cls(b"data: " + data + b"\n\n", data, view_decoder.decode(data))
+
+    @property
+    def finish_reason(self) -> str | None:
+        for choice in self.view.choices:
+            if choice.finish_reason:
+                return choice.finish_reason
+        return None
+
+
+class Opened:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "OPENED"
+
+
+OPENED = Opened()
+
+Call = Callable[[Ask], AsyncIterator[Piece | Opened]]
+
+
+class Stage(Protocol):
+    def wrap(self, inner: Call) -> Call: ...
+
+
+def compose(inner: Call, stages: Sequence[Stage]) -> Call:
+    """The call a route makes: `stages` listed outermost first, around `inner`."""
+    for stage in reversed(stages):
+        inner = stage.wrap(inner)
+    return inner

@@ -1,0 +1,132 @@
+"""The one collector: a non-streamed request on a staged route, answered as one
+chat.completion assembled from the pieces the route's stages let through.
+
+The provider is asked to stream (with usage), so every stage works on one shape of answer.
+"""
+
+from __future__ import annotations
+
+from contextlib import aclosing
+from typing import Any
+
+from llmgate.pipeline import Ask, Call, Piece
+from llmgate.protocol import ChunkView, encoder
+
+
+class _Choice:
+    __slots__ = ("content", "finish_reason", "refusal", "role", "tool_calls")
+
+    def __init__(self) -> None:
+        self.role = "assistant"
+        self.content: list[str] | None = None
+        self.refusal: list[str] | None = None
+        self.tool_calls: dict[int, dict[str, Any]] = {}
+        self.finish_reason: str | None = None
+
+    def message(self) -> dict[str, Any]:
+        calls = [self.tool_calls[i] for i in sorted(self.tool_calls)]
+        content = None if self.content is None else "".join(self.content)
+        message: dict[str, Any] = {"role": self.role, "content": content}
+        if self.refusal is not None:
+            message["refusal"] = "".join(self.refusal)
+        if calls:
+            message["tool_calls"] = calls
+        return message
+
+
+class Completion:
+    """Chunks in, one chat.completion out."""
+
+    def __init__(self) -> None:
+        self.head: dict[str, Any] = {}
+        self.choices: dict[int, _Choice] = {}
+        self.usage: dict[str, Any] | None = None
+
+    def add(self, view: ChunkView) -> None:
+        if not self.head.get("id") and view.id:  # Azure's first chunk has an empty id
+            self.head = {"id": view.id, "created": view.created, "model": view.model}
+            if view.system_fingerprint is not None:
+                self.head["system_fingerprint"] = view.system_fingerprint
+        if view.usage:
+            self.usage = view.usage
+        for c in view.choices:
+            choice = self.choices.get(c.index)
+            if choice is None:
+                choice = self.choices[c.index] = _Choice()
+            if c.finish_reason:
+                choice.finish_reason = c.finish_reason
+            delta = c.delta
+            if delta is None:
+                continue
+            if delta.role:
+                choice.role = delta.role
+            if delta.content is not None:
+                choice.content = [*(choice.content or ()), delta.content]
+            if delta.refusal is not None:
+                choice.refusal = [*(choice.refusal or ()), delta.refusal]
+            for call in delta.tool_calls or ():
+                _merge_tool_call(choice.tool_calls, call)
+
+    @property
+    def finish_reason(self) -> str | None:
+        return next((c.finish_reason for c in self.choices.values() if c.finish_reason), None)
+
+    def encode(self) -> bytes:
+        body: dict[str, Any] = {
+            "id": self.head.get("id") or "chatcmpl-llmgate",
+            "object": "chat.completion",
+            "created": self.head.get("created") or 0,
+            "model": self.head.get("model") or "",
+            "choices": [
+                {
+                    "index": i,
+                    "message": self.choices[i].message(),
+                    "finish_reason": self.choices[i].finish_reason,
+                    "logprobs": None,
+                }
+                for i in sorted(self.choices)
+            ],
+        }
+        if "system_fingerprint" in self.head:
+            body["system_fingerprint"] = self.head["system_fingerprint"]
+        if self.usage is not None:
+            body["usage"] = self.usage
+        return encoder.encode(body)
+
+
+def _merge_tool_call(calls: dict[int, dict[str, Any]], delta: Any) -> None:
+    """Tool-call deltas by index: the first carries id and name, arguments arrive in parts."""
+    call = calls.get(delta.index)
+    if call is None:
+        call = calls[delta.index] = {
+            "id": delta.id or "",
+            "type": delta.type or "function",
+            "function": {"name": "", "arguments": ""},
+        }
+    elif delta.id:
+        call["id"] = delta.id
+    if delta.function is not None:
+        if delta.function.name:
+            call["function"]["name"] += delta.function.name
+        if delta.function.arguments:
+            call["function"]["arguments"] += delta.function.arguments
+
+
+def streamed_ask(ask: Ask) -> Ask:
+    """The provider is asked to stream, with usage in its last chunk."""
+    options = ask.body.get("stream_options")
+    options = dict(options) if isinstance(options, dict) else {}
+    options["include_usage"] = True
+    ask.body["stream"] = True
+    ask.body["stream_options"] = options
+    return ask
+
+
+async def collect(call: Call, ask: Ask) -> Completion:
+    """Run the route's call to its end and gather what it said."""
+    completion = Completion()
+    async with aclosing(call(streamed_ask(ask))) as items:
+        async for item in items:
+            if isinstance(item, Piece):
+                completion.add(item.view)
+    return completion

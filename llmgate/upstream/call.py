@@ -1,0 +1,310 @@
+"""One request to one provider, from POST to release: the only module that touches
+aiohttp's ClientResponse.
+
+    open()      POST; a non-2xx answer, or 200 with the wrong kind of body, is raised
+    relayed()   the plain route: what each read gives the caller, byte for byte, peeked
+    pieces()    staged routes: one Piece per SSE event, with its small decoded view
+    answer()    a non-streamed answer, whole and bounded
+    close()     pool the connection after a whole answer, close it after anything else
+
+A watchdog measures the provider only: first token (or headers), then silence between
+chunks; while the answer is downstream of us (a stage or the caller has it) it waits.
+Every exception from aiohttp or the OS, a watchdog's expiry and an oversized SSE line
+become llmgate.errors' in one place, `_translated`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+
+import aiohttp
+import msgspec
+
+from llmgate.errors import ApiError, UpstreamUnavailable
+from llmgate.pipeline import OPENED, Ask, Opened, Piece
+from llmgate.protocol import ChunkView, chunk_decoder, encoder, view_decoder
+from llmgate.sse import DONE, SSEDecoder, SSEError
+from llmgate.turn import Turn
+from llmgate.upstream.provider import Provider
+from llmgate.upstream.relay import Relay, Tally
+from llmgate.upstream.watchdog import Watchdog
+
+MAX_ERROR_BODY = 64 * 1024
+MAX_ANSWER_BODY = 64 * 1024 * 1024
+# What a provider call can raise besides our own errors.
+FOREIGN_ERRORS = aiohttp.ClientError | OSError | asyncio.TimeoutError
+
+
+class UpstreamCall:
+    """One provider request. `relayed()`, `pieces()` or `answer()` reads it; `close()` ends it.
+
+    `ended` turns true when the provider's answer is whole (`[DONE]`, or a clean close).
+    """
+
+    __slots__ = (
+        "_body",
+        "_caller_key",
+        "_failure",
+        "_first",
+        "_provider",
+        "_relay",
+        "_resp",
+        "_session",
+        "_stream",
+        "_tally",
+        "_turn",
+        "_watchdog",
+        "ended",
+    )
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        provider: Provider,
+        body: bytes,
+        caller_key: str | None,
+        turn: Turn,
+        stream: bool = True,
+    ) -> None:
+        self._session = session
+        self._provider = provider
+        self._body = body
+        self._caller_key = caller_key
+        self._turn = turn
+        self._stream = stream
+        self._resp: aiohttp.ClientResponse | None = None
+        self._watchdog: Watchdog | None = None
+        self._relay: Relay | None = None
+        self._tally = Tally()
+        self._failure: ApiError | None = None
+        self._first = False
+        self.ended = False
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self._tally.finish_reason
+
+    async def open(self) -> None:
+        """Send the request; return once the provider said 200 with the body asked for."""
+        provider = self._provider
+        provider.check_ready()
+        first = provider.config.first_token_timeout_s
+        what = "sent nothing" if self._stream else "did not answer"
+        self._watchdog = Watchdog(first, f"provider '{provider.name}' {what} within {first:g}s")
+        try:
+            self._resp = resp = await self._session.post(
+                provider.url,
+                data=self._body,
+                headers=provider.headers(self._stream, self._caller_key),
+                timeout=provider.timeout,
+                allow_redirects=False,
+            )
+            if resp.status >= 300:
+                raw = await _read_bounded(resp, MAX_ERROR_BODY)
+                raise provider.status_error(resp.status, resp.headers, raw)
+            if self._stream and resp.content_type != "text/event-stream":
+                raise await self._not_a_stream(resp)
+        except BaseException as exc:
+            if not self._foreign(exc):
+                raise
+            raise self._translated(exc) from exc
+
+    async def _not_a_stream(self, resp: aiohttp.ClientResponse) -> ApiError:
+        name = self._provider.name
+        if resp.content_type == "application/json":
+            error = self._provider.answer_error(await _read_bounded(resp, MAX_ERROR_BODY))
+            return error or UpstreamUnavailable(
+                f"provider '{name}' answered JSON where a stream was asked"
+            )
+        return UpstreamUnavailable(
+            f"provider '{name}' answered {resp.content_type} where an event stream was asked "
+            f"(check providers.{name}.base_url)"
+        )
+
+    async def relayed(self) -> bytes:
+        """The next read's frames, as they came; b"" once `ended`. Raises ApiError on failure."""
+        if self._failure is not None:
+            raise self._take_failure()
+        relay = self._relay
+        if relay is None:
+            relay = self._relay = Relay(self._provider.name)
+            self._tally = relay.tally
+        watchdog = self._watchdog
+        assert watchdog is not None and self._resp is not None
+        watchdog.paused = False
+        watchdog.progress()
+        read = self._resp.content.readany
+        try:
+            while True:
+                data = await read()
+                if not data:  # the provider closed the stream
+                    self.ended = True
+                    return b""
+                out = relay.feed(data)
+                if out or relay.done or relay.failure:
+                    break  # else only comments or part of a frame: not progress
+        except BaseException as exc:
+            if not self._foreign(exc):
+                raise
+            raise self._translated(exc) from exc
+        if out:
+            self._progressed(watchdog)
+        if relay.failure is not None:
+            self._failure, relay.failure = relay.failure, None
+            if not out:
+                raise self._take_failure()
+        self.ended = relay.done
+        watchdog.paused = True  # the caller has it now
+        return out
+
+    async def pieces(self) -> AsyncIterator[Piece]:
+        """Each chunk as a Piece, until `[DONE]` or a clean close; ApiError on failure."""
+        watchdog = self._watchdog
+        assert watchdog is not None and self._resp is not None
+        read = self._resp.content.readany
+        decoder = SSEDecoder()
+        tally = self._tally
+        while True:
+            try:
+                data = await read()
+                events = decoder.feed(data) if data else None
+            except BaseException as exc:
+                if not self._foreign(exc):
+                    raise
+                raise self._translated(exc) from exc
+            if events is None:
+                self.ended = True
+                return
+            if events:
+                self._progressed(watchdog)
+            for event in events:
+                payload = event.data
+                if payload == DONE:
+                    self.ended = True
+                    return
+                view = self._view(payload)
+                tally.note((view,))
+                watchdog.paused = True  # a stage or the caller has it now
+                yield Piece(event.frame(), payload, view)
+                watchdog.paused = False
+                watchdog.progress()
+
+    def _view(self, payload: bytes) -> ChunkView:
+        name = self._provider.name
+        try:
+            view = view_decoder.decode(payload)
+        except msgspec.DecodeError:
+            raise UpstreamUnavailable(f"provider '{name}' sent a malformed chunk") from None
+        if view.error is not None:
+            raise self._provider.answer_error(payload) or UpstreamUnavailable(
+                f"provider '{name}' sent an error frame"
+            )
+        return view
+
+    async def answer(self) -> bytes:
+        """A non-streamed answer, whole; an oversized, cut-off or error answer is raised."""
+        provider, watchdog, resp = self._provider, self._watchdog, self._resp
+        assert watchdog is not None and resp is not None
+        idle = provider.config.idle_timeout_s
+        watchdog.rearm(idle, f"provider '{provider.name}' went silent for {idle:g}s")
+        try:
+            raw = await _read_bounded(resp, MAX_ANSWER_BODY, watchdog.progress)
+            whole = resp.content.at_eof()
+        except BaseException as exc:
+            if not self._foreign(exc):
+                raise
+            raise self._translated(exc) from exc
+        if not whole:
+            raise UpstreamUnavailable(f"provider '{provider.name}' sent an oversized answer")
+        try:
+            peek = chunk_decoder.decode(raw)
+        except msgspec.DecodeError:
+            message = f"provider '{provider.name}' sent a malformed answer"
+            raise UpstreamUnavailable(message) from None
+        if peek.error is not None:
+            raise provider.answer_error(raw) or UpstreamUnavailable(
+                f"provider '{provider.name}' answered with an error"
+            )
+        self._tally.note((peek,))
+        self.ended = True
+        return raw
+
+    def _progressed(self, watchdog: Watchdog) -> None:
+        watchdog.progress()
+        if not self._first:
+            self._first = True
+            idle = self._provider.config.idle_timeout_s
+            watchdog.rearm(idle, f"provider '{self._provider.name}' went silent for {idle:g}s")
+
+    # Callers raise `self._translated(exc) from exc` in place, or re-raise bare: an error
+    # kept in a local of a frame its own traceback holds would make a reference cycle.
+    def _foreign(self, exc: BaseException) -> bool:
+        """Whether `exc` is one to translate (a cancellation: only the watchdog's own)."""
+        if isinstance(exc, asyncio.CancelledError):
+            return self._watchdog is not None and self._watchdog.caused_alone()
+        return isinstance(exc, FOREIGN_ERRORS | SSEError)
+
+    def _translated(self, exc: BaseException) -> ApiError:
+        """The one translation of a foreign exception into ours."""
+        if isinstance(exc, asyncio.CancelledError):
+            assert self._watchdog is not None
+            return self._watchdog.timeout_error()
+        if isinstance(exc, SSEError):
+            return UpstreamUnavailable(f"provider '{self._provider.name}' sent an oversized line")
+        return self._provider.error_for(exc)
+
+    def _take_failure(self) -> ApiError:
+        failure, self._failure = self._failure, None
+        assert failure is not None
+        return failure
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Pool the connection after a whole answer, close it after anything else; tally."""
+        if self._watchdog is not None:
+            self._watchdog.stop()
+            self._watchdog = None
+        resp, self._resp = self._resp, None
+        if resp is not None:
+            if self.ended:
+                resp.release()
+            else:
+                resp.close()
+            tally = self._tally
+            self._turn.add_round(tally.chunks, tally.finish_reason, tally.usage)
+
+
+async def _read_bounded(
+    resp: aiohttp.ClientResponse, limit: int, progress: Callable[[], None] | None = None
+) -> bytes:
+    """Up to `limit` bytes of a body; the rest is left unread."""
+    parts: list[bytes] = []
+    size = 0
+    async for data in resp.content.iter_any():
+        if progress is not None:
+            progress()
+        parts.append(data)
+        size += len(data)
+        if size >= limit:
+            break
+    return b"".join(parts)[:limit]
+
+
+async def provider_call(ask: Ask) -> AsyncIterator[Piece | Opened]:
+    """The innermost Call of every staged route: OPENED once the provider said 200, then
+    its chunks as Pieces."""
+    call = UpstreamCall(
+        ask.session, ask.provider, encoder.encode(ask.body), ask.caller_key, ask.turn
+    )
+    try:
+        await call.open()
+        yield OPENED
+        async with aclosing(call.pieces()) as pieces:
+            async for piece in pieces:
+                yield piece
+    finally:
+        call.close()
