@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from llmgate.config import Loaded
+from llmgate.config import Loaded, RouteConfig
+from llmgate.pipeline import Call, Stage, compose
 from llmgate.server.auth import KeyCheck
 from llmgate.server.handlers import SETTINGS, ChatCompletions, Settings, healthz, list_models
 from llmgate.server.middleware import error_envelopes
+from llmgate.stages.speech import SpeechStage, options_from
 from llmgate.turn import CHANNELS, Channels
+from llmgate.upstream.call import provider_call
 from llmgate.upstream.client import client_session
 from llmgate.upstream.provider import Provider
 from llmgate.upstream.router import ROUTER, Router
@@ -32,12 +35,22 @@ def create_app(loaded: Loaded) -> web.Application:
     app[CHANNELS] = Channels()
     app.cleanup_ctx.append(client_session)
     for route in config.routes:
+        handler = ChatCompletions(route.path, _call(route))
         for path in _with_v1(route.path):
-            app.router.add_post(path, ChatCompletions(route.path).handle)
+            app.router.add_post(path, handler.handle)
     for path in _with_v1("/models"):
         app.router.add_get(path, list_models, allow_head=False)
     app.router.add_get("/healthz", healthz)
     return app
+
+
+def _call(route: RouteConfig) -> Call | None:
+    """The route's stages, outermost first, around the provider; None for a plain relay."""
+    stages: list[Stage] = []
+    speech = options_from(route.speech)
+    if speech is not None:
+        stages.append(SpeechStage(speech))
+    return compose(provider_call, stages) if stages else None
 
 
 def _with_v1(path: str) -> list[str]:

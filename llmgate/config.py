@@ -54,8 +54,15 @@ class ProviderConfig(_Strict, kw_only=True):
     idle_timeout_s: _Positive = 30.0
 
 
+class SpeechConfig(_Strict):
+    markdown: bool = True
+    emoji: bool = True
+    urls: Literal["drop", "domain", "keep"] = "drop"
+
+
 class RouteConfig(_Strict, kw_only=True):
     path: str
+    speech: bool | SpeechConfig = False  # true = every part of SpeechConfig on
 
 
 class Config(_Strict):

@@ -32,8 +32,8 @@ def gateway_config(upstream_url: str, **sections: Any) -> dict[str, Any]:
         },
     }
     for name, values in sections.items():
-        if name == "providers":
-            raw["providers"] = values
+        if name == "providers" or isinstance(values, list):
+            raw[name] = values
         else:
             raw.setdefault(name, {}).update(values)
     return raw

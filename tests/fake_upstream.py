@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import struct
 from typing import Any
 
 from aiohttp import web
@@ -35,6 +37,12 @@ def text_chunks(model: str, words: list[str]) -> list[dict]:
 
 USAGE = {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}
 WORDS = ["Hello", " there", ", h\u00e9llo \U0001f44b", "!"]
+# An answer in markdown, cut where a marker spans two deltas, and what a TTS should get.
+MARKDOWN = [
+    "**Hel", "lo**", " there", "! See [the ", "docs](https://x.example/a", ")", " \U0001f44b",
+    "\n\n## Next", "\n- `one`", "\n",
+]
+SPOKEN = "Hello there! See the docs\nNext\none"
 TOOL_CALL_DELTAS = [
     {
         "role": "assistant",
@@ -56,6 +64,14 @@ TOOL_CALL_DELTAS = [
 def frame(obj: Any, eol: bytes = b"\n") -> bytes:
     data = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
     return b"data: " + data + eol + eol
+
+
+def reset(request: web.Request) -> None:
+    """Close the connection with a TCP reset (SO_LINGER 0), not a FIN."""
+    assert request.transport is not None
+    sock = request.transport.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    request.transport.abort()
 
 
 class FakeUpstream:
@@ -90,6 +106,22 @@ class FakeUpstream:
             return self.status(int(status))
         if model == "slow-headers":
             await asyncio.sleep(30)
+        if model == "reset-at-once":  # a TCP reset instead of an answer
+            reset(request)
+            await asyncio.sleep(3600)
+        if model == "html":  # a proxy's page, or a wrong base_url
+            return web.Response(body=b"<html>hello</html>", content_type="text/html")
+        if model in ("json-cut", "json-reset"):  # JSON to a stream request, cut off mid-body
+            resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+            resp.content_length = 1000
+            await resp.prepare(request)
+            await resp.write(b'{"id": "chatcmpl-fake", "choi')
+            await asyncio.sleep(0.05)
+            if model == "json-reset":
+                reset(request)
+            assert request.transport is not None
+            request.transport.abort()
+            return resp
         if not body.get("stream") or model in ("json-when-streamed", "error-200"):
             return self.complete(model)
         return await self.stream(request, model, body)
@@ -136,7 +168,7 @@ class FakeUpstream:
         await resp.prepare(request)
         eol = {"crlf": b"\r\n", "cr": b"\r"}.get(model, b"\n")
         frames = [frame(c, eol) for c in self.script(model, body)]
-        if model in ("no-done", "truncated", "error-mid", "garbage", "stall-mid", "drop"):
+        if model in ("no-done", "truncated", "error-mid", "garbage", "stall-mid", "drop", "reset"):
             pass
         else:
             frames.append(frame(b"[DONE]", eol))
@@ -164,6 +196,8 @@ class FakeUpstream:
                 await resp.write(f)
         if model == "stall-mid":
             await asyncio.sleep(3600)
+        if model == "reset":
+            reset(request)
         if model == "drop":
             assert request.transport is not None
             request.transport.abort()
@@ -178,14 +212,24 @@ class FakeUpstream:
             ]
         if model == "tools":
             return [chunk(model, d) for d in TOOL_CALL_DELTAS] + [chunk(model, {}, "tool_calls")]
-        if model in ("truncated", "stall-mid", "drop"):
+        if model in ("truncated", "stall-mid", "drop", "reset"):
             return text_chunks(model, WORDS)[:2]
+        if model == "done-no-finish":
+            return text_chunks(model, WORDS)[:-1]
+        if model == "finish-with-content":  # Gemini: the last text and the finish together
+            chunks = text_chunks(model, ["**Hi", " there**"])
+            chunks[-2]["choices"][0]["finish_reason"] = "stop"
+            return chunks[:-1]
         if model == "error-mid":
             error = {"error": {"message": "overloaded", "type": "server_error", "code": None}}
             return [*text_chunks(model, WORDS)[:2], error]
         if model == "garbage":
             return [*text_chunks(model, WORDS)[:2], b"this is not json"]
-        chunks = text_chunks(model, WORDS)
+        chunks = text_chunks(model, MARKDOWN if model == "markdown" else WORDS)
+        if model == "markdown":
+            for c in chunks:  # fields a stage must keep as they came
+                c["system_fingerprint"] = "fp_fake"
+                c["x_vendor"] = {"queue_ms": 3}
         if model == "azure":
             first = {
                 "id": "",

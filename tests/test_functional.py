@@ -74,10 +74,17 @@ async def test_failure_after_first_byte_raises_api_error(client, model):
     assert seen, "the chunks before the failure arrive"
 
 
-async def test_stream_closed_after_finish_reason_gets_done(client):
-    stream = await client.chat.completions.create(model="no-done", messages=MESSAGES, stream=True)
-    text, _ = await collect(stream)
-    assert text == TEXT
+async def test_stream_closed_after_finish_reason_gets_done(gateway, upstream):
+    # The fake closes after its finish_reason chunk without [DONE]: llmgate adds it.
+    sent = b"".join(frame(c) for c in upstream.script("no-done", {}))
+    assert await raw_stream(gateway, "no-done") == sent + b"data: [DONE]\n\n"
+
+
+async def test_done_without_a_finish_reason_is_a_failure(gateway):
+    raw = await raw_stream(gateway, "done-no-finish")
+    assert b"[DONE]" not in raw
+    error = json.loads(raw.split(b"\n\n")[-2][6:])["error"]
+    assert error["code"] == "upstream_error" and "before finishing" in error["message"]
 
 
 async def test_bad_request_is_400(client):
@@ -119,12 +126,12 @@ async def test_models_lists_provider_models(client):
     assert [m.id for m in models.data] == ["fake/text"]
 
 
-async def raw_stream(gateway, model: str) -> bytes:
+async def raw_stream(gateway, model: str, path: str = "/v1/chat/completions") -> bytes:
     body = {"model": model, "stream": True, "messages": MESSAGES}
     headers = {"Authorization": f"Bearer {API_KEY}"}
     async with aiohttp.ClientSession() as session:
-        url = gateway.make_url("/v1/chat/completions")
-        async with session.post(url, json=body, headers=headers) as resp:
+        async with session.post(gateway.make_url(path), json=body, headers=headers) as resp:
+            assert resp.status == 200
             return await resp.read()
 
 

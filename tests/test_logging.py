@@ -96,3 +96,37 @@ def test_off_the_loop_lines_are_written_at_once():
     handler.setFormatter(_Formatter(json=True))
     handler.handle(logging.LogRecord("x", logging.INFO, __file__, 1, "hello", (), None))
     assert json.loads(stream.getvalue())["msg"] == "hello"
+
+
+def test_metadata_in_the_log_line_is_bounded():
+    turn = Turn("/chat/completions")
+    turn.metadata = {
+        "document": "word " * 19_000,  # 95 KB of someone's text in a stray field
+        "nested": {"list": list(range(500))},
+        "channel": "ch1",
+        "turn_id": 4,
+        **{f"extra_{i}": "x" * 150 for i in range(40)},
+    }
+    line = _Formatter(json=True).format(record(turn))
+    meta = json.loads(line)["metadata"]
+    assert len(json.dumps(meta)) < 3000
+    assert meta["document"].endswith("(95000 chars)") and len(meta["document"]) < 250
+    assert isinstance(meta["nested"], str) and len(meta["nested"]) < 250
+    assert meta["channel"] == "ch1" and meta["turn_id"] == 4
+    assert meta["truncated_keys"] > 0
+
+
+def test_usage_adds_up_across_rounds_and_the_last_finish_reason_stands():
+    turn = Turn("/tools/chat/completions")
+    turn.add_round(3, "tool_calls", {"prompt_tokens": 10, "completion_tokens": 5})
+    turn.add_round(4, "stop", {"prompt_tokens": 20, "completion_tokens": 7, "total_tokens": 27})
+    fields = turn.fields()
+    assert fields["usage"] == {"prompt_tokens": 30, "completion_tokens": 12, "total_tokens": 27}
+    assert (fields["chunks"], fields["finish_reason"], fields["rounds"]) == (7, "stop", 2)
+
+
+def test_stages_note_their_fields_under_their_name():
+    turn = Turn("/chat/completions")
+    turn.note("speech", dropped_chars=3)
+    turn.note("speech", sentences=2)
+    assert turn.fields()["speech"] == {"dropped_chars": 3, "sentences": 2}

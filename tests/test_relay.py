@@ -108,3 +108,11 @@ def test_fast_path_and_event_path_give_the_same_bytes(stream):
     assert fast_relay.done and slow_relay.done
     assert fast_turn.chunks == slow_turn.chunks
     assert fast_turn.finish_reason == slow_turn.finish_reason == "stop"
+
+
+def test_a_running_usage_total_in_every_chunk_counts_once():
+    def with_usage(total: int) -> bytes:
+        return json.dumps({"choices": [], "usage": {"total_tokens": total}}).encode()
+
+    _, _, tally = run(Relay, frames(with_usage(3), with_usage(5), chunk(finish="stop")))
+    assert tally.usage == {"total_tokens": 5} and tally.chunks == 3

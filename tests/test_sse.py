@@ -92,3 +92,16 @@ def test_any_split_of_a_stream_decodes_to_the_same_events(frames, cuts):
     points = sorted({c % (len(stream) + 1) for c in cuts})
     pieces = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True)]
     assert decode(*pieces) == whole
+
+
+def test_a_long_line_over_many_reads_is_joined_once():
+    decoder = SSEDecoder()
+    pieces = [b"data: " + b"x" * 10] + [b"y" * 10 for _ in range(1000)]
+    for piece in pieces:
+        assert decoder.feed(piece) == []
+    # Each read is kept as it came (no copy of all that came before it) ...
+    assert all(a is b for a, b in zip(decoder._open, pieces, strict=True))
+    [event] = decoder.feed(b"z\n\n")
+    # ... and the line is put together once its end arrives.
+    assert event.data == b"x" * 10 + b"y" * 10_000 + b"z"
+    assert decoder.idle

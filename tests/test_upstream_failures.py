@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 
 import aiohttp
@@ -152,3 +153,37 @@ async def test_a_caller_slow_to_read_is_not_a_silent_provider(make_gateway, upst
             raw = await resp.read()
     assert raw.endswith(b"data: [DONE]\n\n")
     assert b"upstream_timeout" not in raw
+
+
+@pytest.mark.parametrize("model", ["json-cut", "json-reset"])
+async def test_json_answer_to_a_stream_cut_off_mid_body_is_502(client, model):
+    with pytest.raises(openai.APIStatusError) as info:
+        await client.chat.completions.create(model=model, messages=HI, stream=True)
+    assert info.value.status_code == 502
+    assert info.value.body["code"] == "upstream_error"
+
+
+async def test_a_page_that_is_no_event_stream_is_502_before_our_headers(client):
+    with pytest.raises(openai.APIStatusError) as info:
+        await client.chat.completions.create(model="html", messages=HI, stream=True)
+    assert info.value.status_code == 502
+    assert "text/html" in info.value.body["message"]
+    assert "base_url" in info.value.body["message"]
+
+
+@pytest.mark.parametrize(
+    ("model", "stream"),
+    [("reset", True), ("reset-at-once", True), ("reset-at-once", False), ("json-reset", True)],
+)
+async def test_an_upstream_reset_is_the_providers_failure_not_the_callers(
+    client, caplog, model, stream
+):
+    caplog.set_level(logging.INFO, logger="llmgate.turn")
+    with pytest.raises(openai.APIError) as info:
+        answer = await client.chat.completions.create(model=model, messages=HI, stream=stream)
+        async for _ in answer:
+            pass
+    assert info.value.body["code"] == "upstream_error"
+    await eventually(lambda: any(r.name == "llmgate.turn" for r in caplog.records))
+    [line] = [r.turn for r in caplog.records if r.name == "llmgate.turn"]
+    assert line["status"] == 502 and line["error"] == "upstream_error"

@@ -1,0 +1,106 @@
+"""The speech stage: every content delta made speakable before the caller's TTS reads it.
+
+Route option `speech = true` (markdown, emoji and URLs out), or a table
+`speech = { markdown = true, emoji = true, urls = "drop" | "domain" | "keep" }`.
+A chunk whose text changed is re-encoded from the provider's own JSON with only
+`delta.content` replaced, so its id, created, model and every other field stay; a chunk
+left as it was goes on as the same bytes. Roles, tool calls, finish_reason and usage pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+from llmgate.pipeline import Ask, Call, Opened, Piece
+from llmgate.protocol import generic_decoder
+from llmgate.text.speakable import Speakable, SpeechOptions
+
+
+class SpeechStage:
+    name = "speech"
+
+    def __init__(self, options: SpeechOptions) -> None:
+        self.options = options
+
+    def wrap(self, inner: Call) -> Call:
+        options = self.options
+
+        async def call(ask: Ask) -> AsyncIterator[Piece | Opened]:
+            texts: dict[int, Speakable] = {}
+            try:
+                async with aclosing(inner(ask)) as items:
+                    async for item in items:
+                        if isinstance(item, Piece):
+                            spoken = _spoken(item, texts, options)
+                            if spoken is None:
+                                continue
+                            item = spoken
+                        yield item
+            finally:
+                dropped = sum(t.dropped for t in texts.values())
+                if dropped:
+                    ask.turn.note("speech", dropped_chars=dropped)
+
+        return call
+
+
+def _spoken(piece: Piece, texts: dict[int, Speakable], options: SpeechOptions) -> Piece | None:
+    """The piece with its content made speakable: itself if nothing changed, None if
+    nothing is left of it."""
+    changed: dict[int, str] = {}
+    for choice in piece.view.choices:
+        delta = choice.delta
+        content = delta.content if delta is not None else None
+        if not content and not choice.finish_reason:
+            continue
+        text = texts.get(choice.index)
+        if text is None:
+            if not content:
+                continue
+            text = texts[choice.index] = Speakable(options)
+        spoken = text.feed(content) if content else ""
+        if choice.finish_reason:
+            spoken += text.finish()
+        if spoken != (content or ""):
+            changed[choice.index] = spoken
+    if not changed:
+        return piece
+    if _only_text(piece) and not any(changed.values()):
+        return None  # a delta of nothing but markup: nothing to send
+    chunk = generic_decoder.decode(piece.data)
+    for choice in chunk.get("choices") or ():
+        index = choice.get("index", 0)
+        if index in changed:
+            delta = choice.get("delta")
+            if not isinstance(delta, dict):
+                delta = choice["delta"] = {}
+            delta["content"] = changed[index]
+    return Piece.of(chunk)
+
+
+def _only_text(piece: Piece) -> bool:
+    """A chunk that carries content and nothing else worth sending on its own."""
+    view = piece.view
+    if view.usage or len(view.choices) != 1:
+        return False
+    choice = view.choices[0]
+    delta = choice.delta
+    return (
+        choice.finish_reason is None
+        and delta is not None
+        and delta.role is None
+        and not delta.tool_calls
+        and delta.audio is None
+        and delta.refusal is None
+    )
+
+
+def options_from(value: Any) -> SpeechOptions | None:
+    """A route's `speech` value as options; None when the stage is off."""
+    if value is False:
+        return None
+    if value is True:
+        return SpeechOptions()
+    return SpeechOptions(markdown=value.markdown, emoji=value.emoji, urls=value.urls)

@@ -1,0 +1,143 @@
+"""Speech-safe text: what a TTS gets for what a model writes, however the text is split."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llmgate.text.speakable import Speakable, SpeechOptions, is_pictograph
+
+
+def spoken(text: str, **options) -> str:
+    s = Speakable(SpeechOptions(**options))
+    return s.feed(text) + s.finish()
+
+
+def spoken_in_pieces(pieces: list[str], **options) -> str:
+    s = Speakable(SpeechOptions(**options))
+    return "".join(s.feed(p) for p in pieces) + s.finish()
+
+
+TABLE = [
+    # emphasis
+    ("**Hello** there, *friend*!", "Hello there, friend!"),
+    ("***both*** and __under__ and _it_", "both and under and it"),
+    ("~~struck~~ text, ~5 minutes", "struck text, ~5 minutes"),
+    ("2 * 3 = 6, 2*3, snake_case, file_name_2", "2 * 3 = 6, 2*3, snake_case, file_name_2"),
+    (r"\*literal\* and \_this\_", "*literal* and _this_"),
+    # headings, lists, quotes, rules
+    ("# Title\n## Sub title\nText.", "Title\nSub title\nText."),
+    ("#1 priority, C# and F#", "#1 priority, C# and F#"),
+    ("- one\n- two\n* three\n+ four\n\u2022 five", "one\ntwo\nthree\nfour\nfive"),
+    ("1. first\n2) second\n10. tenth", "first\nsecond\ntenth"),
+    ("3.5 percent. Dr. Smith of the U.S. said e.g. this.",
+     "3.5 percent. Dr. Smith of the U.S. said e.g. this."),
+    ("2024 was a year", "2024 was a year"),
+    ("> quoted\n> > nested\n>tight", "quoted\nnested\ntight"),
+    ("Above\n---\n* * *\n___\nBelow", "Above\nBelow"),
+    ("-5 degrees and -- a dash", "-5 degrees and -- a dash"),
+    # code
+    ("Run `pip install x` now.", "Run pip install x now."),
+    ("Code:\n```python\nprint('*not* read')\n```\nDone.", "Code:\nDone."),
+    ("~~~\nfenced\n~~~\nAfter", "After"),
+    ("  ```\n  indented fence\n  ```\nAfter", "After"),
+    # links and images
+    ("See [the docs](https://example.com/a_(b)) now.", "See the docs now."),
+    ("![a cat](cat.png) Cute. [1] and [x]", "Cute. 1 and x"),
+    ("[text] (not a link)", "text (not a link)"),
+    # tables
+    ("| Name | Age |\n|---|:---:|\n| Bob | 42 |\n", "Name, Age\nBob, 42"),
+    # emoji
+    ("Great job \U0001f44d\U0001f3fd! \U0001f389\U0001f389", "Great job!"),
+    ("\U0001f44b Hi \U0001f1eb\U0001f1f7 and \U0001f468\u200d\U0001f469\u200d\U0001f467", "Hi and"),
+    ("Stars \u2b50 and \u2764\ufe0f love", "Stars and love"),
+    # urls
+    ("Visit https://www.example.com/path?q=1. Then go.", "Visit. Then go."),
+    ("at http://a.b/c, or www.x.org", "at, or"),
+    ("the hotel https and httpx", "the hotel https and httpx"),
+    # whitespace
+    ("   \n\n  Hello   world  \n\n\n  Bye  ", "Hello world\nBye"),
+    ("Hello \U0001f30d , world", "Hello, world"),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), TABLE)
+def test_spoken_text(text, expected):
+    assert spoken(text) == expected
+
+
+@pytest.mark.parametrize(("text", "expected"), TABLE)
+def test_one_character_at_a_time_says_the_same(text, expected):
+    assert spoken_in_pieces(list(text)) == expected
+
+
+@pytest.mark.parametrize(
+    ("urls", "expected"),
+    [
+        ("drop", "Visit. Or at."),
+        ("domain", "Visit example.com. Or at docs.python.org."),
+        ("keep", "Visit https://www.example.com/path?q=1. Or at http://docs.python.org:80/3/."),
+    ],
+)
+def test_urls_option(urls, expected):
+    text = "Visit https://www.example.com/path?q=1. Or at http://docs.python.org:80/3/."
+    assert spoken(text, urls=urls) == expected
+
+
+def test_markdown_and_emoji_can_be_kept():
+    assert spoken("**a** \U0001f44d", markdown=False) == "**a**"
+    assert spoken("**a** \U0001f44d", emoji=False) == "a \U0001f44d"
+
+
+@pytest.mark.parametrize(
+    ("pieces", "first"),
+    [
+        (["Hello", " wor", "ld"], "Hello"),
+        (["*", "*bold**"], ""),  # the lone * waits: it may be emphasis ...
+        (["*", " item"], ""),
+        (["h", "ello"], ""),  # ... an h may open https:// ...
+        (["1", "0 apples"], ""),  # ... a line may start "10. "
+    ],
+)
+def test_held_back_only_while_a_marker_may_start(pieces, first):
+    s = Speakable()
+    assert s.feed(pieces[0]) == first
+    second = s.feed(pieces[1])
+    assert second  # one delta later it is out
+    assert second.strip()  # and never a delta of nothing but spaces
+
+
+def test_no_delta_is_only_whitespace_where_markup_was_removed():
+    s = Speakable()
+    outs = [s.feed(p) for p in ["Hi", " **", "\n\n## ", "\U0001f44d ", "there"]]
+    assert outs == ["Hi", "", "", "", "\nthere"]
+
+
+def test_counts_what_it_left_unsaid():
+    s = Speakable()
+    s.feed("**ab** \U0001f44d")
+    s.finish()
+    assert s.dropped == 5
+
+
+def test_pictographs_and_plain_symbols():
+    assert all(is_pictograph(c) for c in "\U0001f600\u2600\u2b50\ufe0f\u200d")
+    assert not any(is_pictograph(c) for c in "aZ9.,!?\u00e9\u00a9\u2122\u20ac\u2192")
+
+
+MARKUP = st.sampled_from(
+    ["*", "**", "_", "__", "~~", "`", "```", "#", "## ", "- ", "1. ", "> ", "|", "[", "](",
+     ")", "![", "\\", "\n", " ", "  ", "https://", "x.org/a", "www.", "\U0001f44d", "\ufe0f",
+     "---", "3.5", "Dr.", "word", "snake_case", "h", "ht"]
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(MARKUP, max_size=30), st.data())
+def test_any_split_gives_the_same_spoken_text(parts, data):
+    text = "".join(parts)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(text)), max_size=8)))
+    pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+    for urls in ("drop", "domain"):
+        assert spoken_in_pieces(pieces, urls=urls) == spoken(text, urls=urls)
