@@ -129,10 +129,13 @@ async def test_models_lists_provider_models(client):
 async def raw_stream(gateway, model: str, path: str = "/v1/chat/completions") -> bytes:
     body = {"model": model, "stream": True, "messages": MESSAGES}
     headers = {"Authorization": f"Bearer {API_KEY}"}
-    async with aiohttp.ClientSession() as session:
-        async with session.post(gateway.make_url(path), json=body, headers=headers) as resp:
-            assert resp.status == 200
-            return await resp.read()
+    url = gateway.make_url(path)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url, json=body, headers=headers) as resp,
+    ):
+        assert resp.status == 200
+        return await resp.read()
 
 
 async def test_payloads_are_relayed_byte_for_byte(gateway, upstream):
