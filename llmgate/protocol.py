@@ -206,11 +206,13 @@ class ToolCallDeltaView(msgspec.Struct):
 
 
 class DeltaView(msgspec.Struct):
-    role: str | None = None
-    content: str | None = None
-    refusal: str | None = None
+    # Loosely typed where providers differ (content as a list of parts, say): a stage acts
+    # on the shapes it knows and passes the rest on untouched, never fails the chunk.
+    role: Any = None
+    content: Any = None
+    refusal: Any = None
     tool_calls: list[ToolCallDeltaView] | None = None
-    audio: dict[str, Any] | None = None
+    audio: Any = None
 
 
 class ChoiceView(msgspec.Struct):

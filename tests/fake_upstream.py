@@ -225,6 +225,9 @@ class FakeUpstream:
             return [*text_chunks(model, WORDS)[:2], error]
         if model == "garbage":
             return [*text_chunks(model, WORDS)[:2], b"this is not json"]
+        if model == "content-parts":  # a provider's own shape of content: passed on as it is
+            parts = [{"type": "text", "text": "**hi**"}]
+            return [chunk(model, {"role": "assistant", "content": parts}), chunk(model, {}, "stop")]
         chunks = text_chunks(model, MARKDOWN if model == "markdown" else WORDS)
         if model == "markdown":
             for c in chunks:  # fields a stage must keep as they came

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+import tomllib
+from pathlib import Path
+
 import pytest
 
 from llmgate.config import ConfigError, load, parse
@@ -90,3 +94,37 @@ def test_unreadable_and_invalid_toml(tmp_path):
     bad.write_text("[server\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load(str(bad))
+
+
+def test_speech_option_true_or_a_table():
+    routes = [
+        {"path": "/a"},
+        {"path": "/b", "speech": True},
+        {"path": "/c", "speech": {"urls": "domain", "emoji": False}},
+    ]
+    a, b, c = parse(with_provider(routes=routes), {"KEY": "x"}).config.routes
+    assert a.speech is False and b.speech is True
+    assert (c.speech.markdown, c.speech.emoji, c.speech.urls) == (True, False, "domain")
+
+
+@pytest.mark.parametrize(
+    ("speech", "key"),
+    [
+        ("yes", "routes[0].speech"),
+        ({"urls": "say"}, "routes[0].speech.urls"),
+        ({"markdwn": True}, "routes[0].speech.markdwn"),
+    ],
+)
+def test_bad_speech_option_names_the_key(speech, key):
+    with pytest.raises(ConfigError) as info:
+        parse(with_provider(routes=[{"path": "/a", "speech": speech}]), {"KEY": "x"})
+    assert str(info.value).startswith(key)
+
+
+def test_the_readme_route_examples_parse():
+    readme = Path("README.md").read_text()
+    blocks = re.findall(r"```toml\n(.*?)```", readme, re.S)
+    routes = [tomllib.loads(b)["routes"] for b in blocks if "speech =" in b and "[[routes]]" in b]
+    assert routes
+    for r in routes:
+        parse(with_provider(routes=r), {"KEY": "x"})

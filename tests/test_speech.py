@@ -68,9 +68,10 @@ async def test_chunks_without_markup_go_on_byte_for_byte(speech_gateway):
     assert rewritten[-1]["choices"][0]["finish_reason"] == "stop"
 
 
-async def test_tool_calls_pass_unchanged(speech_gateway):
-    plain = await raw_stream(speech_gateway, "tools", "/v1/chat/completions")
-    assert await raw_stream(speech_gateway, "tools") == plain
+@pytest.mark.parametrize("model", ["tools", "content-parts"])
+async def test_what_is_not_text_passes_unchanged(speech_gateway, model):
+    plain = await raw_stream(speech_gateway, model, "/v1/chat/completions")
+    assert await raw_stream(speech_gateway, model) == plain
 
 
 async def test_last_text_in_the_finishing_chunk(speech_gateway, connect):

@@ -58,12 +58,12 @@ class Completion:
             delta = c.delta
             if delta is None:
                 continue
-            if delta.role:
+            if isinstance(delta.role, str) and delta.role:
                 choice.role = delta.role
-            if delta.content is not None:
-                choice.content = [*(choice.content or ()), delta.content]
-            if delta.refusal is not None:
-                choice.refusal = [*(choice.refusal or ()), delta.refusal]
+            if isinstance(delta.content, str):
+                choice.content = _appended(choice.content, delta.content)
+            if isinstance(delta.refusal, str):
+                choice.refusal = _appended(choice.refusal, delta.refusal)
             for call in delta.tool_calls or ():
                 _merge_tool_call(choice.tool_calls, call)
 
@@ -92,6 +92,13 @@ class Completion:
         if self.usage is not None:
             body["usage"] = self.usage
         return encoder.encode(body)
+
+
+def _appended(parts: list[str] | None, text: str) -> list[str]:
+    if parts is None:
+        return [text]
+    parts.append(text)
+    return parts
 
 
 def _merge_tool_call(calls: dict[int, dict[str, Any]], delta: Any) -> None:
