@@ -182,6 +182,8 @@ class FakeUpstream:
             for i in range(0, len(raw), 3):
                 await resp.write(raw[i : i + 3])
                 await asyncio.sleep(0)
+        elif model == "done-no-finish":  # everything in one write: one read for llmgate
+            await resp.write(b"".join(frames))
         elif model == "comments":
             await resp.write(b": keep-alive\n\nevent: message\nid: 1\nretry: 10\n")
             # The first chunk as a payload over two `data:` lines, split between JSON tokens.

@@ -80,9 +80,11 @@ async def test_stream_closed_after_finish_reason_gets_done(gateway, upstream):
     assert await raw_stream(gateway, "no-done") == sent + b"data: [DONE]\n\n"
 
 
-async def test_done_without_a_finish_reason_is_a_failure(gateway):
+async def test_done_without_a_finish_reason_is_a_failure(gateway, upstream):
     raw = await raw_stream(gateway, "done-no-finish")
     assert b"[DONE]" not in raw
+    sent = b"".join(frame(c) for c in upstream.script("done-no-finish", {}))
+    assert raw.startswith(sent)  # what came in the same read as [DONE] is not lost
     error = json.loads(raw.split(b"\n\n")[-2][6:])["error"]
     assert error["code"] == "upstream_error" and "before finishing" in error["message"]
 

@@ -8,6 +8,7 @@ import logging
 import openai
 import pytest
 
+from llmgate.stages import speech
 from tests import test_functional as functional
 from tests.fake_upstream import SPOKEN, USAGE, frame
 
@@ -135,3 +136,24 @@ async def test_the_turn_line_notes_what_speech_removed(speech_gateway, caplog):
     [line] = [r.turn for r in caplog.records if r.name == "llmgate.turn"]
     assert line["speech"]["dropped_chars"] > 0
     assert line["status"] == 200 and line["finish_reason"] == "stop"
+
+
+async def test_a_bug_in_a_stage_after_the_headers_ends_the_stream_with_an_error(
+    speech_gateway, monkeypatch, caplog
+):
+    caplog.set_level(logging.INFO, logger="llmgate.turn")
+    real, seen = speech._spoken, []
+
+    def failing(piece, texts, options):
+        seen.append(piece)
+        if len(seen) == 3:
+            raise RuntimeError("a bug with a secret sk-abc in its text")
+        return real(piece, texts, options)
+
+    monkeypatch.setattr(speech, "_spoken", failing)
+    raw = await raw_stream(speech_gateway, "markdown")
+    assert b"HTTP/1.1" not in raw and b"[DONE]" not in raw and b"sk-abc" not in raw
+    error = json.loads(raw.split(b"\n\n")[-2][6:])["error"]
+    assert error["code"] == "internal_error" and error["type"] == "api_error"
+    [line] = [r.turn for r in caplog.records if r.name == "llmgate.turn"]
+    assert line["status"] == 500

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
 from aiohttp import web
@@ -21,6 +22,8 @@ from llmgate.pipeline import Opened, Piece
 from llmgate.sse import DONE_FRAME, PING_FRAME
 from llmgate.turn import CLIENT_CLOSED, Turn
 from llmgate.upstream.relay import UpstreamErrorFrame
+
+log = logging.getLogger("llmgate.server")
 
 
 class SSEResponse(web.StreamResponse):
@@ -45,6 +48,7 @@ class SSEResponse(web.StreamResponse):
         self._keepalive_s = keepalive_s
         self._timer: asyncio.TimerHandle | None = None
         self._pinging: asyncio.Task | None = None
+        self._ending = False
 
     async def prepare(self, request: web.BaseRequest):  # type: ignore[override]
         first = not self.prepared  # aiohttp prepares a returned response once more
@@ -59,7 +63,17 @@ class SSEResponse(web.StreamResponse):
         if self._pinging is None:
             self._pinging = loop.create_task(self._ping())
 
+    async def write_eof(self, data: bytes = b"") -> None:
+        # aiohttp marks the body ended only once the caller drained it: a ping due in
+        # between would follow the chunked end and corrupt the connection's next answer.
+        self._ending = True
+        self.stop_pinging()
+        await super().write_eof(data)
+
     async def _ping(self) -> None:
+        if self._ending:
+            self._pinging = None
+            return
         try:
             await self.write(PING_FRAME)
         except (ConnectionResetError, RuntimeError):  # gone, or the answer ended meanwhile
@@ -77,15 +91,16 @@ class CallerGone(Exception):
     """A write to the caller failed: it closed the connection."""
 
 
-class Source(Protocol):
-    ended: bool
+Write = Callable[[bytes], Awaitable[None]]
 
+
+class Source(Protocol):
     @property
     def finish_reason(self) -> str | None: ...
 
     async def open(self) -> None: ...
 
-    async def relayed(self) -> bytes: ...
+    async def relay(self, write: Write) -> bytes: ...
 
     async def aclose(self) -> None: ...
 
@@ -95,12 +110,6 @@ def require_finish(finish_reason: str | None, provider: str | None) -> None:
     look like a finished answer."""
     if not finish_reason:
         raise UpstreamUnavailable(f"provider '{provider}' ended the stream before finishing")
-
-
-def end_of_answer(finish_reason: str | None, provider: str | None) -> bytes:
-    """What follows a streamed answer's last chunk."""
-    require_finish(finish_reason, provider)
-    return DONE_FRAME
 
 
 async def stream_answer(
@@ -115,6 +124,7 @@ async def stream_answer(
     except ApiError as exc:
         if sse is None:
             raise
+        await source.aclose()  # the provider is done with: no watchdog while we write
         await _fail(sse, turn, exc)
     except CallerGone:
         turn.end(CLIENT_CLOSED)
@@ -124,8 +134,16 @@ async def stream_answer(
         # A newer turn on the channel took over: end this answer cleanly, without [DONE].
         asyncio.current_task().uncancel()  # type: ignore[union-attr]
         turn.end(CLIENT_CLOSED)
+        await source.aclose()
         with contextlib.suppress(CallerGone):  # its caller may be gone as well
             await _write(sse, b"", last=True)
+    except Exception:
+        if sse is None:
+            raise  # the middleware answers it
+        # After our headers a 500 response cannot follow: it becomes the stream's error.
+        log.error("unhandled error in the stream of %s", turn.id, exc_info=True)
+        await source.aclose()
+        await _fail(sse, turn, ApiError(500, "internal error in llmgate"))
     finally:
         await source.aclose()
         if sse is not None:
@@ -135,15 +153,21 @@ async def stream_answer(
 
 async def _pump(sse: SSEResponse, turn: Turn, source: Source) -> None:
     """Write what the source gives until it ends; ApiError for any failure."""
-    relayed = source.relayed
-    while True:
-        out = await relayed()
-        if out and turn.first_token is None:
+
+    async def write(data: bytes) -> None:
+        if turn.first_token is None:
             turn.mark_first_token()
-        if source.ended:  # the last frames, [DONE] and the chunked end in one send
-            await _write(sse, out + end_of_answer(source.finish_reason, turn.provider), True)
-            return
-        await _write(sse, out)
+        await _write(sse, data)
+
+    last = await source.relay(write)
+    if last and turn.first_token is None:
+        turn.mark_first_token()
+    if source.finish_reason:  # the last frames, [DONE] and the chunked end in one send
+        await _write(sse, last + DONE_FRAME, last=True)
+        return
+    if last:
+        await _write(sse, last)
+    require_finish(source.finish_reason, turn.provider)
 
 
 async def _write(sse: SSEResponse, data: bytes, last: bool = False) -> None:
@@ -165,36 +189,35 @@ async def _fail(sse: SSEResponse, turn: Turn, exc: ApiError) -> None:
 class Staged:
     """A staged route's Call, read by the writer the way it reads a plain UpstreamCall."""
 
-    __slots__ = ("_held", "_items", "ended", "finish_reason")
+    __slots__ = ("_held", "_items", "finish_reason")
 
     def __init__(self, items: AsyncIterator[Piece | Opened]) -> None:
         self._items = items
         self._held: Piece | None = None
-        self.ended = False
         self.finish_reason: str | None = None
 
     async def open(self) -> None:
         """Wait until the answer begins: the provider said 200, or a stage spoke first."""
-        self._held = await self._step()
+        async for item in self._items:
+            if isinstance(item, Piece):
+                self._held = item
+            return
 
-    async def relayed(self) -> bytes:
-        piece, self._held = self._held, None
-        while piece is None:
-            if self.ended:
-                return b""
-            piece = await self._step()
+    async def relay(self, write: Write) -> bytes:
+        """Each piece in a write of its own."""
+        if self._held is not None:
+            await self._write(self._held, write)
+            self._held = None
+        async for item in self._items:
+            if isinstance(item, Piece):
+                await self._write(item, write)
+        return b""
+
+    async def _write(self, piece: Piece, write: Write) -> None:
         finish = piece.finish_reason
         if finish:
             self.finish_reason = finish
-        return piece.raw
-
-    async def _step(self) -> Piece | None:
-        try:
-            item = await anext(self._items)
-        except StopAsyncIteration:
-            self.ended = True
-            return None
-        return item if isinstance(item, Piece) else None
+        await write(piece.raw)
 
     async def aclose(self) -> None:
         await self._items.aclose()  # type: ignore[attr-defined]

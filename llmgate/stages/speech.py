@@ -53,8 +53,8 @@ def _spoken(piece: Piece, texts: dict[int, Speakable], options: SpeechOptions) -
     for choice in piece.view.choices:
         delta = choice.delta
         content = delta.content if delta is not None else None
-        if not isinstance(content, str):
-            content = None  # content parts of a shape we do not know pass on as they are
+        if content is not None and not isinstance(content, str):
+            continue  # content parts of a shape we do not know pass on as they are
         if not content and not choice.finish_reason:
             continue
         text = texts.get(choice.index)

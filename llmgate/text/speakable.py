@@ -23,7 +23,7 @@ Urls = Literal["drop", "domain", "keep"]
 _URL_STARTS = ("https://", "http://", "www.")
 _URL_END = frozenset(" \t\n<>\"')]")
 _URL_TRAIL = ".,;:!?"
-_NO_SPACE_BEFORE = frozenset(".,;:!?")
+_NO_SPACE_BEFORE = frozenset(".,;:!?)")
 _BULLETS = frozenset("-*+\u2022\u2023\u2043")
 _RULES = frozenset("-*_")
 _ESCAPABLE = frozenset("\\`*_{}[]()#+-.!|~>")
@@ -147,26 +147,22 @@ class Speakable:
         return out
 
     def _in_fence(self, buf: str, i: int, final: bool) -> int | None:
-        """Inside a code block: drop everything up to and with the closing fence line."""
-        fence = self._fence
-        assert fence is not None
-        if self._line_start:
-            j = _skip(buf, i, " \t")
-            k = _skip(buf, j, fence)
-            if k == len(buf) and not final:
-                return None  # the fence may be closing: wait for the line to show it
-            if k - j >= 3:
-                self._fence = None
+        """Inside a code block: drop whole lines, up to and with the closing fence's.
+
+        Nothing of a code block is spoken, so waiting for each line's end costs nothing,
+        and only a whole line says whether it closes the block (``` and nothing else).
+        """
         end = buf.find("\n", i)
-        if end < 0:
-            self._line_start = False
-            self._drop(buf[i:])
-            return len(buf)
-        self._drop(buf[i : end + 1])
-        self._line_start = True
-        if self._fence is None:
+        if end < 0 and not final:
+            return None
+        stop = len(buf) if end < 0 else end + 1
+        line = buf[i:stop].strip()
+        self._drop(buf[i:stop])
+        if len(line) >= 3 and line.strip(self._fence or "") == "":
+            self._fence = None
+            self._line_start = True
             self._put("\n")
-        return end + 1
+        return stop
 
     def _at_line_start(self, buf: str, i: int, final: bool) -> int | None:
         """Block markers: headings, bullets, numbering, quotes, rules, tables, fences."""
@@ -207,7 +203,8 @@ class Speakable:
             j = _skip(buf, i, "0123456789")
             if j + 1 >= n and more:
                 return None
-            if j - i <= 9 and j < n and buf[j] in ".)" and (j + 1 == n or buf[j + 1] in " \t"):
+            # "1. " opens a list item; "1990. A good year." does not.
+            if j - i <= 3 and j < n and buf[j] in ".)" and (j + 1 == n or buf[j + 1] in " \t"):
                 self._drop(buf[i : j + 2])
                 self._line_start = False
                 return min(j + 2, n)
@@ -235,12 +232,11 @@ class Speakable:
         c = buf[i]
         more = not final
         if c == "\n":
-            self._line_start = True
+            # Inline code and a link's target end with their line, whatever was left open.
+            self._line_start, self._code, self._target = True, False, 0
             self._put(c)
             return i + 1
-        if self._target and c in " \t":
-            self._target = 0  # no URL has a space: this was text in parentheses after all
-        if self._target:  # a link's (url): not spoken
+        if self._target:  # a link's (url "title"): not spoken
             if c == "(":
                 self._target += 1
             elif c == ")":
@@ -294,10 +290,12 @@ class Speakable:
             before = self._prev
             if c == "~" and j - i < 2:
                 return i  # a single ~ is "about"
-            if c == "*" and j - i == 1 and (
-                (before in " \t" and after in " \t") or (before.isdigit() and after.isdigit())
+            if c == "*" and (
+                (j - i == 1 and before in " \t" and after in " \t")
+                or (before.isdigit() and after.isdigit())
             ):
-                return i  # 2 * 3, 2*3: not emphasis
+                self._put(buf[i:j])  # 2 * 3, 2*3, 2**3: not emphasis
+                return j
             if c == "_" and before.isalnum() and after.isalnum():
                 return i  # snake_case
             self._drop(buf[i:j])

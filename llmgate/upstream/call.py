@@ -2,7 +2,7 @@
 aiohttp's ClientResponse.
 
     open()      POST; a non-2xx answer, or 200 with the wrong kind of body, is raised
-    relayed()   the plain route: what each read gives the caller, byte for byte, peeked
+    relay()     the plain route: each read's frames to the caller, byte for byte, peeked
     pieces()    staged routes: one Piece per SSE event, with its small decoded view
     answer()    a non-streamed answer, whole and bounded
     close()     pool the connection after a whole answer, close it after anything else
@@ -16,7 +16,7 @@ become llmgate.errors' in one place, `_translated`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 
 import aiohttp
@@ -38,7 +38,7 @@ FOREIGN_ERRORS = aiohttp.ClientError | OSError | asyncio.TimeoutError
 
 
 class UpstreamCall:
-    """One provider request. `relayed()`, `pieces()` or `answer()` reads it; `close()` ends it.
+    """One provider request. `relay()`, `pieces()` or `answer()` reads it; `close()` ends it.
 
     `ended` turns true when the provider's answer is whole (`[DONE]`, or a clean close).
     """
@@ -46,10 +46,8 @@ class UpstreamCall:
     __slots__ = (
         "_body",
         "_caller_key",
-        "_failure",
         "_first",
         "_provider",
-        "_relay",
         "_resp",
         "_session",
         "_stream",
@@ -76,15 +74,13 @@ class UpstreamCall:
         self._stream = stream
         self._resp: aiohttp.ClientResponse | None = None
         self._watchdog: Watchdog | None = None
-        self._relay: Relay | None = None
-        self._tally = Tally()
-        self._failure: ApiError | None = None
+        self._tally: Tally | None = None
         self._first = False
         self.ended = False
 
     @property
     def finish_reason(self) -> str | None:
-        return self._tally.finish_reason
+        return self._tally.finish_reason if self._tally is not None else None
 
     async def open(self) -> None:
         """Send the request; return once the provider said 200 with the body asked for."""
@@ -123,41 +119,41 @@ class UpstreamCall:
             f"(check providers.{name}.base_url)"
         )
 
-    async def relayed(self) -> bytes:
-        """The next read's frames, as they came; b"" once `ended`. Raises ApiError on failure."""
-        if self._failure is not None:
-            raise self._take_failure()
-        relay = self._relay
-        if relay is None:
-            relay = self._relay = Relay(self._provider.name)
-            self._tally = relay.tally
+    async def relay(self, write: Callable[[bytes], Awaitable[None]]) -> bytes:
+        """The plain route: each read's frames through `write` as they came, one call per
+        read. Once the answer is whole, the last read's frames are returned unwritten (the
+        writer sends them with its end of the stream). Raises ApiError on failure, after
+        writing the good frames that came before it."""
+        relay = Relay(self._provider.name)
+        self._tally = relay.tally
         watchdog = self._watchdog
         assert watchdog is not None and self._resp is not None
-        watchdog.paused = False
-        watchdog.progress()
         read = self._resp.content.readany
-        try:
-            while True:
+        while True:
+            try:
                 data = await read()
                 if not data:  # the provider closed the stream
                     self.ended = True
                     return b""
                 out = relay.feed(data)
-                if out or relay.done or relay.failure:
-                    break  # else only comments or part of a frame: not progress
-        except BaseException as exc:
-            if not self._foreign(exc):
-                raise
-            raise self._translated(exc) from exc
-        if out:
-            self._progressed(watchdog)
-        if relay.failure is not None:
-            self._failure, relay.failure = relay.failure, None
-            if not out:
-                raise self._take_failure()
-        self.ended = relay.done
-        watchdog.paused = True  # the caller has it now
-        return out
+            except BaseException as exc:
+                if not self._foreign(exc):
+                    raise
+                raise self._translated(exc) from exc
+            if out:  # comments, or part of a frame, are not progress
+                watchdog.progress()
+                if not self._first:
+                    self._first_token(watchdog)
+            if relay.done and relay.failure is None:
+                self.ended = True
+                return out
+            if out:
+                watchdog.paused = True  # the caller has it now
+                await write(out)
+                watchdog.paused = False
+                watchdog.progress()
+            if relay.failure is not None:
+                raise relay.take_failure()
 
     async def pieces(self) -> AsyncIterator[Piece]:
         """Each chunk as a Piece, until `[DONE]` or a clean close; ApiError on failure."""
@@ -165,7 +161,7 @@ class UpstreamCall:
         assert watchdog is not None and self._resp is not None
         read = self._resp.content.readany
         decoder = SSEDecoder()
-        tally = self._tally
+        tally = self._tally = Tally()
         while True:
             try:
                 data = await read()
@@ -178,7 +174,9 @@ class UpstreamCall:
                 self.ended = True
                 return
             if events:
-                self._progressed(watchdog)
+                watchdog.progress()
+                if not self._first:
+                    self._first_token(watchdog)
             for event in events:
                 payload = event.data
                 if payload == DONE:
@@ -227,16 +225,16 @@ class UpstreamCall:
             raise provider.answer_error(raw) or UpstreamUnavailable(
                 f"provider '{provider.name}' answered with an error"
             )
+        self._tally = Tally()
         self._tally.note((peek,))
         self.ended = True
         return raw
 
-    def _progressed(self, watchdog: Watchdog) -> None:
-        watchdog.progress()
-        if not self._first:
-            self._first = True
-            idle = self._provider.config.idle_timeout_s
-            watchdog.rearm(idle, f"provider '{self._provider.name}' went silent for {idle:g}s")
+    def _first_token(self, watchdog: Watchdog) -> None:
+        """From the first token on, the limit is the silence between chunks."""
+        self._first = True
+        idle = self._provider.config.idle_timeout_s
+        watchdog.rearm(idle, f"provider '{self._provider.name}' went silent for {idle:g}s")
 
     # Callers raise `self._translated(exc) from exc` in place, or re-raise bare: an error
     # kept in a local of a frame its own traceback holds would make a reference cycle.
@@ -255,11 +253,6 @@ class UpstreamCall:
             return UpstreamUnavailable(f"provider '{self._provider.name}' sent an oversized line")
         return self._provider.error_for(exc)
 
-    def _take_failure(self) -> ApiError:
-        failure, self._failure = self._failure, None
-        assert failure is not None
-        return failure
-
     async def aclose(self) -> None:
         self.close()
 
@@ -275,7 +268,8 @@ class UpstreamCall:
             else:
                 resp.close()
             tally = self._tally
-            self._turn.add_round(tally.chunks, tally.finish_reason, tally.usage)
+            if tally is not None:
+                self._turn.add_round(tally.chunks, tally.finish_reason, tally.usage)
 
 
 async def _read_bounded(

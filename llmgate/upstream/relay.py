@@ -68,6 +68,13 @@ class Relay:
         self.failure: ApiError | None = None
         self.tally = Tally()
 
+    def take_failure(self) -> ApiError:
+        """The failure, no longer kept here: raised from a frame that holds this relay, a
+        failure kept on it would make a reference cycle through its traceback."""
+        failure, self.failure = self.failure, None
+        assert failure is not None
+        return failure
+
     def feed(self, data: bytes) -> bytes:
         if self._decoder.idle:
             out = self._whole_frames(data)
