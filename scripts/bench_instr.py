@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
 import shutil
 import signal
@@ -46,6 +47,7 @@ def count(tree: Path, mock_port: int, streams: int, speech: bool) -> int:
     gateway = subprocess.Popen(
         [*valgrind, PY, "-m", "llmgate", "--config", str(work / "c.toml")],
         cwd=tree,  # `-m llmgate` imports the tree's own package
+        env={**os.environ, "PYTHONHASHSEED": "0"},  # the same dict layouts every run
         stderr=subprocess.DEVNULL,
     )
     try:
