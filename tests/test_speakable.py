@@ -134,7 +134,7 @@ def test_pictographs_and_plain_symbols():
 MARKUP = st.sampled_from(
     ["*", "**", "_", "__", "~~", "`", "```", "#", "## ", "- ", "1. ", "> ", "|", "[", "](",
      ")", "![", "\\", "\n", " ", "  ", "https://", "x.org/a", "www.", "\U0001f44d", "\ufe0f",
-     "---", "3.5", "Dr.", "word", "snake_case", "h", "ht", "```\n", "~~~", '"t"']
+     "---", "3.5", "Dr.", "word", "snake_case", "h", "ht", "```\n", "~~~", '"t"', ", ", ". "]
 )
 
 
@@ -146,3 +146,28 @@ def test_any_split_gives_the_same_spoken_text(parts, data):
     pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
     for urls in ("drop", "domain"):
         assert spoken_in_pieces(pieces, urls=urls) == spoken(text, urls=urls)
+
+
+def spoken_slowly(pieces: list[str], **options) -> str:
+    """The reference: every character through the rules, no runs of plain text at once."""
+    s = Speakable(SpeechOptions(**options))
+    s._plain = False
+    return "".join(s.feed(p) for p in pieces) + s.finish()
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(st.one_of(MARKUP, st.text(max_size=6)), max_size=30),
+    st.lists(st.integers(0, 200), max_size=6),
+    st.booleans(),
+)
+def test_runs_of_plain_text_say_what_each_character_would(parts, cuts, emoji):
+    text = "".join(parts)
+    bounds = sorted(min(c, len(text)) for c in cuts)
+    pieces = [text[a:b] for a, b in zip([0, *bounds], [*bounds, len(text)], strict=True)]
+    assert spoken_in_pieces(pieces, emoji=emoji) == spoken_slowly(pieces, emoji=emoji)
+
+
+@pytest.mark.parametrize(("text", "expected"), TABLE)
+def test_the_table_without_runs_of_plain_text(text, expected):
+    assert spoken_slowly([text]) == expected
