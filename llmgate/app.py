@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from llmgate.config import Loaded, RouteConfig
+from llmgate.config import Config, Loaded, RouteConfig
+from llmgate.kb.retriever import Retriever
 from llmgate.pipeline import Call, Stage, compose
 from llmgate.server.auth import KeyCheck
 from llmgate.server.handlers import SETTINGS, ChatCompletions, Settings, healthz, list_models
 from llmgate.server.middleware import error_envelopes
+from llmgate.stages.rag import RagStage
 from llmgate.stages.speech import SpeechStage, options_from
 from llmgate.turn import CHANNELS, Channels
 from llmgate.upstream.call import provider_call
@@ -34,8 +36,13 @@ def create_app(loaded: Loaded) -> web.Application:
     )
     app[CHANNELS] = Channels()
     app.cleanup_ctx.append(client_session)
+    retrievers = {
+        name: Retriever(name, loaded.path(config.kb[name].path))
+        for name in {config.rag[r.rag].kb for r in config.routes if r.rag}
+    }
+    app.on_cleanup.append(lambda _: _close(retrievers))
     for route in config.routes:
-        handler = ChatCompletions(route.path, _call(route))
+        handler = ChatCompletions(route.path, _call(route, config, retrievers))
         for path in _with_v1(route.path):
             app.router.add_post(path, handler.handle)
     for path in _with_v1("/models"):
@@ -44,13 +51,21 @@ def create_app(loaded: Loaded) -> web.Application:
     return app
 
 
-def _call(route: RouteConfig) -> Call | None:
+def _call(route: RouteConfig, config: Config, retrievers: dict[str, Retriever]) -> Call | None:
     """The route's stages, outermost first, around the provider; None for a plain relay."""
     stages: list[Stage] = []
     speech = options_from(route.speech)
     if speech is not None:
         stages.append(SpeechStage(speech))
+    if route.rag is not None:
+        rag = config.rag[route.rag]
+        stages.append(RagStage(rag, retrievers[rag.kb]))
     return compose(provider_call, stages) if stages else None
+
+
+async def _close(retrievers: dict[str, Retriever]) -> None:
+    for retriever in retrievers.values():
+        retriever.close()
 
 
 def _with_v1(path: str) -> list[str]:

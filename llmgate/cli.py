@@ -35,6 +35,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["kb"]:
+        from llmgate.kb import cli as kb_cli
+
+        return kb_cli.main(argv[1:])
     args = parse_args(argv)
     try:
         loaded = configuration.load(args.config)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tomllib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -60,15 +62,38 @@ class SpeechConfig(_Strict):
     urls: Literal["drop", "domain", "keep"] = "drop"
 
 
+class KbConfig(_Strict):
+    path: str  # the SQLite file, relative to the config file; created by `kb ingest`
+    chunk_tokens: Annotated[int, msgspec.Meta(ge=20, le=4000)] = 200
+    overlap_tokens: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 30
+
+
+class WaitingConfig(_Strict):
+    phrases: list[str] = msgspec.field(default_factory=lambda: ["One moment, let me check."])
+    after_ms: Annotated[int, msgspec.Meta(ge=0)] = 0  # 0: at once; N: only if no answer by then
+
+
+class RagConfig(_Strict):
+    kb: str
+    top_k: Annotated[int, msgspec.Meta(ge=1, le=50)] = 4
+    min_score: float = 0.0
+    query_turns: Annotated[int, msgspec.Meta(ge=1, le=20)] = 2
+    template: str | None = None  # None: llmgate's own (README)
+    waiting: WaitingConfig = msgspec.field(default_factory=WaitingConfig)  # phrases = []: none
+
+
 class RouteConfig(_Strict, kw_only=True):
     path: str
     speech: bool | SpeechConfig = False  # true = every part of SpeechConfig on
+    rag: str | None = None  # a [rag.NAME]
 
 
 class Config(_Strict):
     server: ServerConfig = ServerConfig()
     log: LogConfig = LogConfig()
     providers: dict[str, ProviderConfig] = {}
+    kb: dict[str, KbConfig] = {}
+    rag: dict[str, RagConfig] = {}
     routes: list[RouteConfig] = msgspec.field(
         default_factory=lambda: [RouteConfig(path="/chat/completions")]
     )
@@ -82,6 +107,11 @@ class Loaded:
     # provider name -> names of its unset ${VAR}s (never their values)
     unset_env: dict[str, tuple[str, ...]] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
+    base_dir: Path = Path(".")  # the config file's folder: relative paths start there
+
+    def path(self, value: str) -> Path:
+        """A path from the config, relative to the config file's folder."""
+        return self.base_dir / Path(value).expanduser()
 
 
 def load(path: str) -> Loaded:
@@ -92,7 +122,7 @@ def load(path: str) -> Loaded:
         raise ConfigError(f"{path}: cannot read ({exc.strerror})") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
-    return parse(raw, os.environ)
+    return dataclasses.replace(parse(raw, os.environ), base_dir=Path(path).resolve().parent)
 
 
 def parse(raw: dict[str, Any], env: os._Environ[str] | dict[str, str]) -> Loaded:
@@ -168,6 +198,12 @@ def _decode(raw: dict[str, Any]) -> Config:
         raise ConfigError("providers: at least one [providers.NAME] section is needed")
     for name, provider in decoded.items():
         _check_provider(name, provider)
+    for name, rag in config.rag.items():
+        if rag.kb not in config.kb:
+            raise ConfigError(f"rag.{name}.kb: no [kb.{rag.kb}] section")
+    for i, route in enumerate(config.routes):
+        if route.rag is not None and route.rag not in config.rag:
+            raise ConfigError(f"routes[{i}].rag: no [rag.{route.rag}] section")
     seen = {"/models", "/healthz"}  # served by llmgate itself
     for i, route in enumerate(config.routes):
         if not route.path.startswith("/"):

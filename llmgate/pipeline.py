@@ -33,6 +33,7 @@ class Ask:
     provider: Provider
     session: aiohttp.ClientSession
     caller_key: str | None
+    stream: bool = True  # the caller gets a stream (a stage may speak before the answer)
 
 
 class Piece:

@@ -73,7 +73,7 @@ class ChatCompletions:
         channel = channels.enter(turn)
         try:
             if self.call is not None:
-                ask = Ask(upstream_body, turn, provider, session, caller_key)
+                ask = Ask(upstream_body, turn, provider, session, caller_key, turn.stream)
                 if chat.stream:
                     source = Staged(self.call(ask))
                     return await stream_answer(request, turn, settings.keepalive_s, source)

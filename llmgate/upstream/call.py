@@ -163,6 +163,7 @@ class UpstreamCall:
         decoder = SSEDecoder()
         tally = self._tally = Tally()
         while True:
+            watchdog.follow()
             try:
                 data = await read()
                 events = decoder.feed(data) if data else None

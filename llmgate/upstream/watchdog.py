@@ -34,6 +34,11 @@ class Watchdog:
     def progress(self) -> None:
         self._last = self._loop.time()
 
+    def follow(self) -> None:
+        """The task waiting on the provider now is the one to cancel (a stage may read
+        the first chunk in a helper task, and the rest in the turn's own)."""
+        self._task = asyncio.current_task()
+
     def rearm(self, limit: float, message: str) -> None:
         """Switch to a new limit (first token -> idle), counted from now."""
         self._limit, self._message = limit, message

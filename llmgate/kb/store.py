@@ -1,0 +1,173 @@
+"""A knowledge base: one SQLite file, its chunks searched by FTS5's BM25.
+
+    sources    one row a file: path, content hash, size, chunk count
+    chunks     the text with its source, heading and metadata
+    chunks_fts an external-content FTS5 index over chunks (text, heading), kept in step by
+               triggers, porter-stemmed
+
+Writers (`kb ingest`, `kb remove`) change a base in one transaction: a command that fails
+leaves it as it was. The server reads it through `Retriever`, off the event loop.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llmgate.kb.chunking import Chunk
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sources (
+    path TEXT PRIMARY KEY, hash TEXT NOT NULL, bytes INTEGER NOT NULL,
+    chunks INTEGER NOT NULL, ingested REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS chunks (
+    id INTEGER PRIMARY KEY, source TEXT NOT NULL, ord INTEGER NOT NULL,
+    heading TEXT NOT NULL, text TEXT NOT NULL, meta TEXT
+);
+CREATE INDEX IF NOT EXISTS chunks_by_source ON chunks(source);
+CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(
+    text, heading, content='chunks', content_rowid='id',
+    tokenize='porter unicode61 remove_diacritics 2'
+);
+CREATE TRIGGER IF NOT EXISTS chunks_ai AFTER INSERT ON chunks BEGIN
+    INSERT INTO chunks_fts(rowid, text, heading) VALUES (new.id, new.text, new.heading);
+END;
+CREATE TRIGGER IF NOT EXISTS chunks_ad AFTER DELETE ON chunks BEGIN
+    INSERT INTO chunks_fts(chunks_fts, rowid, text, heading)
+    VALUES ('delete', old.id, old.text, old.heading);
+END;
+"""
+
+# Words a question is made of that say nothing of its subject; BM25 would weigh them low
+# anyway, but an OR over them matches every chunk.
+_STOP = frozenset(
+    (
+        "a", "an", "and", "are", "as", "at", "be", "but", "by", "can", "could", "did", "do",
+        "does", "for", "from", "had", "has", "have", "how", "i", "if", "in", "into", "is", "it",
+        "its", "me", "my", "of", "on", "or", "our", "please", "should", "so", "tell", "than",
+        "that", "the", "their", "them", "then", "there", "these", "they", "this", "to", "us",
+        "was", "we", "were", "what", "when", "where", "which", "who", "whom", "why", "will",
+        "with", "would", "you", "your",
+    )
+)
+_WORD = re.compile(r"\w+")
+
+
+@dataclass(frozen=True)
+class Hit:
+    score: float  # BM25, higher is better
+    source: str
+    heading: str
+    text: str
+    meta: dict[str, Any]
+
+
+class KbError(Exception):
+    """A knowledge base that cannot be used; the message says which and why."""
+
+
+def match_query(question: str) -> str | None:
+    """An FTS5 query for a question: its words (less the filler ones), any of them."""
+    words = [w for w in _WORD.findall(question.lower()) if w not in _STOP]
+    if not words:
+        words = _WORD.findall(question.lower())
+    if not words:
+        return None
+    unique = dict.fromkeys(words)
+    return " OR ".join('"' + w.replace('"', '""') + '"' for w in unique)
+
+
+def search(conn: sqlite3.Connection, question: str, k: int) -> list[Hit]:
+    query = match_query(question)
+    if query is None:
+        return []
+    rows = conn.execute(
+        "SELECT bm25(chunks_fts, 1.0, 0.5), c.source, c.heading, c.text, c.meta"
+        " FROM chunks_fts JOIN chunks c ON c.id = chunks_fts.rowid"
+        " WHERE chunks_fts MATCH ? ORDER BY bm25(chunks_fts, 1.0, 0.5) LIMIT ?",
+        (query, k),
+    ).fetchall()
+    return [
+        Hit(-rank, source, heading, text, json.loads(meta) if meta else {})
+        for rank, source, heading, text, meta in rows
+    ]
+
+
+class Store:
+    """A knowledge base opened for writing (the `kb` commands)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.conn = sqlite3.connect(path, isolation_level=None)
+            self.conn.executescript(SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise KbError(f"{path}: not a knowledge base ({exc})") from None
+
+    def close(self) -> None:
+        self.conn.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """All of a command or none of it."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def source_hash(self, source: str) -> str | None:
+        row = self.conn.execute("SELECT hash FROM sources WHERE path = ?", (source,)).fetchone()
+        return row[0] if row else None
+
+    def replace(self, source: str, digest: str, size: int, chunks: Sequence[Chunk]) -> None:
+        """The source's chunks, instead of whatever it had (inside a transaction)."""
+        self.remove(source)
+        self.conn.executemany(
+            "INSERT INTO chunks(source, ord, heading, text, meta) VALUES (?, ?, ?, ?, ?)",
+            [
+                (source, i, c.heading, c.text, json.dumps(c.meta) if c.meta else None)
+                for i, c in enumerate(chunks)
+            ],
+        )
+        self.conn.execute(
+            "INSERT INTO sources(path, hash, bytes, chunks, ingested) VALUES (?, ?, ?, ?, ?)",
+            (source, digest, size, len(chunks), time.time()),
+        )
+
+    def remove(self, source: str) -> bool:
+        self.conn.execute("DELETE FROM chunks WHERE source = ?", (source,))
+        return self.conn.execute("DELETE FROM sources WHERE path = ?", (source,)).rowcount > 0
+
+    def sources(self) -> list[tuple[str, int, int]]:
+        """(path, bytes, chunks) for every source."""
+        return self.conn.execute(
+            "SELECT path, bytes, chunks FROM sources ORDER BY path"
+        ).fetchall()
+
+    def stats(self) -> dict[str, int]:
+        files, chunks, size = self.conn.execute(
+            "SELECT count(*), coalesce(sum(chunks), 0), coalesce(sum(bytes), 0) FROM sources"
+        ).fetchone()
+        return {"files": files, "chunks": chunks, "bytes": size, "file_bytes": _size(self.path)}
+
+    def search(self, question: str, k: int) -> list[Hit]:
+        return search(self.conn, question, k)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0

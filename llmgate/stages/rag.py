@@ -1,0 +1,185 @@
+"""The RAG stage: retrieve from a knowledge base, put the passages in the conversation, and
+say "one moment" while the caller would otherwise hear nothing.
+
+    [[routes]] rag = "docs"   ->   [rag.docs] kb, top_k, min_score, query_turns, template
+                                   [rag.docs.waiting] phrases, after_ms
+
+The query is the last `query_turns` user messages (so "and on weekends?" still finds the
+opening hours). The passages go in as a system message after the caller's own system
+messages. With `after_ms = 0` a waiting phrase goes out at once, before retrieval; with
+N > 0 only if no answer token has come N ms after the request, and never when the answer
+is quicker. Non-streamed requests get no waiting phrase.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+from llmgate.config import RagConfig
+from llmgate.kb.retriever import Retriever
+from llmgate.kb.store import Hit, KbError
+from llmgate.pipeline import Ask, Call, Opened, Piece
+
+log = logging.getLogger("llmgate.rag")
+
+TEMPLATE = (
+    "Passages from the knowledge base that may answer the user's last question. Answer from "
+    "them when they are relevant, in plain spoken sentences; if they do not hold the answer, "
+    "say you do not know rather than guess.\n\n{passages}"
+)
+NOTHING_FOUND = (
+    "The knowledge base has nothing on the user's last question. Say you do not know rather "
+    "than guess, and offer what you can help with."
+)
+
+
+class RagStage:
+    name = "rag"
+
+    def __init__(self, config: RagConfig, retriever: Retriever) -> None:
+        self.config = config
+        self.retriever = retriever
+        self._phrase = 0
+
+    def wrap(self, inner: Call) -> Call:
+        async def call(ask: Ask) -> AsyncIterator[Piece | Opened]:
+            started = time.monotonic()
+            waiting = self.config.waiting
+            filler = ask.stream and bool(waiting.phrases)
+            if filler and waiting.after_ms == 0:
+                yield self._waiting(ask)
+                filler = False
+            deadline = started + waiting.after_ms / 1000
+            search = asyncio.ensure_future(self._retrieve(ask))
+            try:
+                if filler and not await _done_by(search, deadline):
+                    yield self._waiting(ask)
+                    filler = False
+                hits = await search
+            finally:
+                await _cancelled(search)
+            top = round(hits[0].score, 3) if hits else None
+            elapsed = round((time.monotonic() - started) * 1000, 2)
+            ask.turn.note("rag", retrieval_ms=elapsed, hits=len(hits), top_score=top)
+            _insert(ask.body["messages"], self._system_message(hits))
+            async with aclosing(inner(ask)) as items:
+                while filler:  # no answer yet: the phrase goes out if none comes in time
+                    step = asyncio.ensure_future(anext(items))
+                    try:
+                        if not await _done_by(step, deadline):
+                            yield self._waiting(ask)
+                            filler = False
+                        item = await step
+                    except StopAsyncIteration:
+                        return
+                    finally:
+                        await _cancelled(step)
+                    if isinstance(item, Piece) and _has_answer(item):
+                        filler = False
+                    yield item
+                async for item in items:
+                    yield item
+
+        return call
+
+    async def _retrieve(self, ask: Ask) -> list[Hit]:
+        question = query_text(ask.body.get("messages") or [], self.config.query_turns)
+        if not question:
+            return []
+        try:
+            hits = await self.retriever.search(question, self.config.top_k)
+        except (KbError, sqlite3.Error) as exc:
+            # The caller still gets an answer (one that says it does not know): a base
+            # that cannot be read must not silence the agent. The log says why.
+            log.warning("rag: kb '%s' cannot be searched: %s", self.retriever.name, exc)
+            ask.turn.note("rag", error=type(exc).__name__)
+            return []
+        return [h for h in hits if h.score >= self.config.min_score]
+
+    def _system_message(self, hits: list[Hit]) -> dict[str, Any]:
+        if not hits:
+            return {"role": "system", "content": NOTHING_FOUND}
+        passages = "\n\n".join(
+            f"[{i}] ({hit.source}{' - ' + hit.heading if hit.heading else ''})\n{hit.text}"
+            for i, hit in enumerate(hits, 1)
+        )
+        template = self.config.template or TEMPLATE
+        return {"role": "system", "content": template.replace("{passages}", passages)}
+
+    def _waiting(self, ask: Ask) -> Piece:
+        """A whole chat.completion.chunk the openai SDKs parse, spoken like any answer."""
+        phrases = self.config.waiting.phrases
+        phrase = phrases[self._phrase % len(phrases)]
+        self._phrase += 1  # say the next one next time: a caller hears no litany
+        ask.turn.note("rag", waiting=True)
+        return Piece.of(
+            {
+                "id": "chatcmpl-" + ask.turn.id.removeprefix("req_"),
+                "object": "chat.completion.chunk",
+                "created": int(time.time()),
+                "model": ask.body.get("model") or "",
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": {"role": "assistant", "content": phrase + " "},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                ],
+            }
+        )
+
+
+def query_text(messages: list[Any], turns: int) -> str:
+    """The last `turns` user messages' text, oldest first."""
+    texts: list[str] = []
+    for message in reversed(messages):
+        if not isinstance(message, dict) or message.get("role") != "user":
+            continue
+        content = message.get("content")
+        if isinstance(content, list):
+            parts = [p for p in content if isinstance(p, dict) and p.get("type") == "text"]
+            content = " ".join(str(p.get("text", "")) for p in parts)
+        if isinstance(content, str) and content.strip():
+            texts.append(content.strip())
+        if len(texts) == turns:
+            break
+    return "\n".join(reversed(texts))
+
+
+def _insert(messages: list[Any], system: dict[str, Any]) -> None:
+    """After the caller's own leading system (or developer) messages."""
+    at = 0
+    while at < len(messages) and isinstance(messages[at], dict) and messages[at].get(
+        "role"
+    ) in ("system", "developer"):
+        at += 1
+    messages.insert(at, system)
+
+
+def _has_answer(piece: Piece) -> bool:
+    return any(
+        c.delta is not None and (c.delta.content or c.delta.tool_calls or c.delta.audio)
+        for c in piece.view.choices
+    )
+
+
+async def _done_by(task: asyncio.Future, deadline: float) -> bool:
+    """Whether `task` finished before `deadline` (time.monotonic()); it goes on either way."""
+    if task.done():
+        return True
+    done, _ = await asyncio.wait({task}, timeout=max(0.0, deadline - time.monotonic()))
+    return bool(done)
+
+
+async def _cancelled(task: asyncio.Future) -> None:
+    """A helper task is never left running when its turn ends (a hang-up, say)."""
+    if not task.done():
+        task.cancel()
+        await asyncio.wait({task})
