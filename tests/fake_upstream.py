@@ -174,6 +174,8 @@ class FakeUpstream:
             frames.append(frame(b"[DONE]", eol))
         if model == "stall":
             await asyncio.sleep(3600)
+        if model == "slow-first":  # headers at once, the first token 300 ms later
+            await asyncio.sleep(0.3)
         while model == "pings":  # alive, but never a token
             await resp.write(b": keep-alive\n\n")
             await asyncio.sleep(0.02)

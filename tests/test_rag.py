@@ -1,0 +1,163 @@
+"""A RAG route: passages from the knowledge base in the upstream request, and "one moment"."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import aiohttp
+import openai
+import pytest
+
+from llmgate.kb.ingest import ingest
+from llmgate.kb.store import Store
+from llmgate.stages.rag import NOTHING_FOUND
+from tests.conftest import API_KEY, eventually
+from tests.fake_upstream import WORDS
+
+DATA = Path(__file__).parent / "data"
+PHRASE = "One moment, let me check."
+
+
+@pytest.fixture
+def kb_path(tmp_path) -> Path:
+    store = Store(tmp_path / "shop.sqlite")
+    ingest(store, [DATA / "shop.md"], 60, 10)
+    store.close()
+    return tmp_path / "shop.sqlite"
+
+
+@pytest.fixture
+def rag_gateway(make_gateway, kb_path):
+    async def make(**waiting):
+        rag = {"kb": "shop", "top_k": 3}
+        if waiting:
+            rag["waiting"] = waiting
+        return await make_gateway(
+            kb={"shop": {"path": str(kb_path)}},
+            rag={"shop": rag},
+            routes=[{"path": "/rag/chat/completions", "rag": "shop"}],
+        )
+
+    return make
+
+
+def rag_client(connect, gateway) -> openai.AsyncOpenAI:
+    return connect(gateway).with_options(base_url=str(gateway.make_url("/rag")))
+
+
+CONVERSATION = [
+    {"role": "system", "content": "You are the Lumen store's assistant."},
+    {"role": "user", "content": "How much does express delivery cost?"},
+    {"role": "assistant", "content": "It costs 9.95 pounds."},
+    {"role": "user", "content": "And the standard one?"},
+]
+
+
+async def test_passages_reach_the_provider_after_the_callers_system_messages(
+    rag_gateway, connect, upstream
+):
+    client = rag_client(connect, await rag_gateway())
+    stream = await client.chat.completions.create(
+        model="text", messages=CONVERSATION, stream=True
+    )
+    chunks = [c async for c in stream]  # the openai SDK parses the whole stream
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == PHRASE + " " + "".join(WORDS)
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    sent = upstream.requests[0]["messages"]
+    assert sent[0] == CONVERSATION[0]
+    assert sent[1]["role"] == "system" and "4.95 pounds" in sent[1]["content"]
+    assert "Delivery" in sent[1]["content"]
+    assert sent[2:] == CONVERSATION[1:]
+
+
+async def test_nothing_found_says_so(rag_gateway, connect, upstream):
+    client = rag_client(connect, await rag_gateway())
+    question = [{"role": "user", "content": "Xylophone zeppelin quasar?"}]
+    await client.chat.completions.create(model="text", messages=question)
+    assert upstream.requests[0]["messages"][0] == {"role": "system", "content": NOTHING_FOUND}
+
+
+async def raw_frames(gateway, model: str) -> list[dict]:
+    body = {"model": model, "stream": True, "messages": CONVERSATION}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    url = gateway.make_url("/rag/chat/completions")
+    async with aiohttp.ClientSession() as s, s.post(url, json=body, headers=headers) as resp:
+        raw = await resp.read()
+    frames = [f[6:] for f in raw.split(b"\n\n") if f.startswith(b"data: ")]
+    assert frames[-1] == b"[DONE]"
+    return [json.loads(f) for f in frames[:-1]]
+
+
+async def test_the_waiting_message_is_a_whole_chunk_first(rag_gateway):
+    first, *_ = await raw_frames(await rag_gateway(), "text")
+    assert first["object"] == "chat.completion.chunk" and first["id"].startswith("chatcmpl-")
+    assert first["model"] == "text" and isinstance(first["created"], int)
+    assert first["choices"] == [
+        {
+            "index": 0,
+            "delta": {"role": "assistant", "content": PHRASE + " "},
+            "logprobs": None,
+            "finish_reason": None,
+        }
+    ]
+
+
+@pytest.mark.parametrize(("model", "filler"), [("text", False), ("slow-first", True)])
+async def test_after_ms_speaks_only_when_the_wait_is_real(rag_gateway, model, filler):
+    gateway = await rag_gateway(phrases=["Let me look."], after_ms=150)
+    frames = await raw_frames(gateway, model)
+    contents = [f["choices"][0]["delta"].get("content") for f in frames if f["choices"]]
+    assert (contents[0] == "Let me look. ") is filler
+    assert "".join(c or "" for c in contents).endswith("".join(WORDS))
+
+
+async def test_no_waiting_message_in_a_non_streamed_answer(rag_gateway, connect, upstream):
+    client = rag_client(connect, await rag_gateway())
+    completion = await client.chat.completions.create(model="text", messages=CONVERSATION)
+    assert completion.choices[0].message.content == "".join(WORDS)
+    assert "4.95 pounds" in upstream.requests[0]["messages"][1]["content"]
+
+
+async def test_the_turn_line_has_the_retrieval(rag_gateway, caplog):
+    caplog.set_level(logging.INFO, logger="llmgate.turn")
+    await raw_frames(await rag_gateway(), "text")
+    [line] = [r.turn for r in caplog.records if r.name == "llmgate.turn"]
+    rag = line["rag"]
+    assert rag["hits"] == 3 and rag["top_score"] > 0 and rag["waiting"] is True
+    assert rag["retrieval_ms"] >= 0
+
+
+async def test_a_hang_up_while_waiting_stops_the_upstream_at_once(
+    make_gateway, kb_path, upstream
+):
+    gateway = await make_gateway(
+        providers={"fake": {"base_url": upstream.url, "first_token_timeout_s": 60}},
+        kb={"shop": {"path": str(kb_path)}},
+        rag={"shop": {"kb": "shop", "waiting": {"after_ms": 5000}}},  # a helper task waits
+        routes=[{"path": "/rag/chat/completions", "rag": "shop"}],
+    )
+    body = {"model": "stall", "stream": True, "messages": CONVERSATION}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    async with aiohttp.ClientSession() as session:
+        resp = await session.post(
+            gateway.make_url("/rag/chat/completions"), json=body, headers=headers
+        )
+        await eventually(lambda: upstream.open_streams == 1)
+        resp.close()
+        await eventually(lambda: upstream.cancelled == 1)
+
+
+async def test_a_missing_knowledge_base_still_answers(make_gateway, connect, tmp_path, upstream):
+    gateway = await make_gateway(
+        kb={"shop": {"path": str(tmp_path / "none.sqlite")}},
+        rag={"shop": {"kb": "shop"}},
+        routes=[{"path": "/rag/chat/completions", "rag": "shop"}],
+    )
+    completion = await rag_client(connect, gateway).chat.completions.create(
+        model="text", messages=CONVERSATION
+    )
+    assert completion.choices[0].message.content == "".join(WORDS)
+    assert NOTHING_FOUND in json.dumps(upstream.requests[0]["messages"])
