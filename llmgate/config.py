@@ -186,14 +186,16 @@ def _dotted(where: tuple[Any, ...]) -> str:
 
 
 def _decode(raw: dict[str, Any]) -> Config:
-    providers = raw.pop("providers", {})
-    if not isinstance(providers, dict):
-        raise ConfigError("providers: expected a table of [providers.NAME] sections")
+    # Named sections are decoded one by one, so that a mistake names its section
+    # (`rag.docs.top_k`), not a path through a mapping.
+    named = {key: _sections(raw, key) for key in ("providers", "kb", "rag")}
     config = _convert(raw, Config, "")
-    decoded = {
-        name: _convert(section, ProviderConfig, f"providers.{name}")
-        for name, section in providers.items()
-    }
+    kinds = {"providers": ProviderConfig, "kb": KbConfig, "rag": RagConfig}
+    decoded, kb, rag = (
+        {name: _convert(body, kinds[key], f"{key}.{name}") for name, body in named[key].items()}
+        for key in ("providers", "kb", "rag")
+    )
+    config = msgspec.structs.replace(config, kb=kb, rag=rag)
     if not decoded:
         raise ConfigError("providers: at least one [providers.NAME] section is needed")
     for name, provider in decoded.items():
@@ -213,6 +215,13 @@ def _decode(raw: dict[str, Any]) -> Config:
             raise ConfigError(f"routes[{i}].path: {route.path} is already served")
         seen.add(bare)
     return msgspec.structs.replace(config, providers=decoded)
+
+
+def _sections(raw: dict[str, Any], key: str) -> dict[str, Any]:
+    sections = raw.pop(key, {})
+    if not isinstance(sections, dict):
+        raise ConfigError(f"{key}: expected a table of [{key}.NAME] sections")
+    return sections
 
 
 def _convert(raw: Any, type_: type, prefix: str) -> Any:

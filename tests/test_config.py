@@ -121,10 +121,30 @@ def test_bad_speech_option_names_the_key(speech, key):
     assert str(info.value).startswith(key)
 
 
-def test_the_readme_route_examples_parse():
+def test_the_readme_config_examples_parse():
     readme = Path("README.md").read_text()
-    blocks = re.findall(r"```toml\n(.*?)```", readme, re.S)
-    routes = [tomllib.loads(b)["routes"] for b in blocks if "speech =" in b and "[[routes]]" in b]
-    assert routes
-    for r in routes:
-        parse(with_provider(routes=r), {"KEY": "x"})
+    blocks = [b for b in re.findall(r"```toml\n(.*?)```", readme, re.S) if "[[routes]]" in b]
+    assert len(blocks) >= 3
+    env = {"KEY": "x", "LLMGATE_API_KEY": "k", "OPENAI_API_KEY": "sk-x"}
+    for block in blocks:
+        raw = tomllib.loads(block)
+        raw.setdefault("providers", {"p": dict(PROVIDER)})
+        parse(raw, env)
+
+
+def test_a_rag_route_must_name_its_sections():
+    with pytest.raises(ConfigError, match=r"^routes\[0\]\.rag: no \[rag\.x\]"):
+        parse(with_provider(routes=[{"path": "/r", "rag": "x"}]), {"KEY": "x"})
+    with pytest.raises(ConfigError, match=r"^rag\.r\.kb: no \[kb\.k\]"):
+        parse(with_provider(rag={"r": {"kb": "k"}}), {"KEY": "x"})
+    with pytest.raises(ConfigError, match=r"^rag\.r\.top_k"):
+        parse(with_provider(kb={"k": {"path": "a"}}, rag={"r": {"kb": "k", "top_k": 0}}),
+              {"KEY": "x"})
+
+
+def test_kb_paths_are_relative_to_the_config_file(tmp_path):
+    (tmp_path / "c.toml").write_text(
+        '[providers.a]\nbase_url = "http://x/v1"\n[kb.d]\npath = "kb/d.sqlite"\n'
+    )
+    loaded = load(str(tmp_path / "c.toml"))
+    assert loaded.path(loaded.config.kb["d"].path) == tmp_path / "kb" / "d.sqlite"
