@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from llmgate.config import Config, Loaded, RouteConfig
+from llmgate.config import Config, KbConfig, Loaded, RouteConfig
+from llmgate.kb.remote import HttpRetriever
 from llmgate.kb.retriever import Retriever
 from llmgate.pipeline import Call, Stage, compose
 from llmgate.server.auth import KeyCheck
@@ -37,7 +38,7 @@ def create_app(loaded: Loaded) -> web.Application:
     app[CHANNELS] = Channels()
     app.cleanup_ctx.append(client_session)
     retrievers = {
-        name: Retriever(name, loaded.path(config.kb[name].path))
+        name: _retriever(name, config.kb[name], loaded)
         for name in {config.rag[r.rag].kb for r in config.routes if r.rag}
     }
     app.on_cleanup.append(lambda _: _close(retrievers))
@@ -51,7 +52,9 @@ def create_app(loaded: Loaded) -> web.Application:
     return app
 
 
-def _call(route: RouteConfig, config: Config, retrievers: dict[str, Retriever]) -> Call | None:
+def _call(
+    route: RouteConfig, config: Config, retrievers: dict[str, Retriever | HttpRetriever]
+) -> Call | None:
     """The route's stages, outermost first, around the provider; None for a plain relay."""
     stages: list[Stage] = []
     speech = options_from(route.speech)
@@ -63,9 +66,17 @@ def _call(route: RouteConfig, config: Config, retrievers: dict[str, Retriever]) 
     return compose(provider_call, stages) if stages else None
 
 
-async def _close(retrievers: dict[str, Retriever]) -> None:
+def _retriever(name: str, kb: KbConfig, loaded: Loaded) -> Retriever | HttpRetriever:
+    if kb.kind == "http":
+        assert kb.url is not None
+        return HttpRetriever(name, kb.url, kb.headers, kb.timeout_s)
+    assert kb.path is not None
+    return Retriever(name, loaded.path(kb.path))
+
+
+async def _close(retrievers: dict[str, Retriever | HttpRetriever]) -> None:
     for retriever in retrievers.values():
-        retriever.close()
+        await retriever.aclose()
 
 
 def _with_v1(path: str) -> list[str]:

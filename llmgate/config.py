@@ -63,9 +63,15 @@ class SpeechConfig(_Strict):
 
 
 class KbConfig(_Strict):
-    path: str  # the SQLite file, relative to the config file; created by `kb ingest`
+    kind: Literal["sqlite", "http"] = "sqlite"
+    # sqlite: the file, relative to the config file; created by `kb ingest`
+    path: str | None = None
     chunk_tokens: Annotated[int, msgspec.Meta(ge=20, le=4000)] = 200
     overlap_tokens: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 30
+    # http: a retrieval service of the operator's own (README has its contract)
+    url: str | None = None
+    headers: dict[str, str] = {}
+    timeout_s: _Positive = 2.0
 
 
 class WaitingConfig(_Strict):
@@ -200,6 +206,8 @@ def _decode(raw: dict[str, Any]) -> Config:
         raise ConfigError("providers: at least one [providers.NAME] section is needed")
     for name, provider in decoded.items():
         _check_provider(name, provider)
+    for name, kb_config in config.kb.items():
+        _check_kb(name, kb_config)
     for name, rag in config.rag.items():
         if rag.kb not in config.kb:
             raise ConfigError(f"rag.{name}.kb: no [kb.{rag.kb}] section")
@@ -233,10 +241,22 @@ def _convert(raw: Any, type_: type, prefix: str) -> Any:
         raise ConfigError(f"{key or 'config'}: {what}") from None
 
 
+def _check_kb(name: str, kb: KbConfig) -> None:
+    key = f"kb.{name}"
+    if kb.kind == "sqlite" and not kb.path:
+        raise ConfigError(f"{key}.path: a sqlite knowledge base needs its file's path")
+    if kb.kind == "http" and not _is_url(kb.url or ""):
+        raise ConfigError(f"{key}.url: expected a URL (http:// or https://)")
+
+
+def _is_url(value: str) -> bool:
+    url = URL(value) if "://" in value else None
+    return url is not None and url.scheme in ("http", "https") and bool(url.host)
+
+
 def _check_provider(name: str, provider: ProviderConfig) -> None:
     key = f"providers.{name}"
-    url = URL(provider.base_url) if "://" in provider.base_url else None
-    if url is None or url.scheme not in ("http", "https") or not url.host:
+    if not _is_url(provider.base_url):
         raise ConfigError(f"{key}.base_url: expected a URL (http:// or https://)")
     if "/" in name:
         raise ConfigError(f"{key}: a provider name cannot contain '/'")

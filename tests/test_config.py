@@ -148,3 +148,18 @@ def test_kb_paths_are_relative_to_the_config_file(tmp_path):
     )
     loaded = load(str(tmp_path / "c.toml"))
     assert loaded.path(loaded.config.kb["d"].path) == tmp_path / "kb" / "d.sqlite"
+
+
+@pytest.mark.parametrize(
+    ("kb", "message"),
+    [
+        ({}, "kb.k.path: a sqlite knowledge base needs"),
+        ({"kind": "http"}, "kb.k.url: expected a URL"),
+        ({"kind": "http", "url": "ftp://x"}, "kb.k.url: expected a URL"),
+        ({"kind": "vector"}, "kb.k.kind"),
+    ],
+)
+def test_a_kb_section_says_what_it_lacks(kb, message):
+    with pytest.raises(ConfigError) as info:
+        parse(with_provider(kb={"k": kb}), {"KEY": "x"})
+    assert str(info.value).startswith(message)

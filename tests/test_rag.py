@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import aiohttp
 import openai
 import pytest
+from aiohttp import web
 
 from llmgate.kb.ingest import ingest
 from llmgate.kb.store import Store
@@ -161,3 +163,70 @@ async def test_a_missing_knowledge_base_still_answers(make_gateway, connect, tmp
     )
     assert completion.choices[0].message.content == "".join(WORDS)
     assert NOTHING_FOUND in json.dumps(upstream.requests[0]["messages"])
+
+
+class RetrievalService:
+    """An operator's own retrieval service on 127.0.0.1, scripted by the query."""
+
+    def __init__(self) -> None:
+        self.asked: list[dict] = []
+        self.app = web.Application()
+        self.app.router.add_post("/search", self.search)
+
+    async def search(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.asked.append({**body, "auth": request.headers.get("Authorization")})
+        if "broken" in body["query"]:
+            return web.json_response({"error": "down"}, status=500)
+        if "shapeless" in body["query"]:
+            return web.json_response({"results": []})
+        if "slow" in body["query"]:
+            await asyncio.sleep(5)
+        passages = [
+            {"text": "Gates open at nine.", "source": "castle.md", "score": 2.5},
+            {"text": "The moat is deep.", "source": "castle.md", "heading": "Moat"},
+            {"text": "Low score.", "score": -1.0},
+        ]
+        return web.json_response({"passages": passages})
+
+
+@pytest.fixture
+async def service_gateway(aiohttp_server, make_gateway):
+    service = RetrievalService()
+    server = await aiohttp_server(service.app)
+    kb = {"kind": "http", "url": str(server.make_url("/search")), "timeout_s": 0.5,
+          "headers": {"Authorization": "Bearer kb-secret"}}
+    gateway = await make_gateway(
+        kb={"remote": kb},
+        rag={"remote": {"kb": "remote", "top_k": 3, "waiting": {"phrases": []}}},
+        routes=[{"path": "/rag/chat/completions", "rag": "remote"}],
+    )
+    return gateway, service
+
+
+async def test_the_http_retriever_contract(service_gateway, connect, upstream):
+    gateway, service = service_gateway
+    question = [{"role": "user", "content": "When do the castle gates open?"}]
+    await rag_client(connect, gateway).chat.completions.create(model="text", messages=question)
+    assert service.asked == [
+        {"query": "When do the castle gates open?", "k": 3, "auth": "Bearer kb-secret"}
+    ]
+    system = upstream.requests[0]["messages"][0]["content"]
+    assert "[1] (castle.md)\nGates open at nine." in system
+    assert "[2] (castle.md - Moat)\nThe moat is deep." in system
+    assert "Low score." not in system  # below min_score
+
+
+@pytest.mark.parametrize("query", ["broken", "shapeless", "slow"])
+async def test_a_failing_retrieval_service_still_gets_an_answer(
+    service_gateway, connect, upstream, caplog, query
+):
+    gateway, _ = service_gateway
+    caplog.set_level(logging.INFO, logger="llmgate.turn")
+    completion = await rag_client(connect, gateway).chat.completions.create(
+        model="text", messages=[{"role": "user", "content": query}]
+    )
+    assert completion.choices[0].message.content == "".join(WORDS)
+    assert upstream.requests[0]["messages"][0]["content"] == NOTHING_FOUND
+    [line] = [r.turn for r in caplog.records if r.name == "llmgate.turn"]
+    assert line["rag"]["error"] == "KbError"

@@ -50,6 +50,10 @@ def main(argv: list[str]) -> int:
         known = ", ".join(loaded.config.kb) or "none"
         print(f"llmgate: no [kb.{args.kb}] in {args.config} (there are: {known})", file=sys.stderr)
         return EXIT_CONFIG
+    if kb.path is None:
+        print(f"llmgate: kb.{args.kb} is a retrieval service (kind = \"{kb.kind}\"): "
+              "it has no file to build here", file=sys.stderr)
+        return EXIT_CONFIG
     try:
         store = Store(loaded.path(kb.path))
     except KbError as exc:

@@ -43,7 +43,7 @@ class Retriever:
                 conn.interrupt()  # the query stops; the connection goes back when it has
             raise
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
         while self._idle:
             self._idle.pop().close()

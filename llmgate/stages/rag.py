@@ -19,10 +19,9 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from typing import Any
+from typing import Any, Protocol
 
 from llmgate.config import RagConfig
-from llmgate.kb.retriever import Retriever
 from llmgate.kb.store import Hit, KbError
 from llmgate.pipeline import Ask, Call, Opened, Piece
 
@@ -37,6 +36,12 @@ NOTHING_FOUND = (
     "The knowledge base has nothing on the user's last question. Say you do not know rather "
     "than guess, and offer what you can help with."
 )
+
+
+class Retriever(Protocol):
+    name: str
+
+    async def search(self, question: str, k: int) -> list[Hit]: ...
 
 
 class RagStage:

@@ -1,0 +1,72 @@
+"""A retrieval service of the operator's own, as a knowledge base (`kind = "http"`).
+
+    POST <url>  {"query": "...", "k": 4}
+    200         {"passages": [{"text": "...", "source": "...", "score": 0.8,
+                               "heading": "...", "metadata": {...}}]}
+
+`text` is required; the rest may be left out. Anything else (an error status, a timeout,
+another shape) is a KbError naming the knowledge base, never the service's own text.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import msgspec
+
+from llmgate.kb.store import Hit, KbError
+
+MAX_ANSWER = 4 * 2**20
+
+
+class Passage(msgspec.Struct):
+    text: str
+    source: str = ""
+    score: float = 0.0
+    heading: str = ""
+    metadata: dict[str, Any] = {}
+
+
+class Passages(msgspec.Struct):
+    passages: list[Passage]
+
+
+_decoder = msgspec.json.Decoder(Passages)
+
+
+class HttpRetriever:
+    def __init__(self, name: str, url: str, headers: dict[str, str], timeout_s: float) -> None:
+        self.name = name
+        self.url = url
+        self.headers = {"Content-Type": "application/json", **headers}
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def search(self, question: str, k: int) -> list[Hit]:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
+        body = msgspec.json.encode({"query": question, "k": k})
+        try:
+            async with self._session.post(
+                self.url, data=body, headers=self.headers, timeout=self.timeout
+            ) as resp:
+                if resp.status != 200:
+                    raise KbError(f"kb '{self.name}': the retrieval service said {resp.status}")
+                if (resp.content_length or 0) > MAX_ANSWER:
+                    raise KbError(f"kb '{self.name}': the retrieval service's answer is too big")
+                raw = await resp.read()
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            what = type(exc).__name__
+            raise KbError(f"kb '{self.name}': the retrieval service failed ({what})") from None
+        try:
+            answer = _decoder.decode(raw)
+        except msgspec.DecodeError:
+            raise KbError(f"kb '{self.name}': the retrieval service's answer is not "
+                          '{"passages": [{"text": ...}]}') from None
+        hits = [Hit(p.score, p.source, p.heading, p.text, p.metadata) for p in answer.passages]
+        return hits[:k]
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
