@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import platform
+import random
+import re
 import socket
 import subprocess
 import sys
@@ -45,14 +48,29 @@ SCENARIOS: dict[str, dict] = {
         "gap_ms": 20,
         "hang_up": True,
     },
+    # The RAG route over a 100,000-chunk knowledge base, a different question each time:
+    # ttft is the waiting phrase (after_ms = 0); retrieval time comes from the turn lines.
+    "rag": {"requests": 400, "concurrency": 1, "chunks": 20, "warmup": 20, "rounds": 2},
 }
-QUICK = {"c1": (30, 1), "c50": (100, 10), "paced-c200": (40, 20), "disconnect": (20, 20)}
+QUICK = {
+    "c1": (30, 1),
+    "c50": (100, 10),
+    "paced-c200": (40, 20),
+    "disconnect": (20, 20),
+    "rag": (30, 1),
+}
+KB_CHUNKS, KB_CHUNKS_QUICK = 100_000, 1_000
+RAG_PATH = "/rag/chat/completions"
 RETAINED_KB_PER_HANG_UP = 10
 BUDGET = {
     "c1_added_ttft_p50_ms": 0.5,
     "cpu_ms_per_stream": 0.5,
     "paced_p99_slack_ms": 40.0,
     "peak_rss_mb": 80.0,
+    "rag_retrieval_p50_ms": 5.0,
+    "rag_retrieval_p99_ms": 20.0,
+    "rag_waiting_p50_ms": 5.0,
+    "kb_ingest_mb_per_s": 2.0,
 }
 
 
@@ -113,13 +131,50 @@ def start_mock() -> tuple[subprocess.Popen, int]:
     return proc, int(line.rsplit(":", 1)[1])
 
 
+def build_kb(workdir: Path, chunks: int) -> dict:
+    """Markdown files of Zipf-distributed words, one chunk a paragraph, ingested through
+    `kb ingest`, and questions of four words; returns the ingest's speed."""
+    rng = random.Random(1)
+    vocab = [f"w{i}" for i in range(50_000)]
+    cum = list(itertools.accumulate(1 / (i + 1) for i in range(len(vocab))))
+    docs = workdir / "docs"
+    docs.mkdir()
+    per_file = max(chunks // 100, 1)
+    for f in range(chunks // per_file):
+        paragraphs = [
+            f"## Part {p}\n\n" + " ".join(rng.choices(vocab, cum_weights=cum, k=55))
+            for p in range(per_file)
+        ]
+        (docs / f"doc{f:04}.md").write_text(f"# Document {f}\n\n" + "\n\n".join(paragraphs))
+    size = sum(p.stat().st_size for p in docs.iterdir())
+    questions = [" ".join(rng.choices(vocab[200:20_000], k=4)) for _ in range(2000)]
+    (workdir / "questions.txt").write_text("\n".join(questions) + "\n")
+    (workdir / "bench.toml").write_text(_config(0, 0))
+    started = time.monotonic()
+    subprocess.run(
+        [PY, "-m", "llmgate", "kb", "ingest", "--config", str(workdir / "bench.toml"),
+         "--kb", "bench", str(docs)],
+        check=True, capture_output=True, cwd=HERE.parent,
+    )
+    seconds = time.monotonic() - started
+    return {"kb_mb": round(size / 2**20, 1), "ingest_s": round(seconds, 2),
+            "ingest_mb_per_s": round(size / 2**20 / seconds, 2)}
+
+
+def _config(port: int, mock_port: int) -> str:
+    return (
+        f'[server]\nport = {port}\napi_keys = ["bench"]\n'
+        f'[providers.mock]\nbase_url = "http://127.0.0.1:{mock_port}/v1"\n'
+        '[kb.bench]\npath = "kb.sqlite"\nchunk_tokens = 60\noverlap_tokens = 0\n'
+        '[rag.bench]\nkb = "bench"\n'
+        f'[[routes]]\npath = "/chat/completions"\n[[routes]]\npath = "{RAG_PATH}"\nrag = "bench"\n'
+    )
+
+
 def start_llmgate(mock_port: int, workdir: Path) -> tuple[subprocess.Popen, int]:
     port = free_port()
     config = workdir / "bench.toml"
-    config.write_text(
-        f'[server]\nport = {port}\napi_keys = ["bench"]\n'
-        f'[providers.mock]\nbase_url = "http://127.0.0.1:{mock_port}/v1"\n'
-    )
+    config.write_text(_config(port, mock_port))
     log = open(workdir / "llmgate.log", "w")  # noqa: SIM115 - lives as long as the process
     proc = subprocess.Popen(
         [PY, "-m", "llmgate", "--config", str(config)], stderr=log, cwd=HERE.parent
@@ -161,11 +216,13 @@ def summarize(run: dict) -> dict:
     }
 
 
-def run_scenario(options: dict, mock_url: str, gw_url: str, gw: Proc) -> dict:
+def run_scenario(
+    options: dict, mock_url: str, gw_url: str, gw: Proc, path: str = "/chat/completions"
+) -> dict:
     options = dict(options)
     rounds = options.pop("rounds", 1)
     hang_up = options.get("hang_up", False)
-    direct_url, gw_chat = f"{mock_url}/v1/chat/completions", f"{gw_url}/v1/chat/completions"
+    direct_url, gw_chat = f"{mock_url}/v1/chat/completions", f"{gw_url}/v1{path}"
     warm_peak = 0.0
     if hang_up:  # untimed rounds first: what stays after them is the allocator's, not a leak
         for w in range(2):
@@ -259,6 +316,13 @@ def _close_lags(raw: dict, mock_url: str) -> dict:
     }
 
 
+def _retrieval_times(log: Path) -> dict:
+    """Retrieval's share of the RAG turns, from llmgate's turn lines."""
+    times = [float(m) for m in re.findall(r'"retrieval_ms":([0-9.]+)', log.read_text())]
+    return {"retrieval_p50_ms": pct(times, 0.5), "retrieval_p99_ms": pct(times, 0.99),
+            "retrievals": len(times)}
+
+
 def _diff(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else round(a - b, 3)
 
@@ -303,6 +367,18 @@ def budget(results: dict) -> list[tuple[str, bool, str]]:
             f"RSS kept <= {RETAINED_KB_PER_HANG_UP} KB a hang-up"
         )
         checks.append((label, ok, value))
+    if "rag" in results:
+        r = results["rag"]
+        for key, label in (("retrieval_p50_ms", "p50"), ("retrieval_p99_ms", "p99")):
+            value, limit = r[key], BUDGET[f"rag_{key}"]
+            ok = value is not None and value <= limit
+            checks.append((f"rag retrieval {label} <= {limit:g} ms", ok, f"{value} ms"))
+        waiting = r["llmgate"]["ttft_p50_ms"]
+        ok = waiting is not None and waiting <= BUDGET["rag_waiting_p50_ms"]
+        checks.append(("rag waiting phrase p50 <= 5 ms", ok, f"{waiting} ms"))
+        speed = r["ingest_mb_per_s"]
+        ok = speed >= BUDGET["kb_ingest_mb_per_s"]
+        checks.append(("kb ingest >= 2 MB/s", ok, f"{speed} MB/s ({r['kb_mb']} MB)"))
     return checks
 
 
@@ -325,6 +401,9 @@ def print_table(results: dict, checks: list) -> None:
                 continue
             added = _diff(g[metric], d[metric])
             rows.append((name, metric, str(d[metric]), str(g[metric]), _signed(added)))
+        for key in ("retrieval_p50_ms", "retrieval_p99_ms", "ingest_mb_per_s"):
+            if key in r:
+                rows.append((name, key, "", str(r[key]), ""))
         rows.append((name, "llmgate cpu ms/request", "", str(r["cpu_ms_per_request"]), ""))
         rows.append((name, "llmgate peak rss MB", "", str(r["peak_rss_mb"]), ""))
         if "fds_after" in r:
@@ -373,6 +452,10 @@ def main() -> int:
         parser.error(f"unknown scenario {', '.join(sorted(unknown))}")
     workdir = Path(tempfile.mkdtemp(prefix="llmgate-bench-"))
     cpu_before = _cpu_times()
+    kb_built: dict = {}
+    if "rag" in (args.scenarios or SCENARIOS):
+        print("building a knowledge base ...", file=sys.stderr, flush=True)
+        kb_built = build_kb(workdir, KB_CHUNKS_QUICK if args.quick else KB_CHUNKS)
     mock, mock_port = start_mock()
     gateway = None
     try:
@@ -386,9 +469,15 @@ def main() -> int:
                 options["warmup"] = min(options.get("warmup", 0), 1)
                 options["rounds"] = 1
             print(f"running {name} ...", file=sys.stderr, flush=True)
+            path = "/chat/completions"
+            if name == "rag":
+                options["questions"] = str(workdir / "questions.txt")
+                path = RAG_PATH
             results[name] = run_scenario(
-                options, f"http://127.0.0.1:{mock_port}", f"http://127.0.0.1:{gw_port}", gw
+                options, f"http://127.0.0.1:{mock_port}", f"http://127.0.0.1:{gw_port}", gw, path
             )
+            if name == "rag":
+                results[name].update(kb_built, **_retrieval_times(workdir / "llmgate.log"))
     finally:
         for proc in (gateway, mock):
             if proc is not None:

@@ -16,14 +16,17 @@ import time
 import aiohttp
 
 _TOKEN = re.compile(rb'"content":"[^"]')
-BODY = '{{"model":"{model}","stream":true,"messages":[{{"role":"user","content":"hi"}}]}}'
+BODY = '{{"model":"{model}","stream":true,"messages":[{{"role":"user","content":{content}}}]}}'
 
 
-async def one(session: aiohttp.ClientSession, url: str, model: str, hang_up: bool) -> dict:
+async def one(
+    session: aiohttp.ClientSession, url: str, model: str, hang_up: bool, question: str = "hi"
+) -> dict:
     started = time.monotonic()
     first = None
+    body = BODY.format(model=model, content=json.dumps(question))
     try:
-        async with session.post(url, data=BODY.format(model=model)) as resp:
+        async with session.post(url, data=body) as resp:
             if resp.status != 200:
                 return {"error": f"HTTP {resp.status}"}
             async for data in resp.content.iter_any():
@@ -51,6 +54,10 @@ async def run(args: argparse.Namespace) -> dict:
     headers = {"Authorization": "Bearer bench", "Content-Type": "application/json"}
     results: list[dict] = []
     counter = iter(range(args.requests))
+    questions = ["hi"]
+    if args.questions:
+        with open(args.questions) as f:
+            questions = [line.strip() for line in f if line.strip()]
 
     async def worker(k: int) -> None:
         # Calls do not start in lockstep: spread the workers' first requests over stagger_ms.
@@ -58,7 +65,8 @@ async def run(args: argparse.Namespace) -> dict:
         for i in counter:
             tag = f"-{args.tag}{i}" if args.hang_up else ""
             model = f"mock-{args.chunks}-{args.first_ms}-{args.gap_ms}{tag}"
-            result = await one(session, args.url, model, args.hang_up)
+            question = questions[i % len(questions)]
+            result = await one(session, args.url, model, args.hang_up, question)
             if args.hang_up:
                 result["tag"] = f"{args.tag}{i}"
             results.append(result)
@@ -90,6 +98,7 @@ def main() -> None:
     parser.add_argument("--stagger-ms", type=int, default=0, help="spread worker starts")
     parser.add_argument("--hang-up", action="store_true", help="close after the first token")
     parser.add_argument("--tag", default="r", help="prefix of the request tags the mock logs")
+    parser.add_argument("--questions", help="a file of user messages, one a line, in turn")
     args = parser.parse_args()
     try:
         import uvloop

@@ -22,11 +22,14 @@ def test_bench_quick_run_writes_its_report(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["machine"]["cores"] >= 1
-    assert set(report["scenarios"]) == {"c1", "c50", "paced-c200", "disconnect"}
+    assert set(report["scenarios"]) == {"c1", "c50", "paced-c200", "disconnect", "rag"}
     for name, scenario in report["scenarios"].items():
         assert scenario["llmgate"]["failed"] == 0, name
         assert scenario["direct"]["failed"] == 0, name
         assert scenario["cpu_ms_per_request"] >= 0
+    rag = report["scenarios"]["rag"]
+    assert rag["retrievals"] > 0 and rag["retrieval_p50_ms"] is not None
+    assert rag["ingest_mb_per_s"] > 0
     hang_ups = report["scenarios"]["disconnect"]["llmgate"]
     assert hang_ups["upstream_closed"] == hang_ups["hung_up"] > 0
     assert "scenario" in result.stdout and "llmgate" in result.stdout
