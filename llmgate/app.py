@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+
 from aiohttp import web
 
 from llmgate.config import Config, KbConfig, Loaded, RouteConfig
+from llmgate.kb.embeddings import EmbeddingError, embedder_for
 from llmgate.kb.remote import HttpRetriever
 from llmgate.kb.retriever import Retriever
 from llmgate.pipeline import Call, Stage, compose
@@ -18,6 +21,8 @@ from llmgate.upstream.call import provider_call
 from llmgate.upstream.client import client_session
 from llmgate.upstream.provider import Provider
 from llmgate.upstream.router import ROUTER, Router
+
+log = logging.getLogger("llmgate")
 
 
 def create_app(loaded: Loaded) -> web.Application:
@@ -71,7 +76,12 @@ def _retriever(name: str, kb: KbConfig, loaded: Loaded) -> Retriever | HttpRetri
         assert kb.url is not None
         return HttpRetriever(name, kb.url, kb.headers, kb.timeout_s)
     assert kb.path is not None
-    return Retriever(name, loaded.path(kb.path))
+    try:
+        embedder = embedder_for(kb, loaded)
+    except EmbeddingError as exc:
+        log.warning("kb.%s.embeddings: %s; retrieval is BM25 alone", name, exc)
+        embedder = None
+    return Retriever(name, loaded.path(kb.path), embedder)
 
 
 async def _close(retrievers: dict[str, Retriever | HttpRetriever]) -> None:

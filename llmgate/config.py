@@ -68,6 +68,8 @@ class KbConfig(_Strict):
     path: str | None = None
     chunk_tokens: Annotated[int, msgspec.Meta(ge=20, le=4000)] = 200
     overlap_tokens: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 30
+    embeddings: str | None = None  # a provider whose /embeddings gives dense vectors
+    embedding_model: str = "text-embedding-3-small"
     # http: a retrieval service of the operator's own (README has its contract)
     url: str | None = None
     headers: dict[str, str] = {}
@@ -208,6 +210,8 @@ def _decode(raw: dict[str, Any]) -> Config:
         _check_provider(name, provider)
     for name, kb_config in config.kb.items():
         _check_kb(name, kb_config)
+        if kb_config.embeddings is not None and kb_config.embeddings not in decoded:
+            raise ConfigError(f"kb.{name}.embeddings: no [providers.{kb_config.embeddings}]")
     for name, rag in config.rag.items():
         if rag.kb not in config.kb:
             raise ConfigError(f"rag.{name}.kb: no [kb.{rag.kb}] section")

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from collections.abc import Iterable
 from pathlib import Path
 
 from llmgate import config as configuration
+from llmgate.kb.embeddings import EmbeddingError, embedder_for
 from llmgate.kb.ingest import FORMATS, IngestError, files_under, ingest
-from llmgate.kb.store import KbError, Store
+from llmgate.kb.retriever import Retriever
+from llmgate.kb.store import Hit, KbError, Store
 
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
@@ -60,7 +63,7 @@ def main(argv: list[str]) -> int:
         print(f"llmgate: {exc}", file=sys.stderr)
         return EXIT_ERROR
     try:
-        return _run(args, store, kb)
+        return _run(args, store, kb, loaded)
     except (IngestError, KbError) as exc:
         print(f"llmgate: {exc}; the knowledge base is unchanged", file=sys.stderr)
         return EXIT_ERROR
@@ -68,15 +71,25 @@ def main(argv: list[str]) -> int:
         store.close()
 
 
-def _run(args: argparse.Namespace, store: Store, kb: configuration.KbConfig) -> int:
+def _run(
+    args: argparse.Namespace,
+    store: Store,
+    kb: configuration.KbConfig,
+    loaded: configuration.Loaded,
+) -> int:
     if args.command == "ingest":
         files = files_under(args.paths)
+        try:
+            embedder = embedder_for(kb, loaded)
+        except EmbeddingError as exc:
+            raise IngestError(f"kb.{args.kb}.embeddings: {exc}") from None
         summary = ingest(
-            store, files, kb.chunk_tokens, kb.overlap_tokens, args.text_field, _progress
+            store, files, kb.chunk_tokens, kb.overlap_tokens, args.text_field, _progress,
+            embedder,
         )
         print(summary.line())
     elif args.command == "search":
-        for hit in store.search(args.question, args.k):
+        for hit in asyncio.run(_search(store, kb, loaded, args.question, args.k)):
             where = hit.source + (f" > {hit.heading}" if hit.heading else "")
             print(f"{hit.score:7.3f}  {where}\n         {_preview(hit.text)}")
     elif args.command == "stats":
@@ -93,6 +106,21 @@ def _run(args: argparse.Namespace, store: Store, kb: configuration.KbConfig) -> 
                 raise KbError(f"not in the knowledge base: {', '.join(missing)}")
         print(f"{len(args.paths)} removed")
     return 0
+
+
+async def _search(
+    store: Store, kb: configuration.KbConfig, loaded: configuration.Loaded, q: str, k: int
+) -> list[Hit]:
+    """What the RAG route would find: the same retriever, embeddings and all."""
+    try:
+        embedder = embedder_for(kb, loaded)
+    except EmbeddingError as exc:
+        raise KbError(f"embeddings: {exc}") from None
+    retriever = Retriever("search", store.path, embedder)
+    try:
+        return await retriever.search(q, k)
+    finally:
+        await retriever.aclose()
 
 
 def _progress(files: list[Path]) -> Iterable[Path]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from llmgate.kb.chunking import Chunk, Section, chunk_sections, markdown_sections
+from llmgate.kb.embeddings import Embedder, EmbeddingError
 from llmgate.kb.store import Store
 
 FORMATS = (".txt", ".md", ".markdown", ".html", ".htm", ".pdf", ".jsonl")
@@ -65,24 +66,53 @@ def ingest(
     overlap_tokens: int,
     text_field: str = "text",
     progress: Callable[[Iterable[Path]], Iterable[Path]] = lambda files: files,
+    embedder: Embedder | None = None,
 ) -> Summary:
     summary = Summary()
     started = time.monotonic()
     with store.transaction():
-        for path in progress(files):
-            raw = _read_bytes(path)
-            digest = hashlib.sha256(raw).hexdigest()
-            source = str(path.resolve())
-            if store.source_hash(source) == digest:
-                summary.unchanged += 1
-                continue
-            chunks = _chunks(path, raw, chunk_tokens, overlap_tokens, text_field)
-            store.replace(source, digest, len(raw), chunks)
-            summary.files += 1
-            summary.chunks += len(chunks)
-            summary.bytes += len(raw)
+        _ingest_files(store, files, chunk_tokens, overlap_tokens, text_field, progress, summary)
+        if embedder is not None:
+            _embed(store, embedder)
     summary.seconds = time.monotonic() - started
     return summary
+
+
+def _embed(store: Store, embedder: Embedder) -> None:
+    """Vectors for every chunk still without one (new ones, and a base made without)."""
+    missing = store.without_vectors()
+    for start in range(0, len(missing), 512):
+        part = missing[start : start + 512]
+        try:
+            matrix = embedder.embed_sync([text for _, text in part])
+        except EmbeddingError as exc:
+            raise IngestError(f"embeddings: {exc}") from None
+        store.set_vectors(
+            [(row.tobytes(), chunk) for row, (chunk, _) in zip(matrix, part, strict=True)]
+        )
+
+
+def _ingest_files(
+    store: Store,
+    files: list[Path],
+    chunk_tokens: int,
+    overlap_tokens: int,
+    text_field: str,
+    progress: Callable[[Iterable[Path]], Iterable[Path]],
+    summary: Summary,
+) -> None:
+    for path in progress(files):
+        raw = _read_bytes(path)
+        digest = hashlib.sha256(raw).hexdigest()
+        source = str(path.resolve())
+        if store.source_hash(source) == digest:
+            summary.unchanged += 1
+            continue
+        chunks = _chunks(path, raw, chunk_tokens, overlap_tokens, text_field)
+        store.replace(source, digest, len(raw), chunks)
+        summary.files += 1
+        summary.chunks += len(chunks)
+        summary.bytes += len(raw)
 
 
 def _known(path: Path) -> bool:

@@ -1,0 +1,146 @@
+"""Hybrid retrieval: vectors from an OpenAI-compatible /embeddings (a fake on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+from aiohttp import web
+
+from llmgate.kb import cli as kb_cli
+from llmgate.kb.embeddings import Embedder, fuse, nearest
+from llmgate.kb.retriever import Retriever
+from llmgate.kb.store import Store
+from tests.test_rag import CONVERSATION, rag_client
+
+DATA = Path(__file__).parent / "data"
+# Words the fake model takes for one another: what BM25 cannot know.
+SYNONYMS = {"phone": "call", "telephone": "call", "ring": "call", "number": "call",
+            "costly": "price", "expensive": "price", "cheaper": "price"}
+DIMS = 512
+
+
+def vector(text: str) -> list[float]:
+    """A bag of the longer words, synonyms as one, hashed into DIMS."""
+    out = np.zeros(DIMS, np.float32)
+    for word in re.findall(r"[a-z]{4,}", text.lower()):
+        word = SYNONYMS.get(word, word)
+        if word not in ("what", "your", "with", "from", "that", "this"):
+            out[int(hashlib.md5(word.encode()).hexdigest(), 16) % DIMS] += 1.0
+    return out.tolist()
+
+
+class FakeEmbeddings:
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+        self.down = False
+        self.app = web.Application()
+        self.app.router.add_post("/v1/embeddings", self.embed)
+
+    async def embed(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.calls.append({"model": body["model"], "n": len(body["input"]),
+                           "auth": request.headers.get("Authorization")})
+        if self.down:
+            return web.json_response({"error": {"message": "down"}}, status=503)
+        data = [{"object": "embedding", "index": i, "embedding": vector(t)}
+                for i, t in reversed(list(enumerate(body["input"])))]  # out of order, as allowed
+        return web.json_response({"object": "list", "data": data, "model": body["model"]})
+
+
+@pytest.fixture
+async def embeddings(aiohttp_server):
+    fake = FakeEmbeddings()
+    server = await aiohttp_server(fake.app)
+    fake.url = str(server.make_url("/v1"))
+    return fake
+
+
+@pytest.fixture
+def config(tmp_path, embeddings) -> Path:
+    (tmp_path / "c.toml").write_text(
+        f'[providers.emb]\nbase_url = "{embeddings.url}"\napi_key = "emb-secret"\n'
+        '[kb.shop]\npath = "shop.sqlite"\nchunk_tokens = 60\noverlap_tokens = 10\n'
+        'embeddings = "emb"\nembedding_model = "fake-embed"\n'
+    )
+    return tmp_path / "c.toml"
+
+
+async def kb(*args: str) -> int:
+    return await asyncio.to_thread(kb_cli.main, list(args))
+
+
+async def test_ingest_stores_a_vector_for_every_chunk(config, embeddings):
+    assert await kb("ingest", "--config", str(config), "--kb", "shop", str(DATA / "shop.md")) == 0
+    conn = sqlite3.connect(config.parent / "shop.sqlite")
+    total, with_vec = conn.execute("SELECT count(*), count(vec) FROM chunks").fetchone()
+    assert total == with_vec > 10
+    assert {c["model"] for c in embeddings.calls} == {"fake-embed"}
+    assert embeddings.calls[0]["auth"] == "Bearer emb-secret"
+
+
+async def test_hybrid_finds_what_bm25_alone_misses(config, embeddings):
+    await kb("ingest", "--config", str(config), "--kb", "shop", str(DATA / "shop.md"))
+    path = config.parent / "shop.sqlite"
+    embedder = Embedder(embeddings.url, {}, "fake-embed", 5)
+    question = "What is your telephone number?"
+    lexical = Retriever("shop", path)
+    hybrid = Retriever("shop", path, embedder)
+    try:
+        bm25 = [h.heading.split(" > ")[-1] for h in await lexical.search(question, 3)]
+        fused = [h.heading.split(" > ")[-1] for h in await hybrid.search(question, 3)]
+    finally:
+        await lexical.aclose()
+        await hybrid.aclose()
+    assert "Contact" not in bm25
+    assert "Contact" in fused
+
+
+async def test_the_rag_route_with_embeddings(make_gateway, connect, upstream, config, embeddings):
+    await kb("ingest", "--config", str(config), "--kb", "shop", str(DATA / "shop.md"))
+    gateway = await make_gateway(
+        providers={
+            "fake": {"base_url": upstream.url},
+            "emb": {"base_url": embeddings.url, "api_key": "emb-secret"},
+        },
+        kb={"shop": {"path": str(config.parent / "shop.sqlite"), "embeddings": "emb",
+                     "embedding_model": "fake-embed"}},
+        rag={"shop": {"kb": "shop", "top_k": 3}},
+        routes=[{"path": "/rag/chat/completions", "rag": "shop"}],
+    )
+    question = [{"role": "user", "content": "Can I ring you? What is the number?"}]
+    await rag_client(connect, gateway).chat.completions.create(model="fake/text", messages=question)
+    assert "0117 496 0000" in upstream.requests[0]["messages"][0]["content"]
+    embeddings.down = True  # the question's vector fails: BM25 answers alone
+    await rag_client(connect, gateway).chat.completions.create(
+        model="fake/text", messages=CONVERSATION
+    )
+    assert "4.95 pounds" in upstream.requests[1]["messages"][1]["content"]
+
+
+async def test_embeddings_down_at_ingest_leaves_the_base_unchanged(config, embeddings, capsys):
+    await kb("ingest", "--config", str(config), "--kb", "shop", str(DATA / "shop.md"))
+    store = Store(config.parent / "shop.sqlite")
+    before = store.stats()["chunks"], store.sources()
+    store.close()
+    embeddings.down = True
+    extra = config.parent / "extra.md"
+    extra.write_text("# Extra\n\nA new page about gardening tools.\n")
+    assert await kb("ingest", "--config", str(config), "--kb", "shop", str(extra)) == 1
+    assert "embeddings" in capsys.readouterr().err
+    store = Store(config.parent / "shop.sqlite")
+    assert (store.stats()["chunks"], store.sources()) == before
+    store.close()
+
+
+def test_nearest_and_fusion():
+    matrix = np.eye(4, dtype=np.float32)
+    assert nearest(matrix, np.array([0, 0.2, 0.9, 0], np.float32), 2).tolist() == [2, 1]
+    fused = fuse([1, 2, 3], [3, 1, 4])
+    assert [chunk for chunk, _ in fused] == [1, 3, 2, 4]
+    assert fused[0][1] == pytest.approx(1 / 61 + 1 / 62)
