@@ -77,7 +77,8 @@ def _retriever(name: str, kb: KbConfig, loaded: Loaded) -> Retriever | HttpRetri
         return HttpRetriever(name, kb.url, kb.headers, kb.timeout_s)
     assert kb.path is not None
     try:
-        embedder = embedder_for(kb, loaded)
+        # A question's vector is on the voice path: a dead endpoint costs at most this.
+        embedder = embedder_for(kb, loaded, timeout_s=2.0)
     except EmbeddingError as exc:
         log.warning("kb.%s.embeddings: %s; retrieval is BM25 alone", name, exc)
         embedder = None

@@ -13,6 +13,7 @@ import pytest
 from aiohttp import web
 
 from llmgate.kb import cli as kb_cli
+from llmgate.kb.chunking import Chunk
 from llmgate.kb.embeddings import Embedder, fuse, nearest
 from llmgate.kb.retriever import Retriever
 from llmgate.kb.store import Store
@@ -144,3 +145,22 @@ def test_nearest_and_fusion():
     fused = fuse([1, 2, 3], [3, 1, 4])
     assert [chunk for chunk, _ in fused] == [1, 3, 2, 4]
     assert fused[0][1] == pytest.approx(1 / 61 + 1 / 62)
+
+
+async def test_a_base_of_another_model_is_searched_by_bm25(tmp_path):
+    store = Store(tmp_path / "kb.sqlite")
+    with store.transaction():
+        chunk = Chunk("Refunds", "Refunds are paid within five days.")
+        store.replace("/a.md", "x", 10, [chunk], [np.ones(3, np.float32).tobytes()])
+    store.close()
+
+    class FourDims(Embedder):
+        async def embed(self, session, texts):
+            return np.ones((len(texts), 4), np.float32) / 2
+
+    retriever = Retriever("kb", tmp_path / "kb.sqlite", FourDims("http://x/v1", {}, "m", 1))
+    try:
+        [hit] = await retriever.search("refunds", 3)
+    finally:
+        await retriever.aclose()
+    assert hit.heading == "Refunds"

@@ -53,9 +53,40 @@ def test_a_paragraph_longer_than_a_chunk_is_cut_into_windows():
 
 def test_match_query_keeps_the_words_that_matter():
     assert match_query("What are your opening hours?") == '"opening" OR "hours"'
-    assert match_query("what is it") == '"what" OR "is" OR "it"'
+    assert match_query("who are you") is None  # filler only: nothing to look for
     assert match_query("?!") is None
-    assert match_query('say "hi"') == '"say" OR "hi"'
+    assert match_query('say "hi" NEAR NOT') == '"say" OR "hi" OR "NEAR" OR "NOT"'
+    assert match_query("İstanbul") == '"İstanbul"'  # FTS5 folds case, not str.lower
+    assert match_query(" ".join(f"w{i}" for i in range(1000))).count(" OR ") == 63
+
+
+def test_headings_keep_a_trailing_hash_and_fences_close_on_their_own_kind():
+    text = "# C#\nabout C#\n  ## Indented ##\nbody\n~~~\n```\n# inside\n~~~\n# After\nend"
+    sections = markdown_sections(text)
+    assert [s.heading for s in sections] == ["C#", "C# > Indented", "After"]
+    assert "# inside" in sections[1].text
+
+
+def test_html_keeps_the_spaces_between_inline_elements(tmp_path):
+    page = tmp_path / "p.html"
+    page.write_text("<p>Refunds take <b>14</b> days, <i>not</i>weeks.</p>")
+    store = Store(tmp_path / "kb.sqlite")
+    ingest(store, [page], 200, 30)
+    assert store.search("refunds", 1)[0].text == "Refunds take 14 days, notweeks."
+
+
+def test_jsonl_strings_may_hold_line_separators(tmp_path):
+    records = tmp_path / "r.jsonl"
+    records.write_text(json.dumps({"text": "one\u2028two\u0085three"}, ensure_ascii=False) + "\n")
+    store = Store(tmp_path / "kb.sqlite")
+    assert ingest(store, [records], 200, 30).chunks == 1
+
+
+def test_new_chunk_settings_make_a_file_changed(tmp_path, docs):
+    store = Store(tmp_path / "kb.sqlite")
+    ingest(store, files_under([str(docs)]), 200, 30)
+    again = ingest(store, files_under([str(docs)]), 100, 10)
+    assert (again.files, again.unchanged) == (5, 0)
 
 
 def make_pdf(text: str) -> bytes:

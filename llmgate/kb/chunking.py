@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-_HEADING = re.compile(r"^(#{1,6})[ \t]+(.+?)[ \t#]*$")
+_HEADING = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.+?)(?:[ \t]+#+)?[ \t]*$")
 _BLANK = re.compile(r"\n[ \t]*\n+")
 
 
@@ -35,7 +35,6 @@ def markdown_sections(text: str) -> list[Section]:
     sections: list[Section] = []
     path: list[tuple[int, str]] = []
     lines: list[str] = []
-    fenced = False
 
     def close() -> None:
         body = "\n".join(lines).strip()
@@ -43,9 +42,14 @@ def markdown_sections(text: str) -> list[Section]:
             sections.append(Section(" > ".join(t for _, t in path), body))
         lines.clear()
 
+    fence = ""
     for line in text.splitlines():
-        if line.lstrip().startswith(("```", "~~~")):
-            fenced = not fenced
+        stripped = line.lstrip()
+        if fence and stripped.startswith(fence):
+            fence = ""
+        elif not fence and stripped.startswith(("```", "~~~")):
+            fence = stripped[:3]
+        fenced = bool(fence) or stripped.startswith(("```", "~~~"))
         match = None if fenced else _HEADING.match(line)
         if match is None:
             lines.append(line)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sqlite3
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -67,6 +68,10 @@ def main(argv: list[str]) -> int:
     except (IngestError, KbError) as exc:
         print(f"llmgate: {exc}; the knowledge base is unchanged", file=sys.stderr)
         return EXIT_ERROR
+    except sqlite3.Error as exc:
+        print(f"llmgate: {store.path}: {type(exc).__name__}: {exc}; the knowledge base is "
+              "unchanged", file=sys.stderr)
+        return EXIT_ERROR
     finally:
         store.close()
 
@@ -80,7 +85,7 @@ def _run(
     if args.command == "ingest":
         files = files_under(args.paths)
         try:
-            embedder = embedder_for(kb, loaded)
+            embedder = embedder_for(kb, loaded, timeout_s=60.0)
         except EmbeddingError as exc:
             raise IngestError(f"kb.{args.kb}.embeddings: {exc}") from None
         summary = ingest(
@@ -113,7 +118,7 @@ async def _search(
 ) -> list[Hit]:
     """What the RAG route would find: the same retriever, embeddings and all."""
     try:
-        embedder = embedder_for(kb, loaded)
+        embedder = embedder_for(kb, loaded, timeout_s=10.0)
     except EmbeddingError as exc:
         raise KbError(f"embeddings: {exc}") from None
     retriever = Retriever("search", store.path, embedder)

@@ -39,7 +39,16 @@ _decoder = msgspec.json.Decoder(_Answer)
 
 
 class Embedder:
-    def __init__(self, base_url: str, headers: dict[str, str], model: str, timeout_s: float):
+    def __init__(
+        self,
+        base_url: str,
+        headers: dict[str, str],
+        model: str,
+        timeout_s: float,
+        name: str = "embeddings",
+    ):
+        # Errors name the provider, never the URL (it may carry a key in its query).
+        self.name = name
         base = URL(base_url)
         self.url = base.with_path(base.path.rstrip("/") + "/embeddings", keep_query=True)
         self.headers = {**headers, "Content-Type": "application/json"}
@@ -60,16 +69,19 @@ class Embedder:
                 self.url, data=body, headers=self.headers, timeout=self.timeout
             ) as resp:
                 if resp.status != 200:
-                    raise EmbeddingError(f"{self.url} answered HTTP {resp.status}")
+                    raise EmbeddingError(f"{self.name}/embeddings answered HTTP {resp.status}")
                 raw = await resp.read()
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise EmbeddingError(f"{self.url} failed ({type(exc).__name__})") from None
+            what = type(exc).__name__
+            raise EmbeddingError(f"{self.name}/embeddings failed ({what})") from None
         try:
             items = sorted(_decoder.decode(raw).data, key=lambda item: item.index)
         except msgspec.DecodeError:
-            raise EmbeddingError(f"{self.url} sent no embeddings") from None
+            raise EmbeddingError(f"{self.name}/embeddings sent no embeddings") from None
         if len(items) != len(texts):
-            raise EmbeddingError(f"{self.url} sent {len(items)} embeddings for {len(texts)}")
+            raise EmbeddingError(
+                f"{self.name}/embeddings sent {len(items)} embeddings for {len(texts)} texts"
+            )
         return normalized(np.array([item.embedding for item in items], dtype=np.float32))
 
     def embed_sync(self, texts: Sequence[str]) -> np.ndarray:
@@ -82,7 +94,7 @@ class Embedder:
         return asyncio.run(run())
 
 
-def embedder_for(kb: KbConfig, loaded: Loaded, timeout_s: float = 10.0) -> Embedder | None:
+def embedder_for(kb: KbConfig, loaded: Loaded, timeout_s: float) -> Embedder | None:
     """The embedder a [kb.NAME] names with `embeddings = "provider"`, with its key."""
     if kb.embeddings is None:
         return None
@@ -93,7 +105,8 @@ def embedder_for(kb: KbConfig, loaded: Loaded, timeout_s: float = 10.0) -> Embed
     headers = dict(provider.headers)
     if provider.api_key and provider.api_key != PASSTHROUGH:
         headers["Authorization"] = f"Bearer {provider.api_key}"
-    return Embedder(provider.base_url, headers, kb.embedding_model, timeout_s)
+    name = f"provider '{kb.embeddings}'"
+    return Embedder(provider.base_url, headers, kb.embedding_model, timeout_s, name)
 
 
 def normalized(vectors: np.ndarray) -> np.ndarray:

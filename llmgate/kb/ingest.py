@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from llmgate.kb.chunking import Chunk, Section, chunk_sections, markdown_section
 from llmgate.kb.embeddings import Embedder, EmbeddingError
 from llmgate.kb.store import Store
 
+_SPACES = re.compile(r"\s+")
 FORMATS = (".txt", ".md", ".markdown", ".html", ".htm", ".pdf", ".jsonl")
 
 
@@ -103,7 +105,9 @@ def _ingest_files(
 ) -> None:
     for path in progress(files):
         raw = _read_bytes(path)
-        digest = hashlib.sha256(raw).hexdigest()
+        # The settings that shape the chunks are part of what "unchanged" means.
+        shape = f"|{chunk_tokens}|{overlap_tokens}|{text_field}".encode()
+        digest = hashlib.sha256(raw + shape).hexdigest()
         source = str(path.resolve())
         if store.source_hash(source) == digest:
             summary.unchanged += 1
@@ -148,7 +152,8 @@ def _text(path: Path, raw: bytes) -> str:
 def _jsonl_chunks(
     path: Path, raw: bytes, size: int, overlap: int, text_field: str
 ) -> Iterator[Chunk]:
-    for number, line in enumerate(_text(path, raw).splitlines(), 1):
+    # split("\n"), not splitlines(): JSON strings may hold U+2028 and U+0085 unescaped
+    for number, line in enumerate(_text(path, raw).split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -210,7 +215,7 @@ class _HtmlText(HTMLParser):
 
     def handle_data(self, data: str) -> None:
         if not self._skip:
-            self.parts.append(" ".join(data.split()) if data.strip() else " ")
+            self.parts.append(_SPACES.sub(" ", data))
 
 
 def _html_text(html: str) -> str:

@@ -43,7 +43,7 @@ class HttpRetriever:
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._session: aiohttp.ClientSession | None = None
 
-    async def search(self, question: str, k: int) -> list[Hit]:
+    async def search(self, question: str, k: int, min_score: float = 0.0) -> list[Hit]:
         if self._session is None:
             self._session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
         body = msgspec.json.encode({"query": question, "k": k})
@@ -64,7 +64,11 @@ class HttpRetriever:
         except msgspec.DecodeError:
             raise KbError(f"kb '{self.name}': the retrieval service's answer is not "
                           '{"passages": [{"text": ...}]}') from None
-        hits = [Hit(p.score, p.source, p.heading, p.text, p.metadata) for p in answer.passages]
+        hits = [
+            Hit(p.score, p.source, p.heading, p.text, p.metadata)
+            for p in answer.passages
+            if p.score >= min_score
+        ]
         return hits[:k]
 
     async def aclose(self) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import aiohttp
 import numpy as np
 
 from llmgate.kb.embeddings import Embedder, EmbeddingError, fuse, nearest
-from llmgate.kb.store import Hit, KbError, bm25_ranked, hits, search, vectors
+from llmgate.kb.store import Hit, KbError, bm25_ranked, hits, vectors
 
 log = logging.getLogger("llmgate.kb")
 CANDIDATES = 50
@@ -33,51 +34,84 @@ class Retriever:
         self.path = path
         self.embedder = embedder
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"kb-{name}")
-        self._idle: list[sqlite3.Connection] = []
+        self._workers = workers
+        self._idle: list[sqlite3.Connection] = []  # touched on the event loop only
         self._session: aiohttp.ClientSession | None = None
-        # the dense index: chunk ids, their unit vectors as one matrix, the file's mtime
+        # the dense index: (chunk ids, their unit vectors as one matrix, the file's mtime)
         self._dense: tuple[np.ndarray, np.ndarray, float] | None = None
+        self._dense_lock = threading.Lock()
 
     def _connect(self) -> sqlite3.Connection:
         if not self.path.exists():
             raise KbError(f"kb '{self.name}': {self.path} does not exist (run `kb ingest`)")
         return sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
 
-    def _run(self, conn: sqlite3.Connection | None, question: str, k: int, query) -> list[Hit]:
-        conn = conn or self._connect()
-        try:
-            if query is None:
-                return search(conn, question, k)
-            lexical = [chunk for chunk, _ in bm25_ranked(conn, question, CANDIDATES)]
+    def _run(
+        self,
+        conn: sqlite3.Connection,
+        question: str,
+        k: int,
+        min_score: float,
+        query: np.ndarray | None,
+    ) -> list[Hit]:
+        """On a pool thread: BM25, or BM25 and the vectors fused."""
+        lexical = [(c, s) for c, s in bm25_ranked(conn, question, CANDIDATES) if s >= min_score]
+        if query is not None:
             ids, matrix = self._index(conn)
-            dense = [int(ids[row]) for row in nearest(matrix, query, CANDIDATES)]
-            return hits(conn, fuse(lexical, dense)[:k])
-        finally:
-            self._idle.append(conn)
+            if matrix.shape[0] and matrix.shape[1] == query.shape[0]:
+                dense = [int(ids[row]) for row in nearest(matrix, query, CANDIDATES)]
+                return hits(conn, fuse([c for c, _ in lexical], dense)[:k])
+            if matrix.shape[0]:
+                log.warning(
+                    "kb '%s': its vectors have %d dimensions, the question's %d (another "
+                    "embedding model?): BM25 alone; ingest again", self.name,
+                    matrix.shape[1], query.shape[0],
+                )
+        return hits(conn, lexical[:k])
 
     def _index(self, conn: sqlite3.Connection) -> tuple[np.ndarray, np.ndarray]:
         """The vectors as one matrix, read again when the base changed on disk."""
         mtime = self.path.stat().st_mtime
-        if self._dense is None or self._dense[2] != mtime:
-            chunk_ids, blobs = vectors(conn)
-            matrix = (
-                np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), -1)
-                if blobs
-                else np.zeros((0, 1), np.float32)
-            )
-            self._dense = (np.array(chunk_ids), matrix, mtime)
-        return self._dense[0], self._dense[1]
+        with self._dense_lock:
+            dense = self._dense
+            if dense is None or dense[2] != mtime:
+                chunk_ids, blobs = vectors(conn)
+                sizes = {len(b) for b in blobs}
+                if len(sizes) > 1:
+                    raise KbError(f"kb '{self.name}': vectors of different sizes; ingest again")
+                matrix = (
+                    np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), -1)
+                    if blobs
+                    else np.zeros((0, 0), np.float32)
+                )
+                dense = self._dense = (np.array(chunk_ids), matrix, mtime)
+        return dense[0], dense[1]
 
-    async def search(self, question: str, k: int) -> list[Hit]:
+    async def search(self, question: str, k: int, min_score: float = 0.0) -> list[Hit]:
         query = await self._query_vector(question)
-        conn = self._idle.pop() if self._idle else None
-        job = self._pool.submit(self._run, conn, question, k, query)
+        conn = self._idle.pop() if self._idle else self._connect()
+        job = self._pool.submit(self._run, conn, question, k, min_score, query)
         try:
-            return await asyncio.wrap_future(job)
+            found = await asyncio.wrap_future(job)
         except asyncio.CancelledError:
-            if conn is not None:
-                conn.interrupt()  # the query stops; the connection goes back when it has
+            # The caller left: stop this search's own query (not one that took the
+            # connection after it), and take the connection back once the thread is done.
+            if not job.cancel() and job.running():
+                conn.interrupt()
+            loop = asyncio.get_running_loop()
+            job.add_done_callback(lambda _: loop.call_soon_threadsafe(self._release, conn))
             raise
+        except BaseException:
+            self._release(conn)
+            raise
+        self._release(conn)
+        return found
+
+    def _release(self, conn: sqlite3.Connection) -> None:
+        if len(self._idle) < self._workers:
+            self._idle.append(conn)
+        else:
+            conn.close()
 
     async def _query_vector(self, question: str) -> np.ndarray | None:
         if self.embedder is None:
@@ -93,6 +127,6 @@ class Retriever:
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown(wait=False, cancel_futures=True)
         while self._idle:
             self._idle.pop().close()

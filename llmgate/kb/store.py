@@ -74,14 +74,17 @@ class KbError(Exception):
     """A knowledge base that cannot be used; the message says which and why."""
 
 
+MAX_TERMS = 64
+
+
 def match_query(question: str) -> str | None:
-    """An FTS5 query for a question: its words (less the filler ones), any of them."""
-    words = [w for w in _WORD.findall(question.lower()) if w not in _STOP]
-    if not words:
-        words = _WORD.findall(question.lower())
-    if not words:
+    """An FTS5 query for a question: its words less the filler ones, any of them (FTS5
+    folds case itself). None for a question of filler only ("who are you"): nothing in a
+    knowledge base answers it, and an OR of filler would match every chunk."""
+    words = [w for w in _WORD.findall(question) if w.casefold() not in _STOP]
+    unique = list(dict.fromkeys(words))[:MAX_TERMS]
+    if not unique:
         return None
-    unique = dict.fromkeys(words)
     return " OR ".join('"' + w.replace('"', '""') + '"' for w in unique)
 
 
@@ -137,13 +140,18 @@ class Store:
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.conn = sqlite3.connect(path, isolation_level=None)
-            self.conn.executescript(SCHEMA)
+            new = not self.conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE name = 'chunks_fts'"
+            ).fetchone()
+            if new:
+                self.conn.executescript(SCHEMA)
+                # A word in the heading counts half as much as one in the text.
+                self.conn.execute(
+                    "INSERT INTO chunks_fts(chunks_fts, rank) VALUES ('rank', 'bm25(1.0, 0.5)')"
+                )
             columns = {row[1] for row in self.conn.execute("PRAGMA table_info(chunks)")}
             if "vec" not in columns:  # a base made before vectors were kept
                 self.conn.execute("ALTER TABLE chunks ADD COLUMN vec BLOB")
-            # A word in the heading counts half as much as one in the text.
-            self.conn.execute("INSERT INTO chunks_fts(chunks_fts, rank) VALUES ('rank', ?)",
-                              ("bm25(1.0, 0.5)",))
         except sqlite3.DatabaseError as exc:
             raise KbError(f"{path}: not a knowledge base ({exc})") from None
 
@@ -153,13 +161,16 @@ class Store:
     @contextmanager
     def transaction(self) -> Iterator[None]:
         """All of a command or none of it."""
-        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise KbError(f"{self.path}: cannot write ({exc})") from None
         try:
             yield
+            self.conn.execute("COMMIT")
         except BaseException:
             self.conn.execute("ROLLBACK")
             raise
-        self.conn.execute("COMMIT")
 
     def source_hash(self, source: str) -> str | None:
         row = self.conn.execute("SELECT hash FROM sources WHERE path = ?", (source,)).fetchone()

@@ -41,7 +41,7 @@ NOTHING_FOUND = (
 class Retriever(Protocol):
     name: str
 
-    async def search(self, question: str, k: int) -> list[Hit]: ...
+    async def search(self, question: str, k: int, min_score: float = 0.0) -> list[Hit]: ...
 
 
 class RagStage:
@@ -98,14 +98,18 @@ class RagStage:
         if not question:
             return []
         try:
-            hits = await self.retriever.search(question, self.config.top_k)
-        except (KbError, sqlite3.Error) as exc:
+            return await self.retriever.search(
+                question, self.config.top_k, self.config.min_score
+            )
+        except Exception as exc:
             # The caller still gets an answer (one that says it does not know): a base
             # that cannot be read must not silence the agent. The log says why.
-            log.warning("rag: kb '%s' cannot be searched: %s", self.retriever.name, exc)
+            if isinstance(exc, KbError | sqlite3.Error):
+                log.warning("rag: kb '%s' cannot be searched: %s", self.retriever.name, exc)
+            else:
+                log.error("rag: kb '%s' search failed", self.retriever.name, exc_info=True)
             ask.turn.note("rag", error=type(exc).__name__)
             return []
-        return [h for h in hits if h.score >= self.config.min_score]
 
     def _system_message(self, hits: list[Hit]) -> dict[str, Any]:
         if not hits:

@@ -48,7 +48,9 @@ class Watchdog:
         self._handle = self._loop.call_at(self._last + limit, self._check)
 
     def _check(self) -> None:
-        if self.paused:
+        if self.paused or self._task is None or self._task.done():
+            # Nobody waits on the provider right now (a helper task that read the first
+            # chunk has finished, the next reader has not followed yet): count from now.
             self._last = self._loop.time()
         due = self._last + self._limit
         if self._loop.time() < due:
