@@ -61,14 +61,17 @@ class RagStage:
                 yield self._waiting(ask)
                 filler = False
             deadline = started + waiting.after_ms / 1000
-            search = asyncio.ensure_future(self._retrieve(ask))
-            try:
-                if filler and not await _done_by(search, deadline):
-                    yield self._waiting(ask)
-                    filler = False
-                hits = await search
-            finally:
-                await _cancelled(search)
+            if not filler:
+                hits = await self._retrieve(ask)
+            else:  # retrieval in a task of its own, so that the phrase can go out meanwhile
+                search = asyncio.ensure_future(self._retrieve(ask))
+                try:
+                    if not await _done_by(search, deadline):
+                        yield self._waiting(ask)
+                        filler = False
+                    hits = await search
+                finally:
+                    await _cancelled(search)
             top = round(hits[0].score, 3) if hits else None
             elapsed = round((time.monotonic() - started) * 1000, 2)
             ask.turn.note("rag", retrieval_ms=elapsed, hits=len(hits), top_score=top)
