@@ -34,6 +34,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def load_config(path: str) -> configuration.Loaded | None:
+    """The config, or None once stderr says what is wrong with it (the key, the file)."""
+    try:
+        return configuration.load(path)
+    except configuration.ConfigError as exc:
+        print(f"llmgate: config error: {exc}", file=sys.stderr)
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["kb"]:
@@ -41,10 +50,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return kb_cli.main(argv[1:])
     args = parse_args(argv)
-    try:
-        loaded = configuration.load(args.config)
-    except configuration.ConfigError as exc:
-        print(f"llmgate: config error: {exc}", file=sys.stderr)
+    loaded = load_config(args.config)
+    if loaded is None:
         return EXIT_CONFIG
     server = loaded.config.server
     obs_logging.setup(loaded.config.log.format, loaded.config.log.level)

@@ -289,3 +289,12 @@ def test_the_right_passage_is_in_the_top_three(shop, turns, heading):
     messages = [{"role": "user", "content": t} for t in turns]
     hits = shop.search(query_text(messages, 2), 3)
     assert heading in [h.heading.split(" > ")[-1] for h in hits]
+
+
+def test_a_retrieval_service_has_nothing_to_build(tmp_path):
+    (tmp_path / "c.toml").write_text(
+        '[providers.a]\nbase_url = "http://127.0.0.1:9/v1"\n'
+        '[kb.svc]\nkind = "http"\nurl = "http://127.0.0.1:9/search"\n'
+    )
+    result = run_kb("stats", "--config", "c.toml", "--kb", "svc", cwd=tmp_path)
+    assert result.returncode == 2 and "retrieval service" in result.stderr

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from llmgate import config as configuration
+from llmgate.cli import load_config
 from llmgate.kb.embeddings import EmbeddingError, embedder_for
 from llmgate.kb.ingest import FORMATS, IngestError, files_under, ingest
 from llmgate.kb.retriever import Retriever
@@ -44,17 +45,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    try:
-        loaded = configuration.load(args.config)
-    except configuration.ConfigError as exc:
-        print(f"llmgate: config error: {exc}", file=sys.stderr)
+    loaded = load_config(args.config)
+    if loaded is None:
         return EXIT_CONFIG
     kb = loaded.config.kb.get(args.kb)
     if kb is None:
         known = ", ".join(loaded.config.kb) or "none"
         print(f"llmgate: no [kb.{args.kb}] in {args.config} (there are: {known})", file=sys.stderr)
         return EXIT_CONFIG
-    if kb.path is None:
+    if kb.kind != "sqlite" or kb.path is None:
         print(f"llmgate: kb.{args.kb} is a retrieval service (kind = \"{kb.kind}\"): "
               "it has no file to build here", file=sys.stderr)
         return EXIT_CONFIG
@@ -65,12 +64,11 @@ def main(argv: list[str]) -> int:
         return EXIT_ERROR
     try:
         return _run(args, store, kb, loaded)
-    except (IngestError, KbError) as exc:
-        print(f"llmgate: {exc}; the knowledge base is unchanged", file=sys.stderr)
-        return EXIT_ERROR
-    except sqlite3.Error as exc:
-        print(f"llmgate: {store.path}: {type(exc).__name__}: {exc}; the knowledge base is "
-              "unchanged", file=sys.stderr)
+    except (IngestError, KbError, sqlite3.Error) as exc:
+        what = f"{store.path}: {type(exc).__name__}: {exc}" if isinstance(
+            exc, sqlite3.Error
+        ) else str(exc)
+        print(f"llmgate: {what}; the knowledge base is unchanged", file=sys.stderr)
         return EXIT_ERROR
     finally:
         store.close()
