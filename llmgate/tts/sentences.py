@@ -1,0 +1,117 @@
+"""An answer cut into sentences while it streams, for speech synthesis one sentence at a time.
+
+`SentenceSplitter.feed(delta)` returns the sentences the text so far completes;
+`flush()` the rest at the end. A sentence ends at `.`, `!`, `?` or an ellipsis (with any
+closing quotes or brackets) followed by space, or at a line break; not after "Dr.", "e.g.",
+"U.S.", an initial ("J. K."), inside "3.5", after a list number ("1. "), or where the next
+word starts in lower case. A clause that runs past `max_words` with no full stop is cut at
+its last comma, semicolon, colon or dash (or after `max_words` words), so the first audio
+never waits for a sixty-word sentence. A cut is decided only once the text after it is
+seen, so any split of the same answer gives the same sentences.
+"""
+
+from __future__ import annotations
+
+import re
+
+ABBREVIATIONS = frozenset(
+    (
+        "mr.", "mrs.", "ms.", "dr.", "prof.", "sr.", "jr.", "st.", "mt.", "vs.", "etc.",
+        "inc.", "ltd.", "co.", "corp.", "approx.", "dept.", "est.",
+        "jan.", "feb.", "mar.", "apr.", "jun.", "jul.", "aug.", "sep.", "sept.", "oct.",
+        "nov.", "dec.", "mon.", "tue.", "wed.", "thu.", "fri.", "sat.", "sun.", "ave.",
+        "rd.", "blvd.", "gen.", "gov.", "sen.", "rep.", "capt.", "lt.", "sgt.", "col.",
+    )
+)
+_LOWER_AFTER_OK = frozenset(("e.g.", "i.e.", "cf.", "viz."))
+_BEFORE_NUMBERS = frozenset(("no.", "nos.", "fig.", "p.", "pp.", "vol.", "ch."))  # "No. 5"
+_END = re.compile("[.!?\u2026]+[\"'\u201d\u2019)\\]]*")
+_WORD = re.compile(r"\S+")
+_CLAUSE = re.compile("[,;:](?=\\s)|\\s[-\u2013\u2014]\\s")
+_DOTTED = re.compile(r"^(?:[A-Za-z]\.){2,}$")
+_INITIAL = re.compile(r"^[A-Z]\.$")
+_LIST_NUMBER = re.compile(r"^\d{1,3}\.$")
+_NEXT = re.compile(r"\S")
+_OPENERS = "\"'\u201c\u2018(["
+_CLOSERS = "\"'\u201d\u2019)]"
+
+
+class SentenceSplitter:
+    def __init__(self, max_words: int = 20, min_words: int = 4) -> None:
+        self.max_words = max_words
+        self.min_words = min_words
+        self._buf = ""
+
+    def feed(self, text: str) -> list[str]:
+        self._buf += text
+        return self._cut(final=False)
+
+    def flush(self) -> list[str]:
+        out = self._cut(final=True)
+        rest, self._buf = self._buf.strip(), ""
+        return [*out, rest] if rest else out
+
+    def _cut(self, final: bool) -> list[str]:
+        out: list[str] = []
+        while True:
+            at = self._next_cut(final)
+            if at is None:
+                return out
+            sentence, self._buf = self._buf[:at].strip(), self._buf[at:]
+            if sentence:
+                out.append(sentence)
+
+    def _next_cut(self, final: bool) -> int | None:
+        """Where the first sentence of the buffer ends, if the text so far says."""
+        buf = self._buf
+        pos = 0
+        for words, word in enumerate(_WORD.finditer(buf), 1):
+            newline = buf.find("\n", pos, word.start())
+            if newline >= 0 and buf[:newline].strip():
+                return newline + 1  # a line break ends what came before it
+            end = self._sentence_end(buf, word, final)
+            if end is None:
+                return None  # what follows decides
+            if end:
+                return end
+            if words > self.max_words:
+                return self._clause_cut(buf, word.start())
+            pos = word.end()
+        return None
+
+    def _sentence_end(self, buf: str, word: re.Match[str], final: bool) -> int | None:
+        """word.end() if the word ends a sentence, 0 if not, None if the next word decides."""
+        token = word.group()
+        punct = _END.search(token)
+        if punct is None or punct.end() != len(token):
+            return 0
+        following = _NEXT.search(buf, word.end())
+        if following is None:
+            return word.end() if final else None
+        nxt = following.group()
+        marks = punct.group().rstrip(_CLOSERS)
+        if "!" in marks or "?" in marks:
+            return word.end()
+        if len(marks) > 1 or "\u2026" in marks:  # an ellipsis: "wait... what" goes on
+            return 0 if nxt.islower() else word.end()
+        bare = token.lstrip(_OPENERS).rstrip(_CLOSERS)  # one full stop from here on
+        lowered = bare.lower()
+        line = buf[: word.start()].rsplit("\n", 1)[-1]
+        if _LIST_NUMBER.match(bare) and not line.strip():
+            return 0  # "1. Preheat the oven": a list number, not a sentence
+        if lowered in ABBREVIATIONS or lowered in _LOWER_AFTER_OK or _INITIAL.match(bare):
+            return 0
+        if lowered in _BEFORE_NUMBERS and nxt.isdigit():
+            return 0
+        if _DOTTED.match(bare):  # U.S., a.m.: a sentence ends only before a capital
+            return word.end() if nxt.isupper() else 0
+        return 0 if nxt.islower() else word.end()
+
+    def _clause_cut(self, buf: str, limit: int) -> int:
+        """A long clause: after its last comma (or dash) that leaves `min_words` words
+        before it, else right before the word past `max_words`."""
+        best = None
+        for mark in _CLAUSE.finditer(buf, 0, limit):
+            if len(_WORD.findall(buf[: mark.start()])) >= self.min_words:
+                best = mark.end()
+        return best if best is not None else limit

@@ -1,0 +1,94 @@
+"""Sentences for speech, cut while the answer streams; the same however it is split."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llmgate.tts.sentences import SentenceSplitter
+
+
+def sentences(text: str, **options) -> list[str]:
+    splitter = SentenceSplitter(**options)
+    return splitter.feed(text) + splitter.flush()
+
+
+def sentences_in_pieces(pieces: list[str], **options) -> list[str]:
+    splitter = SentenceSplitter(**options)
+    return [s for p in pieces for s in splitter.feed(p)] + splitter.flush()
+
+
+TABLE = [
+    ("Hello there. How are you? I am fine!", ["Hello there.", "How are you?", "I am fine!"]),
+    ("Dr. Smith arrived at 3.5 p.m. today. He left.",
+     ["Dr. Smith arrived at 3.5 p.m. today.", "He left."]),
+    ("We use tools, e.g. hammers and saws. They work.",
+     ["We use tools, e.g. hammers and saws.", "They work."]),
+    ("I moved to the U.S. last year. The U.S. Army is big.",
+     ["I moved to the U.S. last year.", "The U.S. Army is big."]),
+    ("Wait... what? That's odd\u2026 Really odd.",
+     ["Wait... what?", "That's odd\u2026", "Really odd."]),
+    ("Steps:\n1. Preheat the oven.\n2. Mix the flour.\n10. Bake",
+     ["Steps:", "1. Preheat the oven.", "2. Mix the flour.", "10. Bake"]),
+    ('He said "Stop." Then he left.', ['He said "Stop."', "Then he left."]),
+    ("She said \u201cno.\u201d We agreed.", ["She said \u201cno.\u201d", "We agreed."]),
+    ("J. K. Rowling wrote it. Read it.", ["J. K. Rowling wrote it.", "Read it."]),
+    ("It costs 5. Then more.", ["It costs 5.", "Then more."]),
+    ("See fig. 3 and No. 5 here. Said no. Fine.",
+     ["See fig. 3 and No. 5 here.", "Said no.", "Fine."]),
+    ("Call Mr. Brown or Mrs. Green etc. for help.",
+     ["Call Mr. Brown or Mrs. Green etc. for help."]),
+    ("A unknown abbrev. continues in lower case.", ["A unknown abbrev. continues in lower case."]),
+    ("No full stop at the end", ["No full stop at the end"]),
+    ("  \n\n  ", []),
+    ("Line one\nLine two\n\nLine three", ["Line one", "Line two", "Line three"]),
+    ("(See above.) Next one.", ["(See above.)", "Next one."]),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), TABLE)
+def test_sentences(text, expected):
+    assert sentences(text) == expected
+
+
+@pytest.mark.parametrize(("text", "expected"), TABLE)
+def test_one_character_at_a_time(text, expected):
+    assert sentences_in_pieces(list(text)) == expected
+
+
+def test_a_long_clause_is_cut_at_its_last_comma_within_the_limit():
+    text = ("This is a very long sentence without any full stop that keeps going on and on, and "
+            "it really should be cut somewhere so that audio can start early")
+    first, second = sentences(text, max_words=20)
+    assert first.endswith("on and on,") and second.startswith("and it really")
+
+
+def test_a_long_clause_without_a_comma_is_cut_after_max_words():
+    words = [f"w{i}" for i in range(50)]
+    parts = sentences(" ".join(words), max_words=10)
+    assert [len(p.split()) for p in parts] == [10] * 5
+
+
+def test_the_first_sentence_goes_out_as_soon_as_the_next_word_begins():
+    splitter = SentenceSplitter()
+    assert splitter.feed("Hello there.") == []  # "Dr." or "there."? the next word says
+    assert splitter.feed(" N") == ["Hello there."]
+    assert splitter.feed("ext one") == []
+    assert splitter.flush() == ["Next one"]
+
+
+WORDS = st.sampled_from(
+    ["Hello", "there.", "Dr.", "U.S.", "e.g.", "3.5", "5.", "1.", "...", "\u2026", "wait",
+     "What?", "Yes!", '"Stop."', "J.", "and,", "-", "\n", "\n\n", "lower", "Upper", "etc."]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(WORDS, max_size=40), st.data())
+def test_any_split_gives_the_same_sentences(words, data):
+    text = " ".join(words)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(text)), max_size=8)))
+    pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+    assert sentences_in_pieces(pieces, max_words=8) == sentences(text, max_words=8)
+    assert " ".join(sentences(text, max_words=8)).split() == text.split()  # nothing lost
