@@ -1,0 +1,78 @@
+"""PCM16 little-endian mono: exact frames for the wire, streaming resampling, WAV headers."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import soxr
+
+
+def frame_size(sample_rate: int, chunk_ms: int) -> int:
+    """Bytes in one frame: 16 kHz and 40 ms make 1280."""
+    return sample_rate * 2 * chunk_ms // 1000
+
+
+class Framer:
+    """PCM in, frames of exactly `size` bytes out; `flush()` gives the shorter last one."""
+
+    __slots__ = ("_pending", "size")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._pending = b""
+
+    def push(self, pcm: bytes) -> list[bytes]:
+        data = self._pending + pcm
+        whole = len(data) - len(data) % self.size
+        self._pending = data[whole:]
+        return [data[i : i + self.size] for i in range(0, whole, self.size)]
+
+    def flush(self) -> bytes:
+        rest, self._pending = self._pending, b""
+        return rest
+
+
+class Resampler:
+    """One voice's PCM to the route's rate, chunk by chunk (soxr keeps its filter state)."""
+
+    def __init__(self, from_rate: int, to_rate: int) -> None:
+        self.same = from_rate == to_rate
+        self._stream = None if self.same else soxr.ResampleStream(
+            from_rate, to_rate, 1, dtype="int16", quality="HQ"
+        )
+        self._odd = b""  # half a sample left from the last chunk
+
+    def push(self, pcm: bytes, last: bool = False) -> bytes:
+        if self.same:
+            return pcm
+        data = self._odd + pcm
+        cut = len(data) - len(data) % 2
+        self._odd = data[cut:]
+        samples = np.frombuffer(data[:cut], dtype="<i2")
+        assert self._stream is not None
+        return self._stream.resample_chunk(samples, last=last).astype("<i2").tobytes()
+
+
+def wav_data_offset(head: bytes) -> tuple[int, int] | None:
+    """(sample rate, where the samples start) of a PCM16 mono WAV header, None until the
+    `data` chunk's header has arrived; ValueError for anything else."""
+    if len(head) < 12:
+        return None
+    if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        raise ValueError("not a WAV stream")
+    at, rate = 12, None
+    while at + 8 <= len(head):
+        kind, size = head[at : at + 4], struct.unpack_from("<I", head, at + 4)[0]
+        if kind == b"fmt ":
+            if at + 24 > len(head):
+                return None
+            fmt, channels, rate, _, _, bits = struct.unpack_from("<HHIIHH", head, at + 8)
+            if fmt != 1 or channels != 1 or bits != 16:
+                raise ValueError("not PCM16 mono")
+        elif kind == b"data":
+            if rate is None:
+                raise ValueError("WAV data before its format")
+            return rate, at + 8
+        at += 8 + size + (size & 1)
+    return None

@@ -1,0 +1,114 @@
+"""Speech engines and PCM: exact frames, resampling, real espeak-ng synthesis, barge-in."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from contextlib import aclosing
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llmgate.tts.espeak import EngineError, EspeakEngine
+from llmgate.tts.file import FileEngine
+from llmgate.tts.pcm import Framer, Resampler, frame_size, wav_data_offset
+
+needs_espeak = pytest.mark.skipif(
+    shutil.which("espeak-ng") is None,
+    reason="espeak-ng is not installed (apt-get install espeak-ng)",
+)
+
+
+def test_frames_are_exactly_the_size_agora_expects():
+    assert frame_size(16000, 40) == 1280 and frame_size(24000, 20) == 960
+    framer = Framer(1280)
+    frames = framer.push(b"\x01" * 3000) + framer.push(b"\x02" * 1000)
+    assert [len(f) for f in frames] == [1280, 1280, 1280]
+    assert len(framer.flush()) == 4000 - 3 * 1280
+    assert framer.flush() == b""
+
+
+def tone(rate: int, seconds: float) -> bytes:
+    t = np.arange(int(rate * seconds)) / rate
+    return (np.sin(2 * np.pi * 440 * t) * 8000).astype("<i2").tobytes()
+
+
+def test_resampling_in_chunks_gives_the_length_of_the_new_rate():
+    pcm = tone(22050, 1.0)
+    resampler = Resampler(22050, 16000)
+    pieces = [pcm[i : i + 1001] for i in range(0, len(pcm), 1001)]  # odd sizes: half samples
+    out = b"".join(resampler.push(p) for p in pieces) + resampler.push(b"", last=True)
+    assert abs(len(out) // 2 - 16000) <= 2
+    assert np.abs(np.frombuffer(out, "<i2")).max() > 6000  # the tone survived
+    assert Resampler(16000, 16000).push(b"ab") == b"ab"
+
+
+def test_wav_headers():
+    head = (b"RIFF\x24\xf0\xff\x7fWAVEfmt \x10\x00\x00\x00\x01\x00\x01\x00\x22\x56\x00\x00"
+            b"\x44\xac\x00\x00\x02\x00\x10\x00data\x00\xf0\xff\x7f")
+    assert wav_data_offset(head) == (22050, 44)
+    assert wav_data_offset(head[:30]) is None
+    with pytest.raises(ValueError):
+        wav_data_offset(b"ID3\x03" + b"\x00" * 40)
+
+
+async def spoken(engine: EspeakEngine, text: str) -> tuple[int, bytes]:
+    rates, pcm = set(), b""
+    async with aclosing(engine.synthesize(text)) as pieces:
+        async for rate, data in pieces:
+            rates.add(rate)
+            pcm += data
+    [rate] = rates
+    return rate, pcm
+
+
+@needs_espeak
+async def test_espeak_speaks_the_text():
+    rate, pcm = await spoken(EspeakEngine(), "Hello world, this is a test of the voice.")
+    samples = np.frombuffer(pcm, "<i2")
+    seconds = len(samples) / rate
+    assert rate == 22050 and 1.0 < seconds < 6.0
+    assert np.sqrt(np.mean(samples.astype(np.float64) ** 2)) > 300  # not silence
+
+
+def children() -> list[str]:
+    me = str(os.getpid())
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        if stat.rsplit(")", 1)[1].split()[1] == me:
+            out.append(pid)
+    return out
+
+
+@needs_espeak
+async def test_a_barge_in_kills_the_engine_at_once():
+    before = children()
+    engine = EspeakEngine()
+    pieces = engine.synthesize("A long answer. " * 200)
+    await anext(pieces)  # it has begun talking
+    assert len(children()) == len(before) + 1
+    await pieces.aclose()  # the caller barged in
+    assert children() == before
+
+
+async def test_a_missing_espeak_is_a_clear_error():
+    engine = EspeakEngine()
+    engine.binary = None
+    with pytest.raises(EngineError, match="apt-get install espeak-ng"):
+        await anext(engine.synthesize("hi"))
+
+
+async def test_the_file_engine_reads_its_pcm_and_transcript(tmp_path):
+    (tmp_path / "a.pcm").write_bytes(tone(16000, 0.5))
+    (tmp_path / "a.txt").write_text("Welcome to Lumen.\n")
+    engine = FileEngine(tmp_path / "a.pcm", tmp_path / "a.txt", 16000)
+    assert await engine.transcript() == "Welcome to Lumen."
+    pcm = b"".join([data async for _, data in engine.synthesize()])
+    assert pcm == tone(16000, 0.5)
+    with pytest.raises(EngineError, match=r"missing\.pcm"):
+        await anext(FileEngine(tmp_path / "missing.pcm", None, 16000).synthesize())
