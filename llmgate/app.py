@@ -14,8 +14,11 @@ from llmgate.pipeline import Call, Stage, compose
 from llmgate.server.auth import KeyCheck
 from llmgate.server.handlers import SETTINGS, ChatCompletions, Settings, healthz, list_models
 from llmgate.server.middleware import error_envelopes
+from llmgate.stages.audio import AudioStage
 from llmgate.stages.rag import RagStage
 from llmgate.stages.speech import SpeechStage, options_from
+from llmgate.text.speakable import SpeechOptions
+from llmgate.tts.espeak import EspeakEngine
 from llmgate.turn import CHANNELS, Channels
 from llmgate.upstream.call import provider_call
 from llmgate.upstream.client import client_session
@@ -62,7 +65,12 @@ def _call(
 ) -> Call | None:
     """The route's stages, outermost first, around the provider; None for a plain relay."""
     stages: list[Stage] = []
+    if route.audio is not None:
+        audio = config.audio[route.audio]
+        stages.append(AudioStage(audio, EspeakEngine(audio.voice)))
     speech = options_from(route.speech)
+    if speech is None and route.audio is not None:
+        speech = SpeechOptions()  # nothing unspeakable reaches the voice
     if speech is not None:
         stages.append(SpeechStage(speech))
     if route.rag is not None:

@@ -90,10 +90,21 @@ class RagConfig(_Strict):
     waiting: WaitingConfig = msgspec.field(default_factory=WaitingConfig)  # phrases = []: none
 
 
+class AudioConfig(_Strict):
+    engine: Literal["espeak"] = "espeak"  # piper, openai and file: the audio issue goes on
+    voice: str = ""  # engine-specific; "" = the engine's default voice
+    sample_rate: Annotated[int, msgspec.Meta(ge=8000, le=48000)] = 16000
+    chunk_ms: Annotated[int, msgspec.Meta(ge=10, le=200)] = 40
+    pace: bool = True  # no faster than real time ...
+    lead_ms: Annotated[int, msgspec.Meta(ge=0, le=10000)] = 200  # ... this far ahead of it
+    max_words: Annotated[int, msgspec.Meta(ge=4, le=200)] = 20  # a longer clause is cut
+
+
 class RouteConfig(_Strict, kw_only=True):
     path: str
     speech: bool | SpeechConfig = False  # true = every part of SpeechConfig on
     rag: str | None = None  # a [rag.NAME]
+    audio: str | None = None  # an [audio.NAME]
 
 
 class Config(_Strict):
@@ -102,6 +113,7 @@ class Config(_Strict):
     providers: dict[str, ProviderConfig] = {}
     kb: dict[str, KbConfig] = {}
     rag: dict[str, RagConfig] = {}
+    audio: dict[str, AudioConfig] = {}
     routes: list[RouteConfig] = msgspec.field(
         default_factory=lambda: [RouteConfig(path="/chat/completions")]
     )
@@ -196,14 +208,14 @@ def _dotted(where: tuple[Any, ...]) -> str:
 def _decode(raw: dict[str, Any]) -> Config:
     # Named sections are decoded one by one, so that a mistake names its section
     # (`rag.docs.top_k`), not a path through a mapping.
-    named = {key: _sections(raw, key) for key in ("providers", "kb", "rag")}
+    kinds = {"providers": ProviderConfig, "kb": KbConfig, "rag": RagConfig, "audio": AudioConfig}
+    named = {key: _sections(raw, key) for key in kinds}
     config = _convert(raw, Config, "")
-    kinds = {"providers": ProviderConfig, "kb": KbConfig, "rag": RagConfig}
-    decoded, kb, rag = (
+    decoded, kb, rag, audio = (
         {name: _convert(body, kinds[key], f"{key}.{name}") for name, body in named[key].items()}
-        for key in ("providers", "kb", "rag")
+        for key in kinds
     )
-    config = msgspec.structs.replace(config, kb=kb, rag=rag)
+    config = msgspec.structs.replace(config, kb=kb, rag=rag, audio=audio)
     if not decoded:
         raise ConfigError("providers: at least one [providers.NAME] section is needed")
     for name, provider in decoded.items():
@@ -218,6 +230,8 @@ def _decode(raw: dict[str, Any]) -> Config:
     for i, route in enumerate(config.routes):
         if route.rag is not None and route.rag not in config.rag:
             raise ConfigError(f"routes[{i}].rag: no [rag.{route.rag}] section")
+        if route.audio is not None and route.audio not in config.audio:
+            raise ConfigError(f"routes[{i}].audio: no [audio.{route.audio}] section")
     seen = {"/models", "/healthz"}  # served by llmgate itself
     for i, route in enumerate(config.routes):
         if not route.path.startswith("/"):

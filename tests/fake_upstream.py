@@ -168,7 +168,10 @@ class FakeUpstream:
         await resp.prepare(request)
         eol = {"crlf": b"\r\n", "cr": b"\r"}.get(model, b"\n")
         frames = [frame(c, eol) for c in self.script(model, body)]
-        if model in ("no-done", "truncated", "error-mid", "garbage", "stall-mid", "drop", "reset"):
+        if model in (
+            "no-done", "truncated", "error-mid", "garbage", "stall-mid", "drop", "reset",
+            "speak-then-stall",
+        ):
             pass
         else:
             frames.append(frame(b"[DONE]", eol))
@@ -198,7 +201,7 @@ class FakeUpstream:
         else:
             for f in frames:
                 await resp.write(f)
-        if model == "stall-mid":
+        if model in ("stall-mid", "speak-then-stall"):
             await asyncio.sleep(3600)
         if model == "reset":
             reset(request)
@@ -220,6 +223,8 @@ class FakeUpstream:
             return text_chunks(model, WORDS)[:2]
         if model == "done-no-finish":
             return text_chunks(model, WORDS)[:-1]
+        if model == "speak-then-stall":  # sentences to speak, then silence: a barge-in test
+            return text_chunks(model, ["A first sentence is here. ", "And a second one. "] * 5)[:-1]
         if model == "finish-with-content":  # Gemini: the last text and the finish together
             chunks = text_chunks(model, ["**Hi", " there**"])
             chunks[-2]["choices"][0]["finish_reason"] = "stop"

@@ -44,6 +44,15 @@ TABLE = [
     ("  \n\n  ", []),
     ("Line one\nLine two\n\nLine three", ["Line one", "Line two", "Line three"]),
     ("(See above.) Next one.", ["(See above.)", "Next one."]),
+    ("The price is $3.50. Want it?", ["The price is $3.50.", "Want it?"]),
+    ("Meet at 10:30 a.m. tomorrow. Bring snacks.",
+     ["Meet at 10:30 a.m. tomorrow.", "Bring snacks."]),
+    ("Visit https://x.com/docs. It has more.", ["Visit https://x.com/docs.", "It has more."]),
+    ("We sat in the sun. It was warm.", ["We sat in the sun.", "It was warm."]),
+    ("Buy pears, etc. Then go home.", ["Buy pears, etc.", "Then go home."]),
+    ("Gen. Lee left on Jan. 5 this year.", ["Gen. Lee left on Jan. 5 this year."]),
+    ("\u4f60\u597d\u3002\u6211\u5f88\u597d\uff01\u4f60\u5462\uff1f",
+     ["\u4f60\u597d\u3002", "\u6211\u5f88\u597d\uff01", "\u4f60\u5462\uff1f"]),
 ]
 
 
@@ -80,7 +89,8 @@ def test_the_first_sentence_goes_out_as_soon_as_the_next_word_begins():
 
 WORDS = st.sampled_from(
     ["Hello", "there.", "Dr.", "U.S.", "e.g.", "3.5", "5.", "1.", "...", "\u2026", "wait",
-     "What?", "Yes!", '"Stop."', "J.", "and,", "-", "\n", "\n\n", "lower", "Upper", "etc."]
+     "What?", "Yes!", '"Stop."', "J.", "and,", "-", "\n", "\n\n", "lower", "Upper", "etc.",
+     "$3.50.", "Jan.", "sun.", "\u4f60\u597d\u3002", "\u3002\u300d"]
 )
 
 
@@ -92,3 +102,8 @@ def test_any_split_gives_the_same_sentences(words, data):
     pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
     assert sentences_in_pieces(pieces, max_words=8) == sentences(text, max_words=8)
     assert " ".join(sentences(text, max_words=8)).split() == text.split()  # nothing lost
+
+
+def test_max_words_must_be_positive():
+    with pytest.raises(ValueError):
+        SentenceSplitter(max_words=0)

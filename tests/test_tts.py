@@ -22,6 +22,7 @@ needs_espeak = pytest.mark.skipif(
 
 def test_frames_are_exactly_the_size_agora_expects():
     assert frame_size(16000, 40) == 1280 and frame_size(24000, 20) == 960
+    assert frame_size(22050, 10) == 440  # whole samples, never half of one
     framer = Framer(1280)
     frames = framer.push(b"\x01" * 3000) + framer.push(b"\x02" * 1000)
     assert [len(f) for f in frames] == [1280, 1280, 1280]
@@ -112,3 +113,10 @@ async def test_the_file_engine_reads_its_pcm_and_transcript(tmp_path):
     assert pcm == tone(16000, 0.5)
     with pytest.raises(EngineError, match=r"missing\.pcm"):
         await anext(FileEngine(tmp_path / "missing.pcm", None, 16000).synthesize())
+
+
+@needs_espeak
+async def test_a_bad_voice_says_why():
+    with pytest.raises(EngineError) as info:
+        await spoken(EspeakEngine(voice="zz-nope"), "Hello.")
+    assert "zz-nope" in str(info.value) or "voice" in str(info.value).lower()

@@ -39,18 +39,19 @@ class EspeakEngine:
             self.binary, "--stdout", "-v", self.voice, "-s", str(self.words_per_minute),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
         )
         try:
             assert proc.stdin is not None and proc.stdout is not None
-            proc.stdin.write(text.encode() + b"\n")
+            # espeak-ng reads [[...]] as phonemes: a wiki-style link must be read as text
+            proc.stdin.write(text.replace("[[", "[ [").encode() + b"\n")
             proc.stdin.close()
             head = b""
             found = None
             while found is None:
                 data = await proc.stdout.read(READ)
                 if not data:
-                    raise EngineError("espeak-ng ended before its audio")
+                    raise EngineError(f"espeak-ng gave no audio ({await _said(proc)})")
                 head += data
                 try:
                     found = wav_data_offset(head)
@@ -62,8 +63,16 @@ class EspeakEngine:
             while data := await proc.stdout.read(READ):
                 yield rate, data
             if await proc.wait() != 0:
-                raise EngineError(f"espeak-ng exited with status {proc.returncode}")
+                raise EngineError(f"espeak-ng exited with {proc.returncode} ({await _said(proc)})")
         finally:
             if proc.returncode is None:
                 proc.kill()  # barge-in, or a failure: no engine keeps talking
                 await proc.wait()
+
+
+async def _said(proc: asyncio.subprocess.Process) -> str:
+    """The last of what espeak-ng wrote to stderr (a bad voice name, say)."""
+    if proc.stderr is None:
+        return ""
+    text = (await proc.stderr.read(4096)).decode(errors="replace").strip()
+    return text.splitlines()[-1][:200] if text else "nothing said"

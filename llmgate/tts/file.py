@@ -29,6 +29,8 @@ class FileEngine:
                 return (await f.read()).strip()
         except OSError as exc:
             raise EngineError(f"{self.text_path}: cannot read ({exc.strerror})") from None
+        except UnicodeDecodeError:
+            raise EngineError(f"{self.text_path}: not UTF-8 text") from None
 
     async def synthesize(self, text: str = "") -> AsyncIterator[tuple[int, bytes]]:
         """The file's PCM, whatever the text: a fixed announcement."""

@@ -10,7 +10,7 @@ import soxr
 
 def frame_size(sample_rate: int, chunk_ms: int) -> int:
     """Bytes in one frame: 16 kHz and 40 ms make 1280."""
-    return sample_rate * 2 * chunk_ms // 1000
+    return sample_rate * chunk_ms // 1000 * 2  # whole samples, whatever the rate
 
 
 class Framer:
@@ -34,7 +34,8 @@ class Framer:
 
 
 class Resampler:
-    """One voice's PCM to the route's rate, chunk by chunk (soxr keeps its filter state)."""
+    """One utterance's PCM to the route's rate, chunk by chunk (soxr keeps its filter
+    state); `push(..., last=True)` ends it, so make one per sentence."""
 
     def __init__(self, from_rate: int, to_rate: int) -> None:
         self.same = from_rate == to_rate
@@ -67,9 +68,11 @@ def wav_data_offset(head: bytes) -> tuple[int, int] | None:
         if kind == b"fmt ":
             if at + 24 > len(head):
                 return None
+            if size < 16:
+                raise ValueError("a WAV format chunk too short")
             fmt, channels, rate, _, _, bits = struct.unpack_from("<HHIIHH", head, at + 8)
-            if fmt != 1 or channels != 1 or bits != 16:
-                raise ValueError("not PCM16 mono")
+            if fmt != 1 or channels != 1 or bits != 16 or not 8000 <= rate <= 192000:
+                raise ValueError("not PCM16 mono at a usable rate")
         elif kind == b"data":
             if rate is None:
                 raise ValueError("WAV data before its format")

@@ -14,18 +14,27 @@ from __future__ import annotations
 
 import re
 
+# Not the end of a sentence, whatever follows (compared in lower case).
 ABBREVIATIONS = frozenset(
     (
-        "mr.", "mrs.", "ms.", "dr.", "prof.", "sr.", "jr.", "st.", "mt.", "vs.", "etc.",
-        "inc.", "ltd.", "co.", "corp.", "approx.", "dept.", "est.",
-        "jan.", "feb.", "mar.", "apr.", "jun.", "jul.", "aug.", "sep.", "sept.", "oct.",
-        "nov.", "dec.", "mon.", "tue.", "wed.", "thu.", "fri.", "sat.", "sun.", "ave.",
-        "rd.", "blvd.", "gen.", "gov.", "sen.", "rep.", "capt.", "lt.", "sgt.", "col.",
+        "mr.", "mrs.", "ms.", "dr.", "prof.", "sr.", "jr.", "st.", "mt.", "vs.", "approx.",
+        "dept.", "u.s.", "u.k.", "u.n.", "e.u.", "a.m.", "p.m.",
+    )
+)
+# Titles, days and months: abbreviations only when capitalised ("Gen. Lee", "Jan. 5");
+# in lower case they are words ("in the sun.", "a wed. day" is rare, "they got wed." not).
+_CAPITALISED = frozenset(
+    (
+        "gen.", "gov.", "sen.", "rep.", "capt.", "lt.", "sgt.", "col.", "ave.", "rd.",
+        "blvd.", "jan.", "feb.", "mar.", "apr.", "jun.", "jul.", "aug.", "sep.", "sept.",
+        "oct.", "nov.", "dec.", "mon.", "tue.", "wed.", "thu.", "fri.", "sat.", "sun.",
     )
 )
 _LOWER_AFTER_OK = frozenset(("e.g.", "i.e.", "cf.", "viz."))
 _BEFORE_NUMBERS = frozenset(("no.", "nos.", "fig.", "p.", "pp.", "vol.", "ch."))  # "No. 5"
-_END = re.compile("[.!?\u2026]+[\"'\u201d\u2019)\\]]*")
+_END = re.compile("[.!?\u2026]+[\"'\u201d\u2019)\\]]*$")  # the run that ends a word
+# Chinese and Japanese end sentences with their own marks, and no space follows them.
+_CJK_END = re.compile("[\u3002\uff01\uff1f]+[\u300d\u300f\u201d\uff09]*")
 _WORD = re.compile(r"\S+")
 _CLAUSE = re.compile("[,;:](?=\\s)|\\s[-\u2013\u2014]\\s")
 _DOTTED = re.compile(r"^(?:[A-Za-z]\.){2,}$")
@@ -38,6 +47,8 @@ _CLOSERS = "\"'\u201d\u2019)]"
 
 class SentenceSplitter:
     def __init__(self, max_words: int = 20, min_words: int = 4) -> None:
+        if max_words < 1:
+            raise ValueError("max_words must be at least 1")
         self.max_words = max_words
         self.min_words = min_words
         self._buf = ""
@@ -64,19 +75,24 @@ class SentenceSplitter:
     def _next_cut(self, final: bool) -> int | None:
         """Where the first sentence of the buffer ends, if the text so far says."""
         buf = self._buf
+        cjk = _CJK_END.search(buf)
         pos = 0
         for words, word in enumerate(_WORD.finditer(buf), 1):
+            if cjk is not None and word.start() >= cjk.end():
+                break
             newline = buf.find("\n", pos, word.start())
             if newline >= 0 and buf[:newline].strip():
                 return newline + 1  # a line break ends what came before it
+            if words > self.max_words:
+                return self._clause_cut(buf, word.start())
             end = self._sentence_end(buf, word, final)
             if end is None:
                 return None  # what follows decides
             if end:
                 return end
-            if words > self.max_words:
-                return self._clause_cut(buf, word.start())
             pos = word.end()
+        if cjk is not None and (cjk.end() < len(buf) or final):
+            return cjk.end()  # (a closing quote may still follow the mark at the very end)
         return None
 
     def _sentence_end(self, buf: str, word: re.Match[str], final: bool) -> int | None:
@@ -100,6 +116,8 @@ class SentenceSplitter:
         if _LIST_NUMBER.match(bare) and not line.strip():
             return 0  # "1. Preheat the oven": a list number, not a sentence
         if lowered in ABBREVIATIONS or lowered in _LOWER_AFTER_OK or _INITIAL.match(bare):
+            return 0
+        if lowered in _CAPITALISED and bare[0].isupper():
             return 0
         if lowered in _BEFORE_NUMBERS and nxt.isdigit():
             return 0
