@@ -89,6 +89,13 @@ def client(gateway, connect) -> openai.AsyncOpenAI:
     return connect(gateway)
 
 
+def split_at(text, cuts):
+    """`text` (str or bytes) cut at the sorted positions `cuts`: the reads or deltas a
+    stream may bring it in."""
+    bounds = sorted(min(c, len(text)) for c in cuts)
+    return [text[a:b] for a, b in zip([0, *bounds], [*bounds, len(text)], strict=True)]
+
+
 async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
     """Wait until `predicate()` holds: for effects another task or process will show soon."""
     loop = asyncio.get_running_loop()

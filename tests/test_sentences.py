@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmgate.tts.sentences import SentenceSplitter
+from tests.conftest import split_at
 
 
 def sentences(text: str, **options) -> list[str]:
@@ -98,8 +99,7 @@ WORDS = st.sampled_from(
 @given(st.lists(WORDS, max_size=40), st.data())
 def test_any_split_gives_the_same_sentences(words, data):
     text = " ".join(words)
-    cuts = sorted(data.draw(st.lists(st.integers(0, len(text)), max_size=8)))
-    pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+    pieces = split_at(text, data.draw(st.lists(st.integers(0, len(text)), max_size=8)))
     assert sentences_in_pieces(pieces, max_words=8) == sentences(text, max_words=8)
     assert " ".join(sentences(text, max_words=8)).split() == text.split()  # nothing lost
 

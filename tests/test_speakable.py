@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmgate.text.speakable import Speakable, SpeechOptions, is_pictograph
+from tests.conftest import split_at
 
 
 def spoken(text: str, **options) -> str:
@@ -142,8 +143,7 @@ MARKUP = st.sampled_from(
 @given(st.lists(MARKUP, max_size=30), st.data())
 def test_any_split_gives_the_same_spoken_text(parts, data):
     text = "".join(parts)
-    cuts = sorted(data.draw(st.lists(st.integers(0, len(text)), max_size=8)))
-    pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+    pieces = split_at(text, data.draw(st.lists(st.integers(0, len(text)), max_size=8)))
     for urls in ("drop", "domain"):
         assert spoken_in_pieces(pieces, urls=urls) == spoken(text, urls=urls)
 
@@ -163,8 +163,7 @@ def spoken_slowly(pieces: list[str], **options) -> str:
 )
 def test_runs_of_plain_text_say_what_each_character_would(parts, cuts, emoji):
     text = "".join(parts)
-    bounds = sorted(min(c, len(text)) for c in cuts)
-    pieces = [text[a:b] for a, b in zip([0, *bounds], [*bounds, len(text)], strict=True)]
+    pieces = split_at(text, cuts)
     assert spoken_in_pieces(pieces, emoji=emoji) == spoken_slowly(pieces, emoji=emoji)
 
 
