@@ -206,8 +206,7 @@ class UpstreamCall:
         """A non-streamed answer, whole; an oversized, cut-off or error answer is raised."""
         provider, watchdog, resp = self._provider, self._watchdog, self._resp
         assert watchdog is not None and resp is not None
-        idle = provider.config.idle_timeout_s
-        watchdog.rearm(idle, f"provider '{provider.name}' went silent for {idle:g}s")
+        self._first_token(watchdog)  # the headers came: from now on, silence is the limit
         try:
             raw = await _read_bounded(resp, MAX_ANSWER_BODY, watchdog.progress)
             whole = resp.content.at_eof()
