@@ -13,6 +13,7 @@ that yields a Piece before OPENED (a waiting message) gets the caller's headers 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -72,6 +73,14 @@ Call = Callable[[Ask], AsyncIterator[Piece | Opened]]
 
 class Stage(Protocol):
     def wrap(self, inner: Call) -> Call: ...
+
+
+async def end_task(task: asyncio.Future) -> None:
+    """A stage's helper task is never left running when its turn ends (a hang-up, say):
+    cancelled if need be, and waited for, so the call it was reading can then be closed."""
+    if not task.done():
+        task.cancel()
+    await asyncio.wait({task})
 
 
 def compose(inner: Call, stages: Sequence[Stage]) -> Call:

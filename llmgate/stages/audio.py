@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from llmgate.config import AudioConfig
 from llmgate.errors import ApiError
-from llmgate.pipeline import OPENED, Ask, Call, Opened, Piece
+from llmgate.pipeline import OPENED, Ask, Call, Opened, Piece, end_task
 from llmgate.protocol import generic_decoder
 from llmgate.tts.espeak import EngineError
 from llmgate.tts.pcm import Framer, Resampler, frame_size
@@ -72,9 +72,7 @@ class AudioStage:
                     else:
                         raise item  # the reader's failure: an error frame, like any other
             finally:
-                if not reader.done():
-                    reader.cancel()
-                await asyncio.wait({reader})
+                await end_task(reader)
                 ask.turn.note("audio", **speech.fields(self.engine.name))
 
         return call

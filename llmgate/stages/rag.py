@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 from llmgate.config import RagConfig
 from llmgate.kb.store import Hit, KbError
-from llmgate.pipeline import Ask, Call, Opened, Piece
+from llmgate.pipeline import Ask, Call, Opened, Piece, end_task
 
 log = logging.getLogger("llmgate.rag")
 
@@ -71,7 +71,7 @@ class RagStage:
                         filler = False
                     hits = await search
                 finally:
-                    await _cancelled(search)
+                    await end_task(search)
             top = round(hits[0].score, 3) if hits else None
             elapsed = round((time.monotonic() - started) * 1000, 2)
             ask.turn.note("rag", retrieval_ms=elapsed, hits=len(hits), top_score=top)
@@ -87,7 +87,7 @@ class RagStage:
                     except StopAsyncIteration:
                         return
                     finally:
-                        await _cancelled(step)
+                        await end_task(step)
                     if isinstance(item, Piece) and _has_answer(item):
                         filler = False
                     yield item
@@ -188,10 +188,3 @@ async def _done_by(task: asyncio.Future, deadline: float) -> bool:
         return True
     done, _ = await asyncio.wait({task}, timeout=max(0.0, deadline - time.monotonic()))
     return bool(done)
-
-
-async def _cancelled(task: asyncio.Future) -> None:
-    """A helper task is never left running when its turn ends (a hang-up, say)."""
-    if not task.done():
-        task.cancel()
-        await asyncio.wait({task})
