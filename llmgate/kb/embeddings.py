@@ -17,9 +17,11 @@ import numpy as np
 from yarl import URL
 
 from llmgate.config import PASSTHROUGH, KbConfig, Loaded
+from llmgate.kb.service import ServiceError, new_session, post_json
 
 RRF_K = 60
 BATCH = 64
+MAX_ANSWER = 256 * 2**20  # 64 vectors of 3,072 floats as JSON are ~4 MB
 
 
 class EmbeddingError(Exception):
@@ -65,15 +67,9 @@ class Embedder:
     async def _batch(self, session: aiohttp.ClientSession, texts: list[str]) -> np.ndarray:
         body = msgspec.json.encode({"model": self.model, "input": texts})
         try:
-            async with session.post(
-                self.url, data=body, headers=self.headers, timeout=self.timeout
-            ) as resp:
-                if resp.status != 200:
-                    raise EmbeddingError(f"{self.name}/embeddings answered HTTP {resp.status}")
-                raw = await resp.read()
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            what = type(exc).__name__
-            raise EmbeddingError(f"{self.name}/embeddings failed ({what})") from None
+            raw = await post_json(session, self.url, body, self.headers, self.timeout, MAX_ANSWER)
+        except ServiceError as exc:
+            raise EmbeddingError(f"{self.name}/embeddings {exc}") from None
         try:
             items = sorted(_decoder.decode(raw).data, key=lambda item: item.index)
         except msgspec.DecodeError:
@@ -88,7 +84,7 @@ class Embedder:
         """For the `kb` commands, which have no loop of their own."""
 
         async def run() -> np.ndarray:
-            async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
+            async with new_session() as session:
                 return await self.embed(session, texts)
 
         return asyncio.run(run())

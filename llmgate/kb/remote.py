@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
+from llmgate.kb.service import ServiceError, new_session, post_json
 from llmgate.kb.store import Hit, KbError
 
 MAX_ANSWER = 4 * 2**20
@@ -45,20 +46,14 @@ class HttpRetriever:
 
     async def search(self, question: str, k: int, min_score: float = 0.0) -> list[Hit]:
         if self._session is None:
-            self._session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
+            self._session = new_session()
         body = msgspec.json.encode({"query": question, "k": k})
         try:
-            async with self._session.post(
-                self.url, data=body, headers=self.headers, timeout=self.timeout
-            ) as resp:
-                if resp.status != 200:
-                    raise KbError(f"kb '{self.name}': the retrieval service said {resp.status}")
-                if (resp.content_length or 0) > MAX_ANSWER:
-                    raise KbError(f"kb '{self.name}': the retrieval service's answer is too big")
-                raw = await resp.read()
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            what = type(exc).__name__
-            raise KbError(f"kb '{self.name}': the retrieval service failed ({what})") from None
+            raw = await post_json(
+                self._session, self.url, body, self.headers, self.timeout, MAX_ANSWER
+            )
+        except ServiceError as exc:
+            raise KbError(f"kb '{self.name}': the retrieval service {exc}") from None
         try:
             answer = _decoder.decode(raw)
         except msgspec.DecodeError:

@@ -20,6 +20,7 @@ import aiohttp
 import numpy as np
 
 from llmgate.kb.embeddings import Embedder, EmbeddingError, fuse, nearest
+from llmgate.kb.service import new_session
 from llmgate.kb.store import Hit, KbError, bm25_ranked, hits, vectors
 
 log = logging.getLogger("llmgate.kb")
@@ -117,7 +118,7 @@ class Retriever:
         if self.embedder is None:
             return None
         if self._session is None:
-            self._session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
+            self._session = new_session()
         try:
             return (await self.embedder.embed(self._session, [question]))[0]
         except EmbeddingError as exc:
