@@ -18,7 +18,8 @@ from llmgate.stages.audio import AudioStage
 from llmgate.stages.rag import RagStage
 from llmgate.stages.speech import SpeechStage, options_from
 from llmgate.text.speakable import SpeechOptions
-from llmgate.tts.espeak import EspeakEngine
+from llmgate.tts.base import Engine, EngineError
+from llmgate.tts.engines import engine_for
 from llmgate.turn import CHANNELS, Channels
 from llmgate.upstream.call import provider_call
 from llmgate.upstream.client import client_session
@@ -26,6 +27,7 @@ from llmgate.upstream.provider import Provider
 from llmgate.upstream.router import ROUTER, Router
 
 log = logging.getLogger("llmgate")
+ENGINES = web.AppKey("engines", dict)  # [audio.NAME] -> its speech engine
 
 
 def create_app(loaded: Loaded) -> web.Application:
@@ -37,12 +39,11 @@ def create_app(loaded: Loaded) -> web.Application:
         max_body=max_body,
         keepalive_s=config.server.keepalive_s,
     )
-    app[ROUTER] = Router(
-        {
-            name: Provider(name, provider, loaded.unset_env.get(name, ()))
-            for name, provider in config.providers.items()
-        }
-    )
+    providers = {
+        name: Provider(name, provider, loaded.unset_env.get(name, ()))
+        for name, provider in config.providers.items()
+    }
+    app[ROUTER] = Router(providers)
     app[CHANNELS] = Channels()
     app.cleanup_ctx.append(client_session)
     retrievers = {
@@ -50,8 +51,15 @@ def create_app(loaded: Loaded) -> web.Application:
         for name in {config.rag[r.rag].kb for r in config.routes if r.rag}
     }
     app.on_cleanup.append(lambda _: _close(retrievers))
+    engines = {
+        name: engine_for(config.audio[name], loaded, providers)
+        for name in {r.audio for r in config.routes if r.audio}
+    }
+    app[ENGINES] = engines
+    app.on_startup.append(lambda _: _start(engines))
+    app.on_cleanup.append(lambda _: _stop(engines))
     for route in config.routes:
-        handler = ChatCompletions(route.path, _call(route, config, retrievers))
+        handler = ChatCompletions(route.path, _call(route, config, retrievers, engines))
         for path in _with_v1(route.path):
             app.router.add_post(path, handler.handle)
     for path in _with_v1("/models"):
@@ -61,13 +69,15 @@ def create_app(loaded: Loaded) -> web.Application:
 
 
 def _call(
-    route: RouteConfig, config: Config, retrievers: dict[str, Retriever | HttpRetriever]
+    route: RouteConfig,
+    config: Config,
+    retrievers: dict[str, Retriever | HttpRetriever],
+    engines: dict[str, Engine],
 ) -> Call | None:
     """The route's stages, outermost first, around the provider; None for a plain relay."""
     stages: list[Stage] = []
     if route.audio is not None:
-        audio = config.audio[route.audio]
-        stages.append(AudioStage(audio, EspeakEngine(audio.voice)))
+        stages.append(AudioStage(config.audio[route.audio], engines[route.audio]))
     speech = options_from(route.speech)
     if speech is None and route.audio is not None:
         speech = SpeechOptions()  # nothing unspeakable reaches the voice
@@ -96,6 +106,21 @@ def _retriever(name: str, kb: KbConfig, loaded: Loaded) -> Retriever | HttpRetri
 async def _close(retrievers: dict[str, Retriever | HttpRetriever]) -> None:
     for retriever in retrievers.values():
         await retriever.aclose()
+
+
+async def _start(engines: dict[str, Engine]) -> None:
+    """Each engine readied once (piper's voice loaded): one that cannot be is logged, and
+    its routes answer 503 saying why, rather than llmgate not starting at all."""
+    for name, engine in engines.items():
+        try:
+            await engine.start()
+        except EngineError as exc:
+            log.error("audio.%s: %s; its routes will answer 503", name, exc)
+
+
+async def _stop(engines: dict[str, Engine]) -> None:
+    for engine in engines.values():
+        await engine.aclose()
 
 
 def _with_v1(path: str) -> list[str]:

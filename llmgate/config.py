@@ -91,13 +91,22 @@ class RagConfig(_Strict):
 
 
 class AudioConfig(_Strict):
-    engine: Literal["espeak"] = "espeak"  # piper, openai and file: the audio issue goes on
+    engine: Literal["piper", "espeak", "openai", "file"] = "piper"
     voice: str = ""  # engine-specific; "" = the engine's default voice
     sample_rate: Annotated[int, msgspec.Meta(ge=8000, le=48000)] = 16000
     chunk_ms: Annotated[int, msgspec.Meta(ge=10, le=200)] = 40
     pace: bool = True  # no faster than real time ...
     lead_ms: Annotated[int, msgspec.Meta(ge=0, le=10000)] = 200  # ... this far ahead of it
     max_words: Annotated[int, msgspec.Meta(ge=4, le=200)] = 20  # a longer clause is cut
+    # openai: an OpenAI-compatible /audio/speech, configured as a [providers.NAME]
+    provider: str | None = None
+    model: str = "gpt-4o-mini-tts"
+    # file: a fixed announcement (PCM16 mono at file_rate, and its transcript)
+    pcm_file: str | None = None
+    text_file: str | None = None
+    file_rate: Annotated[int, msgspec.Meta(ge=8000, le=48000)] = 16000
+    # PCM that comes with a rate of its own (the openai engine, a model's own delta.audio)
+    source_rate: Annotated[int, msgspec.Meta(ge=8000, le=48000)] = 24000
 
 
 class RouteConfig(_Strict, kw_only=True):
@@ -227,6 +236,8 @@ def _decode(raw: dict[str, Any]) -> Config:
     for name, rag in config.rag.items():
         if rag.kb not in config.kb:
             raise ConfigError(f"rag.{name}.kb: no [kb.{rag.kb}] section")
+    for name, audio in config.audio.items():
+        _check_audio(name, audio, decoded)
     for i, route in enumerate(config.routes):
         if route.rag is not None and route.rag not in config.rag:
             raise ConfigError(f"routes[{i}].rag: no [rag.{route.rag}] section")
@@ -265,6 +276,17 @@ def _check_kb(name: str, kb: KbConfig) -> None:
         raise ConfigError(f"{key}.path: a sqlite knowledge base needs its file's path")
     if kb.kind == "http" and not _is_url(kb.url or ""):
         raise ConfigError(f"{key}.url: expected a URL (http:// or https://)")
+
+
+def _check_audio(name: str, audio: AudioConfig, providers: dict[str, ProviderConfig]) -> None:
+    key = f"audio.{name}"
+    if audio.engine == "openai":
+        if audio.provider is None:
+            raise ConfigError(f"{key}.provider: the openai engine needs a [providers.NAME]")
+        if audio.provider not in providers:
+            raise ConfigError(f"{key}.provider: no [providers.{audio.provider}]")
+    if audio.engine == "file" and not audio.pcm_file:
+        raise ConfigError(f"{key}.pcm_file: the file engine needs a PCM16 file to play")
 
 
 def _is_url(value: str) -> bool:

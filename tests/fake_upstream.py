@@ -7,6 +7,7 @@ so one fake serves every test and each test reads as what the provider does.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import socket
 import struct
@@ -61,6 +62,32 @@ TOOL_CALL_DELTAS = [
 ]
 
 
+def tone(seconds: float, rate: int = 24000, hz: float = 220.0) -> bytes:
+    """PCM16 mono: a sine that is plainly not silence."""
+    import numpy as np
+
+    t = np.arange(int(seconds * rate)) / rate
+    return (np.sin(2 * np.pi * hz * t) * 12000).astype("<i2").tobytes()
+
+
+def audio_chunks(model: str) -> list[dict]:
+    """What an audio-capable model (gpt-4o-audio) streams: transcript pieces and base64
+    PCM16 at 24 kHz in `delta.audio`, no `content`."""
+    import base64
+
+    pcm = tone(0.5)  # 24,000 bytes, in four reads of uneven size
+    cuts = [0, 7001, 12000, 19999, len(pcm)]
+    out = [chunk(model, {"role": "assistant", "content": None, "refusal": None})]
+    out.append(chunk(model, {"audio": {"id": "audio_up", "transcript": "Hello"}}))
+    out.append(chunk(model, {"audio": {"id": "audio_up", "transcript": " there."}}))
+    for a, b in itertools.pairwise(cuts):
+        data = base64.b64encode(pcm[a:b]).decode()
+        out.append(chunk(model, {"audio": {"id": "audio_up", "data": data}}))
+    out.append(chunk(model, {"audio": {"id": "audio_up", "expires_at": 1_700_003_600}}))
+    out.append(chunk(model, {}, "stop"))
+    return out
+
+
 def frame(obj: Any, eol: bytes = b"\n") -> bytes:
     data = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
     return b"data: " + data + eol + eol
@@ -83,6 +110,33 @@ class FakeUpstream:
         self.open_streams = 0  # requests being answered now
         self.app = web.Application()
         self.app.router.add_post("/v1/chat/completions", self.handle)
+        self.app.router.add_post("/v1/audio/speech", self.speech)
+        self.speech_requests: list[dict[str, Any]] = []
+        self.speech_open = 0  # /audio/speech answers being written now
+
+    async def speech(self, request: web.Request) -> web.StreamResponse:
+        """An OpenAI-compatible /audio/speech: raw PCM16 at 24 kHz, 50 ms a character of
+        input, written in pieces as a real one streams; voice "fail" is a 400."""
+        body = await request.json()
+        self.speech_requests.append({**body, "authorization": request.headers.get("Authorization")})
+        if body.get("voice") == "fail":
+            error = {
+                "message": "unknown voice 'fail' for sk-abcdef123456",
+                "type": "invalid_request_error",
+            }
+            return web.json_response({"error": error}, status=400)
+        resp = web.StreamResponse(headers={"Content-Type": "audio/pcm"})
+        await resp.prepare(request)
+        pcm = tone(0.05 * len(body.get("input", "")))
+        self.speech_open += 1
+        try:
+            for i in range(0, len(pcm), 4800):
+                await resp.write(pcm[i : i + 4800])
+                await asyncio.sleep(0.005 if body.get("voice") != "slow" else 0.5)
+        finally:
+            self.speech_open -= 1
+        await resp.write_eof()
+        return resp
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.open_streams += 1
@@ -219,6 +273,8 @@ class FakeUpstream:
             ]
         if model == "tools":
             return [chunk(model, d) for d in TOOL_CALL_DELTAS] + [chunk(model, {}, "tool_calls")]
+        if model == "audio":
+            return audio_chunks(model)
         if model in ("truncated", "stall-mid", "drop", "reset"):
             return text_chunks(model, WORDS)[:2]
         if model == "done-no-finish":

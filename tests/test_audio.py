@@ -26,7 +26,7 @@ def audio_gateway(make_gateway, upstream):
         return await make_gateway(
             # only a hang-up can end a turn early here, never the provider's timeouts
             providers={"fake": {"base_url": upstream.url, "idle_timeout_s": 60}},
-            audio={"voice": voice},
+            audio={"voice": {"engine": "espeak", **voice}},
             routes=[{"path": "/audio/chat/completions", "audio": "voice"}],
         )
 

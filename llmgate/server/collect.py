@@ -6,15 +6,17 @@ The provider is asked to stream (with usage), so every stage works on one shape 
 
 from __future__ import annotations
 
+import base64
 from contextlib import aclosing
 from typing import Any
 
 from llmgate.pipeline import Ask, Call, Piece
 from llmgate.protocol import ChunkView, encoder
+from llmgate.tts.pcm import model_audio
 
 
 class _Choice:
-    __slots__ = ("content", "finish_reason", "refusal", "role", "tool_calls")
+    __slots__ = ("audio", "content", "finish_reason", "refusal", "role", "tool_calls")
 
     def __init__(self) -> None:
         self.role = "assistant"
@@ -22,6 +24,7 @@ class _Choice:
         self.refusal: list[str] | None = None
         self.tool_calls: dict[int, dict[str, Any]] = {}
         self.finish_reason: str | None = None
+        self.audio: _Audio | None = None  # a model's own audio (modalities with "audio")
 
     def message(self) -> dict[str, Any]:
         calls = [self.tool_calls[i] for i in sorted(self.tool_calls)]
@@ -31,7 +34,37 @@ class _Choice:
             message["refusal"] = "".join(self.refusal)
         if calls:
             message["tool_calls"] = calls
+        if self.audio is not None:
+            message["audio"] = self.audio.message()
         return message
+
+
+class _Audio:
+    """`delta.audio` pieces as the one `message.audio` of a chat.completion: the base64
+    fragments decoded and joined (base64 strings cannot simply be concatenated)."""
+
+    __slots__ = ("data", "fields", "transcript")
+
+    def __init__(self) -> None:
+        self.fields: dict[str, Any] = {}
+        self.transcript: list[str] = []
+        self.data = bytearray()
+
+    def add(self, delta: dict[str, Any]) -> None:
+        for key, value in delta.items():
+            if key == "transcript" and isinstance(value, str):
+                self.transcript.append(value)
+            elif key == "data" and isinstance(value, str):
+                self.data += model_audio(value)
+            else:
+                self.fields[key] = value
+
+    def message(self) -> dict[str, Any]:
+        return {
+            **self.fields,
+            "data": base64.b64encode(self.data).decode(),
+            "transcript": "".join(self.transcript),
+        }
 
 
 class Completion:
@@ -66,6 +99,10 @@ class Completion:
                 choice.refusal = _appended(choice.refusal, delta.refusal)
             for call in delta.tool_calls or ():
                 _merge_tool_call(choice.tool_calls, call)
+            if isinstance(delta.audio, dict):
+                if choice.audio is None:
+                    choice.audio = _Audio()
+                choice.audio.add(delta.audio)
 
     @property
     def finish_reason(self) -> str | None:

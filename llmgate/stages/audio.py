@@ -20,22 +20,16 @@ import base64
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from typing import Any, Protocol
+from typing import Any
 
 from llmgate.config import AudioConfig
 from llmgate.errors import ApiError
 from llmgate.pipeline import OPENED, Ask, Call, Opened, Piece, end_task
 from llmgate.protocol import generic_decoder
-from llmgate.tts.espeak import EngineError
-from llmgate.tts.pcm import Framer, Resampler, frame_size
+from llmgate.tts.base import Engine, EngineError
+from llmgate.tts.file import FileEngine
+from llmgate.tts.pcm import Framer, Resampler, frame_size, model_audio
 from llmgate.tts.sentences import SentenceSplitter
-
-
-class Engine(Protocol):
-    name: str
-
-    def synthesize(self, text: str) -> AsyncIterator[tuple[int, bytes]]: ...
-
 
 _END = object()
 
@@ -48,24 +42,36 @@ class AudioStage:
         self.engine = engine
 
     def wrap(self, inner: Call) -> Call:
+        if isinstance(self.engine, FileEngine):
+            return self._announce
+
         async def call(ask: Ask) -> AsyncIterator[Piece | Opened]:
             if not ask.stream:
                 async with aclosing(inner(ask)) as items:
                     async for item in items:
                         yield item
                 return
+            try:
+                self.engine.check()
+            except EngineError as exc:  # before the provider is asked: a plain 503
+                raise ApiError(503, f"speech engine '{self.engine.name}': {exc}") from None
             queue: asyncio.Queue[Any] = asyncio.Queue()
-            reader = asyncio.ensure_future(self._read(inner, ask, queue))
+            syntheses: list[_Synthesis] = []
+            reader = asyncio.ensure_future(self._read(inner, ask, queue, syntheses))
             speech = _Speech(self.config, ask)
             try:
                 while (item := await queue.get()) is not _END:
-                    if isinstance(item, str):
-                        async for frame in self._speak(item, speech):
-                            yield frame
+                    if isinstance(item, _Synthesis):
+                        async for piece in self._speak(item, speech):
+                            yield piece
+                    elif isinstance(item, _Upstream):
+                        if item.transcript:
+                            yield speech.chunk({"transcript": item.transcript})
+                        for frame in speech.frames(speech.upstream(item.pcm)):
+                            yield await speech.audio(frame)
                     elif isinstance(item, Piece) and item.finish_reason:
-                        last = speech.last_frame()
-                        if last is not None:
-                            yield last
+                        for frame in speech.rest():
+                            yield await speech.audio(frame)
                         yield item
                     elif isinstance(item, Piece | Opened):
                         yield item
@@ -73,51 +79,123 @@ class AudioStage:
                         raise item  # the reader's failure: an error frame, like any other
             finally:
                 await end_task(reader)
+                for synthesis in syntheses:  # a barge-in: no engine keeps working
+                    await end_task(synthesis.task)
                 ask.turn.note("audio", **speech.fields(self.engine.name))
 
         return call
 
-    async def _read(self, inner: Call, ask: Ask, queue: asyncio.Queue[Any]) -> None:
-        """The provider's stream into the queue: sentences as they complete, other pieces
-        as they are, an exception if it fails, then _END."""
+    async def _read(
+        self, inner: Call, ask: Ask, queue: asyncio.Queue[Any], syntheses: list[_Synthesis]
+    ) -> None:
+        """The provider's stream into the queue: a synthesis for each sentence as it
+        completes (started at once, so it runs while the one before it is spoken), the
+        model's own audio, other pieces as they are, an exception if it fails, then _END."""
         splitter = SentenceSplitter(self.config.max_words)
+
+        def said(sentences: list[str]) -> None:
+            for sentence in sentences:
+                after = syntheses[-1] if syntheses else None
+                syntheses.append(_Synthesis(sentence, self.engine, after))
+                queue.put_nowait(syntheses[-1])
+
         try:
             async with aclosing(inner(ask)) as items:
                 async for item in items:
                     if item is OPENED or not isinstance(item, Piece):
                         queue.put_nowait(item)
                         continue
-                    text, rest = _without_text(item)
-                    for sentence in splitter.feed(text) if text else ():
-                        queue.put_nowait(sentence)
+                    text, audio, rest = _split(item)
+                    if text:
+                        said(splitter.feed(text))
+                    if audio is not None:
+                        queue.put_nowait(audio)
                     if item.finish_reason:
-                        for sentence in splitter.flush():
-                            queue.put_nowait(sentence)
+                        said(splitter.flush())
                     if rest is not None:
                         queue.put_nowait(rest)
-            for sentence in splitter.flush():  # a stream cut short: the writer fails it
-                queue.put_nowait(sentence)
+            said(splitter.flush())  # a stream cut short: the writer fails it
         except Exception as exc:
             queue.put_nowait(exc)
         queue.put_nowait(_END)
 
-    async def _speak(self, sentence: str, speech: _Speech) -> AsyncIterator[Piece]:
-        yield speech.chunk({"transcript": sentence})
+    async def _speak(self, synthesis: _Synthesis, speech: _Speech) -> AsyncIterator[Piece]:
+        yield speech.chunk({"transcript": synthesis.sentence})
+        synthesis.playing.set()  # the next sentence may be synthesised now
         resampler: Resampler | None = None
-        try:
-            async with aclosing(self.engine.synthesize(sentence)) as pieces:
-                async for rate, pcm in pieces:
-                    if resampler is None:
-                        resampler = Resampler(rate, self.config.sample_rate)
-                    for frame in speech.framer.push(resampler.push(pcm)):
-                        await speech.pace(len(frame))
-                        yield speech.audio(frame)
-        except EngineError as exc:
-            raise ApiError(503, f"speech engine '{self.engine.name}' failed: {exc}") from None
+        async for rate, pcm in synthesis.pcm(self.engine.name):
+            if resampler is None:
+                resampler = Resampler(rate, self.config.sample_rate)
+            for frame in speech.frames(resampler.push(pcm)):
+                yield await speech.audio(frame)
         if resampler is not None:
-            for frame in speech.framer.push(resampler.push(b"", last=True)):
-                await speech.pace(len(frame))
-                yield speech.audio(frame)
+            for frame in speech.frames(resampler.push(b"", last=True)):
+                yield await speech.audio(frame)
+
+    async def _announce(self, ask: Ask) -> AsyncIterator[Piece | Opened]:
+        """The file engine: a fixed announcement, the provider never asked."""
+        assert isinstance(self.engine, FileEngine)
+        speech = _Speech(self.config, ask)
+        synthesis: _Synthesis | None = None
+        try:
+            try:
+                text = await self.engine.transcript()
+            except EngineError as exc:
+                raise ApiError(503, f"speech engine 'file' failed: {exc}") from None
+            if not ask.stream:
+                yield speech.chunk({"role": "assistant", "content": text}, audio=False)
+            else:
+                yield speech.chunk({"role": "assistant"}, audio=False)
+                synthesis = _Synthesis(text, self.engine, None)
+                async for piece in self._speak(synthesis, speech):
+                    yield piece
+                for frame in speech.rest():
+                    yield await speech.audio(frame)
+            yield speech.chunk({}, audio=False, finish_reason="stop")
+        finally:
+            if synthesis is not None:
+                await end_task(synthesis.task)
+            ask.turn.note("audio", **speech.fields(self.engine.name))
+
+
+class _Synthesis:
+    """One sentence spoken by the engine, in a task of its own, its PCM queued as it comes.
+    It starts once the sentence before it is done and being spoken: one engine at a time
+    per answer, at most one sentence ahead of what the caller hears."""
+
+    def __init__(self, sentence: str, engine: Engine, after: _Synthesis | None) -> None:
+        self.sentence = sentence
+        self.playing = asyncio.Event()
+        self._out: asyncio.Queue[tuple[int, bytes] | EngineError | None] = asyncio.Queue()
+        self.task = asyncio.ensure_future(self._run(engine, after))
+
+    async def _run(self, engine: Engine, after: _Synthesis | None) -> None:
+        if after is not None:
+            await asyncio.wait({after.task})
+            await after.playing.wait()
+        try:
+            async with aclosing(engine.synthesize(self.sentence)) as pieces:
+                async for piece in pieces:
+                    self._out.put_nowait(piece)
+            self._out.put_nowait(None)
+        except EngineError as exc:
+            self._out.put_nowait(exc)
+
+    async def pcm(self, engine: str) -> AsyncIterator[tuple[int, bytes]]:
+        while (item := await self._out.get()) is not None:
+            if isinstance(item, EngineError):
+                raise ApiError(503, f"speech engine '{engine}' failed: {item}")
+            yield item
+
+
+class _Upstream:
+    """The model's own audio in a chunk: its transcript and its PCM (at `source_rate`)."""
+
+    __slots__ = ("pcm", "transcript")
+
+    def __init__(self, transcript: str, pcm: bytes) -> None:
+        self.transcript = transcript
+        self.pcm = pcm
 
 
 class _Speech:
@@ -125,17 +203,21 @@ class _Speech:
 
     def __init__(self, config: AudioConfig, ask: Ask) -> None:
         self.ask = ask
+        self.config = config
         self.id = "audio_" + ask.turn.id.removeprefix("req_")
         self.framer = Framer(frame_size(config.sample_rate, config.chunk_ms))
         self.bytes_per_s = config.sample_rate * 2
         self.lead_s = config.lead_ms / 1000
         self.pacing = config.pace
+        self._from_model: Resampler | None = None  # the model's own audio, if it sends any
         self.started: float | None = None  # when the first frame went out
         self.sent = 0  # bytes of audio sent
         self.first_audio_ms: float | None = None
         self.created = int(time.time())
 
-    def chunk(self, audio: dict[str, Any]) -> Piece:
+    def chunk(
+        self, delta: dict[str, Any], audio: bool = True, finish_reason: str | None = None
+    ) -> Piece:
         return Piece.of(
             {
                 "id": "chatcmpl-" + self.ask.turn.id.removeprefix("req_"),
@@ -145,23 +227,35 @@ class _Speech:
                 "choices": [
                     {
                         "index": 0,
-                        "delta": {"audio": {"id": self.id, **audio}},
+                        "delta": {"audio": {"id": self.id, **delta}} if audio else delta,
                         "logprobs": None,
-                        "finish_reason": None,
+                        "finish_reason": finish_reason,
                     }
                 ],
             }
         )
 
-    def audio(self, frame: bytes) -> Piece:
-        return self.chunk({"data": base64.b64encode(frame).decode()})
+    def frames(self, pcm: bytes) -> list[bytes]:
+        return self.framer.push(pcm)
 
-    def last_frame(self) -> Piece | None:
-        rest = self.framer.flush()
-        return self.audio(rest) if rest else None
+    def upstream(self, pcm: bytes) -> bytes:
+        """The model's own audio at the route's rate."""
+        if self._from_model is None:
+            self._from_model = Resampler(self.config.source_rate, self.config.sample_rate)
+        return self._from_model.push(pcm)
 
-    async def pace(self, size: int) -> None:
-        """No faster than real time, `lead_ms` ahead of it."""
+    def rest(self) -> list[bytes]:
+        """What is left when the answer ends: the model's audio still in the resampler,
+        then the answer's last, shorter frame."""
+        frames = []
+        if self._from_model is not None:
+            frames = self.framer.push(self._from_model.push(b"", last=True))
+            self._from_model = None
+        last = self.framer.flush()
+        return [*frames, last] if last else frames
+
+    async def audio(self, frame: bytes) -> Piece:
+        """A frame's chunk, once it is due: no faster than real time, `lead_ms` ahead."""
         loop = asyncio.get_running_loop()
         now = loop.time()
         if self.started is None:
@@ -171,7 +265,8 @@ class _Speech:
             due = self.started + self.sent / self.bytes_per_s - self.lead_s
             if due > now:
                 await asyncio.sleep(due - now)
-        self.sent += size
+        self.sent += len(frame)
+        return self.chunk({"data": base64.b64encode(frame).decode()})
 
     def fields(self, engine: str) -> dict[str, Any]:
         return {
@@ -181,20 +276,32 @@ class _Speech:
         }
 
 
-def _without_text(piece: Piece) -> tuple[str, Piece | None]:
-    """A piece's text, and what of it still goes on: itself if it has no text, the piece
-    without its text if it has more (a role, tool calls, a finish), else nothing."""
-    texts = [
-        c.delta.content
-        for c in piece.view.choices
-        if c.delta is not None and isinstance(c.delta.content, str) and c.delta.content
-    ]
-    if not texts:
-        return "", piece
+def _split(piece: Piece) -> tuple[str, _Upstream | None, Piece | None]:
+    """A piece's text, the model's own audio in it, and what of it still goes on: itself
+    if it has neither, the piece without them if it has more (a role, tool calls, a
+    finish, usage), else nothing."""
+    texts: list[str] = []
+    audio = False
+    for c in piece.view.choices:
+        if c.delta is None:
+            continue
+        if isinstance(c.delta.content, str) and c.delta.content:
+            texts.append(c.delta.content)
+        audio = audio or isinstance(c.delta.audio, dict)
+    if not texts and not audio:
+        return "", None, piece
     chunk = generic_decoder.decode(piece.data)
     keep = bool(chunk.get("usage"))
+    transcript, pcm = "", b""
     for choice in chunk.get("choices") or ():
         delta = choice.get("delta") or {}
         delta.pop("content", None)
+        given = delta.pop("audio", None)
+        if isinstance(given, dict):
+            if isinstance(given.get("transcript"), str):
+                transcript += given["transcript"]
+            if isinstance(given.get("data"), str):
+                pcm += model_audio(given["data"])
         keep = keep or bool(delta) or bool(choice.get("finish_reason"))
-    return "".join(texts), Piece.of(chunk) if keep else None
+    upstream = _Upstream(transcript, pcm) if audio else None
+    return "".join(texts), upstream, Piece.of(chunk) if keep else None

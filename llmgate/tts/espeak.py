@@ -10,13 +10,10 @@ import asyncio
 import shutil
 from collections.abc import AsyncIterator
 
+from llmgate.tts.base import EngineError
 from llmgate.tts.pcm import wav_data_offset
 
 READ = 16 * 1024
-
-
-class EngineError(Exception):
-    """A speech engine that cannot run or failed; the message says which and why."""
 
 
 class EspeakEngine:
@@ -26,6 +23,12 @@ class EspeakEngine:
         self.binary = shutil.which("espeak-ng") or shutil.which("espeak")
         self.voice = voice or "en-us"
         self.words_per_minute = words_per_minute
+
+    async def start(self) -> None:
+        self.check()
+
+    async def aclose(self) -> None:
+        pass
 
     def check(self) -> None:
         if self.binary is None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import aiofiles
 
-from llmgate.tts.espeak import EngineError
+from llmgate.tts.base import EngineError
 
 READ = 64 * 1024
 
@@ -20,6 +20,15 @@ class FileEngine:
         self.pcm_path = pcm_path
         self.text_path = text_path
         self.rate = sample_rate
+
+    async def start(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+    def check(self) -> None:
+        pass
 
     async def transcript(self) -> str:
         if self.text_path is None:

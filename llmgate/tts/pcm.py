@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import struct
 
 import numpy as np
 import soxr
+
+from llmgate.errors import UpstreamUnavailable
 
 
 def frame_size(sample_rate: int, chunk_ms: int) -> int:
@@ -53,6 +57,14 @@ class Resampler:
         samples = np.frombuffer(data[:cut], dtype="<i2")
         assert self._stream is not None
         return self._stream.resample_chunk(samples, last=last).astype("<i2").tobytes()
+
+
+def model_audio(data: str) -> bytes:
+    """A model's `delta.audio.data`: base64 PCM, or a failure of the provider's answer."""
+    try:
+        return base64.b64decode(data, validate=True)
+    except binascii.Error:
+        raise UpstreamUnavailable("the provider sent audio that is not base64") from None
 
 
 def wav_data_offset(head: bytes) -> tuple[int, int] | None:

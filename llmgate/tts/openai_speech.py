@@ -1,0 +1,91 @@
+"""Any OpenAI-compatible `/audio/speech` endpoint as a speech engine (OpenAI, Kokoro-FastAPI,
+openedai-speech, ...): raw PCM16 (`response_format: "pcm"`, 24 kHz on OpenAI) read as it
+streams, so the first frames go out before the sentence is fully synthesised.
+
+The endpoint is configured like any provider (`provider = "openai"`): its base URL, its
+key and headers. Failures are said the way provider failures are (the status, the
+provider's message with keys redacted), never with the URL. A cancelled synthesis (the
+caller barged in) closes the connection rather than reading the rest of the sentence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+import msgspec
+from yarl import URL
+
+from llmgate.errors import ProviderNotReady
+from llmgate.kb.service import new_session
+from llmgate.tts.base import EngineError
+from llmgate.upstream.provider import Provider
+
+READ = 16 * 1024
+MAX_ERROR = 64 * 1024
+
+
+class OpenAISpeechEngine:
+    name = "openai"
+
+    def __init__(self, provider: Provider, model: str, voice: str, rate: int) -> None:
+        self.provider = provider
+        base = URL(provider.config.base_url)
+        self.url = base.with_path(base.path.rstrip("/") + "/audio/speech", keep_query=True)
+        self.model = model
+        self.voice = voice or "alloy"
+        self.rate = rate
+        self.headers = {**provider.headers(False, None), "Accept": "*/*"}
+        config = provider.config
+        self.timeout = aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=config.connect_timeout_s,
+            sock_read=config.idle_timeout_s,
+        )
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        self._session = new_session()
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def check(self) -> None:
+        if self._session is None:
+            raise EngineError("the speech endpoint's client was not started")
+        try:
+            self.provider.check_ready()  # its key's ${VAR} is set
+        except ProviderNotReady as exc:
+            raise EngineError(exc.message) from None
+
+    async def synthesize(self, text: str) -> AsyncIterator[tuple[int, bytes]]:
+        """(sample rate, PCM16 mono) pieces of `text` spoken, as the endpoint sends them."""
+        self.check()
+        assert self._session is not None
+        body = msgspec.json.encode(
+            {"model": self.model, "voice": self.voice, "input": text, "response_format": "pcm"}
+        )
+        resp: aiohttp.ClientResponse | None = None
+        try:
+            try:
+                resp = await self._session.post(
+                    self.url, data=body, headers=self.headers, timeout=self.timeout
+                )
+                if resp.status != 200:
+                    raw = await resp.content.read(MAX_ERROR)
+                    error = self.provider.status_error(resp.status, resp.headers, raw)
+                    raise EngineError(error.message)
+                kind = resp.headers.get("Content-Type", "")
+                if kind.startswith(("application/json", "text/")):
+                    raise EngineError(f"provider '{self.provider.name}' sent {kind}, not audio")
+                while data := await resp.content.read(READ):
+                    yield self.rate, data
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                raise EngineError(self.provider.error_for(exc).message) from None
+        finally:
+            if resp is not None:
+                if resp.content.at_eof():
+                    resp.release()
+                else:
+                    resp.close()  # barge-in or failure: the rest is never read
