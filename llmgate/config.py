@@ -98,6 +98,9 @@ class AudioConfig(_Strict):
     pace: bool = True  # no faster than real time ...
     lead_ms: Annotated[int, msgspec.Meta(ge=0, le=10000)] = 200  # ... this far ahead of it
     max_words: Annotated[int, msgspec.Meta(ge=4, le=200)] = 20  # a longer clause is cut
+    # the same for the answer's first piece alone; None: the engine's own (5 for piper,
+    # which makes a piece's audio all at once; max_words for the others, which stream it)
+    first_words: Annotated[int, msgspec.Meta(ge=1, le=200)] | None = None
     # openai: an OpenAI-compatible /audio/speech, configured as a [providers.NAME]
     provider: str | None = None
     model: str = "gpt-4o-mini-tts"

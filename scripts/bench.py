@@ -8,6 +8,7 @@ difference is llmgate's; llmgate's CPU time and RSS are read from /proc around e
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import itertools
 import json
@@ -51,6 +52,9 @@ SCENARIOS: dict[str, dict] = {
     # The RAG route over a 100,000-chunk knowledge base, a different question each time:
     # ttft is the waiting phrase (after_ms = 0); retrieval time comes from the turn lines.
     "rag": {"requests": 400, "concurrency": 1, "chunks": 20, "warmup": 20, "rounds": 2},
+    # Each speech engine through an audio route (scripts/bench_audio.py: its own upstream
+    # of real sentences): first audio, real-time factor, paced streams held.
+    "audio": {},
 }
 QUICK = {
     "c1": (30, 1),
@@ -58,6 +62,7 @@ QUICK = {
     "paced-c200": (40, 20),
     "disconnect": (20, 20),
     "rag": (30, 1),
+    "audio": (0, 0),
 }
 KB_CHUNKS, KB_CHUNKS_QUICK = 100_000, 1_000
 RAG_PATH = "/rag/chat/completions"
@@ -427,6 +432,21 @@ def print_table(results: dict, checks: list) -> None:
         print(f"{'PASS' if ok else 'MISS'}  {label}: {value}")
 
 
+def print_audio(audio: dict) -> None:
+    print("\naudio (first audio: after the first sentence's full stop; ms)")
+    keys = (
+        ("first_audio_long_p50_ms", "first audio p50, 13-word sentence"),
+        ("first_audio_short_p50_ms", "first audio p50, 5-word sentence"),
+        ("first_audio_short_max_ms", "first audio max, 5-word sentence"),
+        ("first_audio_long_after_first_word_p50_ms", "first audio after the first word"),
+        ("rtf", "synthesis, x real time"),
+        ("max_paced_streams", "paced streams, no frame late"),
+    )
+    for engine, r in audio.items():
+        for key, label in keys:
+            print(f"  {engine:8} {label:38} {r[key]}")
+
+
 def _cpu_times() -> list[int]:
     return [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
 
@@ -453,6 +473,7 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="llmgate-bench-"))
     cpu_before = _cpu_times()
     kb_built: dict = {}
+    audio: dict = {}
     if "rag" in (args.scenarios or SCENARIOS):
         print("building a knowledge base ...", file=sys.stderr, flush=True)
         kb_built = build_kb(workdir, KB_CHUNKS_QUICK if args.quick else KB_CHUNKS)
@@ -463,6 +484,12 @@ def main() -> int:
         gw = Proc(gateway.pid)
         results = {}
         for name in args.scenarios or list(SCENARIOS):
+            if name == "audio":
+                import bench_audio  # its own upstream and llmgate; it imports from here
+
+                print("running audio ...", file=sys.stderr, flush=True)
+                audio = asyncio.run(bench_audio.run(bench_audio.available(), args.quick))
+                continue
             options = dict(SCENARIOS[name])
             if args.quick:
                 options["requests"], options["concurrency"] = QUICK[name]
@@ -485,7 +512,13 @@ def main() -> int:
                 proc.wait(timeout=10)
     steal = _steal_percent(cpu_before, _cpu_times())
     checks = budget(results)
+    if audio:
+        import bench_audio
+
+        checks += bench_audio.checks(audio)
     print_table(results, checks)
+    if audio:
+        print_audio(audio)
     print(
         f"\n{os.cpu_count()} cores; CPU stolen by the hypervisor during the run: {steal}%"
         + (" (numbers are noisy)" if steal > 2 else "")
@@ -500,7 +533,7 @@ def main() -> int:
             },
             "budget": BUDGET,
             "checks": [{"check": c, "ok": ok, "value": v} for c, ok, v in checks],
-            "scenarios": results,
+            "scenarios": {**results, **({"audio": audio} if audio else {})},
         }
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0

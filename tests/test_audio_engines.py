@@ -224,6 +224,7 @@ class _Slow:
     """An engine that makes 0.5 s of audio in 50 ms and notes when each sentence began."""
 
     name = "slow"
+    first_words = None
 
     def __init__(self) -> None:
         self.began: dict[str, float] = {}

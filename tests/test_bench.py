@@ -16,14 +16,20 @@ def test_bench_quick_run_writes_its_report(tmp_path):
         [sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--json", str(out)],
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=360,
         cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["machine"]["cores"] >= 1
-    assert set(report["scenarios"]) == {"c1", "c50", "paced-c200", "disconnect", "rag"}
-    for name, scenario in report["scenarios"].items():
+    scenarios = report["scenarios"]
+    assert set(scenarios) == {"c1", "c50", "paced-c200", "disconnect", "rag", "audio"}
+    audio = scenarios.pop("audio")
+    assert "piper" in audio
+    for engine in audio.values():
+        assert engine["first_audio_short_p50_ms"] is not None and engine["rtf"] > 1
+        assert engine["max_paced_streams"] == 1
+    for name, scenario in scenarios.items():
         assert scenario["llmgate"]["failed"] == 0, name
         assert scenario["direct"]["failed"] == 0, name
         assert scenario["cpu_ms_per_request"] >= 0

@@ -102,6 +102,24 @@ def test_any_split_gives_the_same_sentences(words, data):
     pieces = split_at(text, data.draw(st.lists(st.integers(0, len(text)), max_size=8)))
     assert sentences_in_pieces(pieces, max_words=8) == sentences(text, max_words=8)
     assert " ".join(sentences(text, max_words=8)).split() == text.split()  # nothing lost
+    short = {"max_words": 8, "first_words": 3}
+    assert sentences_in_pieces(pieces, **short) == sentences(text, **short)
+
+
+def test_the_first_piece_alone_may_be_cut_shorter():
+    text = "Our store on Main Street opens at nine in the morning. It closes at six in the evening."
+    assert sentences(text, max_words=20, first_words=5) == [
+        "Our store on Main Street",
+        "opens at nine in the morning.",
+        "It closes at six in the evening.",
+    ]
+    # at its first comma, where a speaker pauses anyway; later ones as any sentence
+    text = "Well, it opens at nine, and it closes at six on every weekday of the year."
+    assert sentences(text, max_words=20, first_words=6) == [
+        "Well,",
+        "it opens at nine, and it closes at six on every weekday of the year.",
+    ]
+    assert sentences("1,000 people came. Yes.", first_words=5) == ["1,000 people came.", "Yes."]
 
 
 def test_max_words_must_be_positive():

@@ -91,7 +91,8 @@ class AudioStage:
         """The provider's stream into the queue: a synthesis for each sentence as it
         completes (started at once, so it runs while the one before it is spoken), the
         model's own audio, other pieces as they are, an exception if it fails, then _END."""
-        splitter = SentenceSplitter(self.config.max_words)
+        first = self.config.first_words or self.engine.first_words
+        splitter = SentenceSplitter(self.config.max_words, first_words=first)
 
         def said(sentences: list[str]) -> None:
             for sentence in sentences:

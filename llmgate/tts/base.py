@@ -12,6 +12,9 @@ class EngineError(Exception):
 
 class Engine(Protocol):
     name: str
+    # Words in an answer's first piece, for an engine whose first audio waits for a whole
+    # piece (None: it streams, cut as any other sentence).
+    first_words: int | None
 
     async def start(self) -> None:
         """Ready the engine (load a model, open a client) when the app starts."""

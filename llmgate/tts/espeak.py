@@ -18,6 +18,7 @@ READ = 16 * 1024
 
 class EspeakEngine:
     name = "espeak"
+    first_words: int | None = None
 
     def __init__(self, voice: str = "", words_per_minute: int = 175) -> None:
         self.binary = shutil.which("espeak-ng") or shutil.which("espeak")

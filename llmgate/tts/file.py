@@ -15,6 +15,7 @@ READ = 64 * 1024
 
 class FileEngine:
     name = "file"
+    first_words: int | None = None
 
     def __init__(self, pcm_path: Path, text_path: Path | None, sample_rate: int) -> None:
         self.pcm_path = pcm_path

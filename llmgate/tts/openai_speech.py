@@ -27,6 +27,7 @@ MAX_ERROR = 64 * 1024
 
 class OpenAISpeechEngine:
     name = "openai"
+    first_words: int | None = None
 
     def __init__(self, provider: Provider, model: str, voice: str, rate: int) -> None:
         self.provider = provider

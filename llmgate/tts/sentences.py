@@ -6,8 +6,11 @@ closing quotes or brackets) followed by space, or at a line break; not after "Dr
 "U.S.", an initial ("J. K."), inside "3.5", after a list number ("1. "), or where the next
 word starts in lower case. A clause that runs past `max_words` with no full stop is cut at
 its last comma, semicolon, colon or dash (or after `max_words` words), so the first audio
-never waits for a sixty-word sentence. A cut is decided only once the text after it is
-seen, so any split of the same answer gives the same sentences.
+never waits for a sixty-word sentence. `first_words`, when given, is that limit for the
+answer's first piece alone, which also ends at its first comma, semicolon or colon ("Yes,
+| we open at nine."): an engine that makes a piece's audio all at once starts sooner on a
+short one, and a comma is where a speaker pauses anyway. A cut is decided only once the
+text after it is seen, so any split of the same answer gives the same sentences.
 """
 
 from __future__ import annotations
@@ -46,11 +49,15 @@ _CLOSERS = "\"'\u201d\u2019)]"
 
 
 class SentenceSplitter:
-    def __init__(self, max_words: int = 20, min_words: int = 4) -> None:
-        if max_words < 1:
-            raise ValueError("max_words must be at least 1")
+    def __init__(
+        self, max_words: int = 20, min_words: int = 4, first_words: int | None = None
+    ) -> None:
+        if max_words < 1 or (first_words is not None and first_words < 1):
+            raise ValueError("max_words and first_words must be at least 1")
         self.max_words = max_words
         self.min_words = min_words
+        self._limit = first_words or max_words  # words before a forced cut, for now
+        self._first = first_words is not None  # the answer's first piece is still to come
         self._buf = ""
 
     def feed(self, text: str) -> list[str]:
@@ -71,6 +78,7 @@ class SentenceSplitter:
             sentence, self._buf = self._buf[:at].strip(), self._buf[at:]
             if sentence:
                 out.append(sentence)
+                self._limit, self._first = self.max_words, False
 
     def _next_cut(self, final: bool) -> int | None:
         """Where the first sentence of the buffer ends, if the text so far says."""
@@ -83,8 +91,10 @@ class SentenceSplitter:
             newline = buf.find("\n", pos, word.start())
             if newline >= 0 and buf[:newline].strip():
                 return newline + 1  # a line break ends what came before it
-            if words > self.max_words:
+            if words > self._limit:
                 return self._clause_cut(buf, word.start())
+            if self._first and word.group()[-1] in ",;:" and _NEXT.search(buf, word.end()):
+                return word.end()  # the first piece: its first pause is soon enough
             end = self._sentence_end(buf, word, final)
             if end is None:
                 return None  # what follows decides
@@ -127,9 +137,10 @@ class SentenceSplitter:
 
     def _clause_cut(self, buf: str, limit: int) -> int:
         """A long clause: after its last comma (or dash) that leaves `min_words` words
-        before it, else right before the word past `max_words`."""
+        before it, else right before the word past the limit."""
         best = None
+        least = min(self.min_words, self._limit // 2)
         for mark in _CLAUSE.finditer(buf, 0, limit):
-            if len(_WORD.findall(buf[: mark.start()])) >= self.min_words:
+            if len(_WORD.findall(buf[: mark.start()])) >= least:
                 best = mark.end()
         return best if best is not None else limit
