@@ -21,7 +21,8 @@ from llmgate.stages.audio import AudioStage
 from llmgate.tts.piper import PiperEngine
 from llmgate.turn import Turn
 from tests.conftest import API_KEY, eventually
-from tests.fake_upstream import chunk, tone
+from tests.fake_upstream import TOOL_CALL_DELTAS, chunk, tone
+from tests.test_cancellation import agora_body
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
@@ -260,3 +261,31 @@ async def test_the_next_sentence_is_synthesised_while_this_one_is_spoken(upstrea
     assert engine.began["Second one here."] < first_end - 0.2
     # but not before the first was being spoken: one sentence ahead, no more
     assert engine.began["Third one here."] > frames[0] + 0.3
+
+
+async def test_tool_calls_pass_through_the_audio_route_unchanged(voice_gateway):
+    gateway = await voice_gateway(engine="piper")
+    status, raw = await post(gateway, "tools")
+    assert status == 200
+    chunks = parsed(raw)
+    calls = [c["choices"][0]["delta"]["tool_calls"] for c in chunks
+             if c["choices"][0]["delta"].get("tool_calls")]
+    assert calls == [d["tool_calls"] for d in TOOL_CALL_DELTAS]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    assert not any("audio" in c["choices"][0]["delta"] for c in chunks)  # nothing to say
+
+
+async def test_a_newer_turn_on_the_channel_stops_the_older_ones_speech(voice_gateway, upstream):
+    gateway = await voice_gateway(engine="piper", lead_ms=0)
+    [engine] = gateway.app[ENGINES].values()
+    url = gateway.make_url("/audio/chat/completions")
+    async with aiohttp.ClientSession() as session:
+        old = await session.post(url, data=agora_body("speak-then-stall", 1), headers=HEADERS)
+        async for line in old.content:
+            if b'"data":"' in line:
+                break  # the older answer is being spoken
+        async with session.post(url, data=agora_body("text", 2), headers=HEADERS) as new:
+            assert (await new.read()).endswith(b"data: [DONE]\n\n")
+        await eventually(lambda: upstream.cancelled == 1)
+        assert b"[DONE]" not in await old.read()
+    await eventually(lambda: engine.busy() == 0, timeout=1)
