@@ -163,6 +163,24 @@ def test_re_ingest_skips_unchanged_and_replaces_changed(tmp_path, docs):
     assert not store.search("dawn", 3)
     assert "midnight" in store.search("ferry", 1)[0].text
     assert store.stats()["chunks"] == 6
+    integrity(store)
+
+
+def integrity(store: Store) -> None:
+    """FTS5's own check: its index holds exactly the chunks' text, each row once."""
+    store.conn.execute("INSERT INTO chunks_fts(chunks_fts, rank) VALUES ('integrity-check', 1)")
+
+
+def test_a_base_indexed_by_a_trigger_is_not_indexed_twice(tmp_path, docs):
+    path = tmp_path / "kb.sqlite"
+    Store(path).conn.execute(  # what bases made before had: a row indexed as it went in
+        "CREATE TRIGGER chunks_ai AFTER INSERT ON chunks BEGIN INSERT INTO chunks_fts"
+        "(rowid, text, heading) VALUES (new.id, new.text, new.heading); END"
+    )
+    store = Store(path)
+    ingest(store, files_under([str(docs)]), 200, 30)
+    integrity(store)
+    assert len(store.search("ferry", 5)) == 1
 
 
 def run_kb(*args: str, cwd: Path) -> subprocess.CompletedProcess:

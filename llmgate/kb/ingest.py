@@ -11,7 +11,9 @@ import hashlib
 import json
 import re
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
@@ -22,6 +24,7 @@ from llmgate.kb.embeddings import Embedder, EmbeddingError
 from llmgate.kb.store import Store
 
 _SPACES = re.compile(r"\s+")
+PREFETCH = 2  # files read and chunked ahead of the one being indexed
 FORMATS = (".txt", ".md", ".markdown", ".html", ".htm", ".pdf", ".jsonl")
 
 
@@ -94,6 +97,13 @@ def _embed(store: Store, embedder: Embedder) -> None:
         )
 
 
+@dataclass
+class _Prepared:
+    raw: bytes
+    digest: str
+    chunks: list[Chunk] | None  # None: unchanged
+
+
 def _ingest_files(
     store: Store,
     files: list[Path],
@@ -103,20 +113,37 @@ def _ingest_files(
     progress: Callable[[Iterable[Path]], Iterable[Path]],
     summary: Summary,
 ) -> None:
-    for path in progress(files):
+    # The settings that shape the chunks are part of what "unchanged" means.
+    shape = f"|{chunk_tokens}|{overlap_tokens}|{text_field}".encode()
+    known = store.hashes()
+
+    def prepare(path: Path) -> _Prepared:
         raw = _read_bytes(path)
-        # The settings that shape the chunks are part of what "unchanged" means.
-        shape = f"|{chunk_tokens}|{overlap_tokens}|{text_field}".encode()
         digest = hashlib.sha256(raw + shape).hexdigest()
-        source = str(path.resolve())
-        if store.source_hash(source) == digest:
-            summary.unchanged += 1
-            continue
-        chunks = _chunks(path, raw, chunk_tokens, overlap_tokens, text_field)
-        store.replace(source, digest, len(raw), chunks)
-        summary.files += 1
-        summary.chunks += len(chunks)
-        summary.bytes += len(raw)
+        if known.get(str(path.resolve())) == digest:
+            return _Prepared(raw, digest, None)
+        return _Prepared(raw, digest, _chunks(path, raw, chunk_tokens, overlap_tokens, text_field))
+
+    # The next files are read and chunked on a thread while SQLite indexes this one (it
+    # lets go of the GIL while it works): most of an ingest is FTS5's indexing.
+    with ThreadPoolExecutor(1, thread_name_prefix="kb-ingest") as pool:
+        ahead: deque[Future[_Prepared]] = deque()
+        queued = iter(files)
+        try:
+            for path in progress(files):
+                while len(ahead) < PREFETCH and (nxt := next(queued, None)) is not None:
+                    ahead.append(pool.submit(prepare, nxt))
+                item = ahead.popleft().result()
+                if item.chunks is None:
+                    summary.unchanged += 1
+                    continue
+                store.replace(str(path.resolve()), item.digest, len(item.raw), item.chunks)
+                summary.files += 1
+                summary.chunks += len(item.chunks)
+                summary.bytes += len(item.raw)
+        finally:
+            for future in ahead:
+                future.cancel()
 
 
 def _known(path: Path) -> bool:

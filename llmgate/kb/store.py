@@ -37,9 +37,6 @@ CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(
     text, heading, content='chunks', content_rowid='id',
     tokenize='porter unicode61 remove_diacritics 2'
 );
-CREATE TRIGGER IF NOT EXISTS chunks_ai AFTER INSERT ON chunks BEGIN
-    INSERT INTO chunks_fts(rowid, text, heading) VALUES (new.id, new.text, new.heading);
-END;
 CREATE TRIGGER IF NOT EXISTS chunks_ad AFTER DELETE ON chunks BEGIN
     INSERT INTO chunks_fts(chunks_fts, rowid, text, heading)
     VALUES ('delete', old.id, old.text, old.heading);
@@ -149,6 +146,9 @@ class Store:
                 self.conn.execute(
                     "INSERT INTO chunks_fts(chunks_fts, rank) VALUES ('rank', 'bm25(1.0, 0.5)')"
                 )
+            # A base made when each row was indexed by a trigger: `replace` indexes a
+            # source's rows itself now, in one statement.
+            self.conn.execute("DROP TRIGGER IF EXISTS chunks_ai")
             columns = {row[1] for row in self.conn.execute("PRAGMA table_info(chunks)")}
             if "vec" not in columns:  # a base made before vectors were kept
                 self.conn.execute("ALTER TABLE chunks ADD COLUMN vec BLOB")
@@ -176,6 +176,10 @@ class Store:
         row = self.conn.execute("SELECT hash FROM sources WHERE path = ?", (source,)).fetchone()
         return row[0] if row else None
 
+    def hashes(self) -> dict[str, str]:
+        """Every source's content hash: what "unchanged" is compared with."""
+        return dict(self.conn.execute("SELECT path, hash FROM sources").fetchall())
+
     def replace(
         self,
         source: str,
@@ -184,7 +188,9 @@ class Store:
         chunks: Sequence[Chunk],
         vecs: Sequence[bytes] | None = None,
     ) -> None:
-        """The source's chunks, instead of whatever it had (inside a transaction)."""
+        """The source's chunks, instead of whatever it had (inside a transaction). They are
+        indexed in one statement: SQLite does FTS5's work (most of an ingest's) without
+        Python's lock, so the next file can be chunked meanwhile."""
         self.remove(source)
         blobs = vecs if vecs is not None else [None] * len(chunks)
         self.conn.executemany(
@@ -193,6 +199,11 @@ class Store:
                 (source, i, c.heading, c.text, json.dumps(c.meta) if c.meta else None, v)
                 for i, (c, v) in enumerate(zip(chunks, blobs, strict=True))
             ],
+        )
+        self.conn.execute(
+            "INSERT INTO chunks_fts(rowid, text, heading) "
+            "SELECT id, text, heading FROM chunks WHERE source = ?",
+            (source,),
         )
         self.conn.execute(
             "INSERT INTO sources(path, hash, bytes, chunks, ingested) VALUES (?, ?, ?, ?, ?)",
