@@ -17,7 +17,9 @@ from llmgate.server.middleware import error_envelopes
 from llmgate.stages.audio import AudioStage
 from llmgate.stages.rag import RagStage
 from llmgate.stages.speech import SpeechStage, options_from
+from llmgate.stages.tools import ToolStage
 from llmgate.text.speakable import SpeechOptions
+from llmgate.tools.registry import Toolbox
 from llmgate.tts.base import Engine, EngineError
 from llmgate.tts.engines import engine_for
 from llmgate.turn import CHANNELS, Channels
@@ -28,6 +30,7 @@ from llmgate.upstream.router import ROUTER, Router
 
 log = logging.getLogger("llmgate")
 ENGINES = web.AppKey("engines", dict)  # [audio.NAME] -> its speech engine
+TOOLBOX = web.AppKey("toolbox", Toolbox)  # the [tools.NAME] routes use, started with the app
 
 
 def create_app(loaded: Loaded) -> web.Application:
@@ -58,8 +61,14 @@ def create_app(loaded: Loaded) -> web.Application:
     app[ENGINES] = engines
     app.on_startup.append(lambda _: _start(engines))
     app.on_cleanup.append(lambda _: _stop(engines))
+    used = {name for r in config.routes for name in r.tools}
+    toolbox = Toolbox({name: config.tools[name] for name in sorted(used)})
+    app[TOOLBOX] = toolbox
+    app.on_startup.append(lambda _: toolbox.start())
+    app.on_cleanup.append(lambda _: toolbox.aclose())
     for route in config.routes:
-        handler = ChatCompletions(route.path, _call(route, config, retrievers, engines))
+        call = _call(route, config, retrievers, engines, toolbox)
+        handler = ChatCompletions(route.path, call)
         for path in _with_v1(route.path):
             app.router.add_post(path, handler.handle)
     for path in _with_v1("/models"):
@@ -73,6 +82,7 @@ def _call(
     config: Config,
     retrievers: dict[str, Retriever | HttpRetriever],
     engines: dict[str, Engine],
+    toolbox: Toolbox,
 ) -> Call | None:
     """The route's stages, outermost first, around the provider; None for a plain relay."""
     stages: list[Stage] = []
@@ -86,6 +96,10 @@ def _call(
     if route.rag is not None:
         rag = config.rag[route.rag]
         stages.append(RagStage(rag, retrievers[rag.kb]))
+    if route.tools:  # innermost: every round of tools is one answer to the stages above
+        stages.append(
+            ToolStage(toolbox, route.tools, route.max_tool_rounds, route.tool_filler)
+        )
     return compose(provider_call, stages) if stages else None
 
 

@@ -112,11 +112,35 @@ class AudioConfig(_Strict):
     source_rate: Annotated[int, msgspec.Meta(ge=8000, le=48000)] = 24000
 
 
+class ToolConfig(_Strict):
+    kind: Literal["http", "mcp"]
+    url: str
+    headers: dict[str, str] = {}
+    timeout_s: _Positive = 5.0
+    # http: one endpoint, one tool named after its [tools.NAME]
+    method: Literal["GET", "POST"] = "POST"  # GET sends the arguments as query parameters
+    description: str = ""
+    parameters: dict[str, Any] = msgspec.field(
+        default_factory=lambda: {"type": "object", "properties": {}}
+    )
+    metadata: dict[str, str] = {}  # turn metadata key -> the header it goes in
+    # mcp: an MCP server (streamable HTTP) and which of its tools the model may call
+    allowed: list[str] | None = None
+
+
+class FillerConfig(_Strict):
+    phrases: list[str] = msgspec.field(default_factory=lambda: ["Let me check that for you."])
+    after_ms: Annotated[int, msgspec.Meta(ge=0)] = 700
+
+
 class RouteConfig(_Strict, kw_only=True):
     path: str
     speech: bool | SpeechConfig = False  # true = every part of SpeechConfig on
     rag: str | None = None  # a [rag.NAME]
     audio: str | None = None  # an [audio.NAME]
+    tools: list[str] = []  # [tools.NAME] llmgate runs itself
+    max_tool_rounds: Annotated[int, msgspec.Meta(ge=1, le=20)] = 4
+    tool_filler: FillerConfig | None = None  # said while a round of tools runs long
 
 
 class Config(_Strict):
@@ -126,6 +150,7 @@ class Config(_Strict):
     kb: dict[str, KbConfig] = {}
     rag: dict[str, RagConfig] = {}
     audio: dict[str, AudioConfig] = {}
+    tools: dict[str, ToolConfig] = {}
     routes: list[RouteConfig] = msgspec.field(
         default_factory=lambda: [RouteConfig(path="/chat/completions")]
     )
@@ -220,14 +245,23 @@ def _dotted(where: tuple[Any, ...]) -> str:
 def _decode(raw: dict[str, Any]) -> Config:
     # Named sections are decoded one by one, so that a mistake names its section
     # (`rag.docs.top_k`), not a path through a mapping.
-    kinds = {"providers": ProviderConfig, "kb": KbConfig, "rag": RagConfig, "audio": AudioConfig}
+    kinds = {
+        "providers": ProviderConfig,
+        "kb": KbConfig,
+        "rag": RagConfig,
+        "audio": AudioConfig,
+        "tools": ToolConfig,
+    }
     named = {key: _sections(raw, key) for key in kinds}
     config = _convert(raw, Config, "")
-    decoded, kb, rag, audio = (
+    decoded, kb, rag, audio, tools = (
         {name: _convert(body, kinds[key], f"{key}.{name}") for name, body in named[key].items()}
         for key in kinds
     )
-    config = msgspec.structs.replace(config, kb=kb, rag=rag, audio=audio)
+    config = msgspec.structs.replace(config, kb=kb, rag=rag, audio=audio, tools=tools)
+    for name, tool in tools.items():
+        if not _is_url(tool.url):
+            raise ConfigError(f"tools.{name}.url: expected a URL (http:// or https://)")
     if not decoded:
         raise ConfigError("providers: at least one [providers.NAME] section is needed")
     for name, provider in decoded.items():
@@ -246,6 +280,9 @@ def _decode(raw: dict[str, Any]) -> Config:
             raise ConfigError(f"routes[{i}].rag: no [rag.{route.rag}] section")
         if route.audio is not None and route.audio not in config.audio:
             raise ConfigError(f"routes[{i}].audio: no [audio.{route.audio}] section")
+        for tool in route.tools:
+            if tool not in config.tools:
+                raise ConfigError(f"routes[{i}].tools: no [tools.{tool}] section")
     seen = {"/models", "/healthz"}  # served by llmgate itself
     for i, route in enumerate(config.routes):
         if not route.path.startswith("/"):

@@ -88,6 +88,56 @@ def audio_chunks(model: str) -> list[dict]:
     return out
 
 
+TOOL_ARGUMENTS = {
+    "weather": '{"city": "Paris"}',
+    "lookup": '{"who": "Ada"}',
+    "get_weather": '{"city": "Rome"}',
+    "badjson": '{"city": Par',
+    "badschema": '{"town": "Paris"}',
+}
+
+
+def tool_round(model: str, body: dict) -> list[dict]:
+    """A model that calls tools: "use-tools-weather+lookup" calls both (in parallel, their
+    fragments interleaved, arguments cut in three), after a sentence of its own; once the
+    request carries tool results (or tool_choice is "none") it answers with what they said.
+    "use-tools-always-..." calls again every round unless told "none"; "-badjson" and
+    "-badschema" call weather with broken arguments."""
+    spec = model.removeprefix("use-tools-")
+    always = spec.startswith("always-")
+    spec = spec.removeprefix("always-")
+    messages = body.get("messages") or []
+    results = [m["content"] for m in messages if m.get("role") == "tool"]
+    usage = (body.get("stream_options") or {}).get("include_usage")
+    if body.get("tool_choice") == "none" or (results and not always):
+        words = ["Results: ", " | ".join(results) or "none", "."]
+        out = text_chunks(model, words)
+    else:
+        names = spec.split("+")
+        out = [chunk(model, {"role": "assistant", "content": "Let me see. "})]
+        for i, name in enumerate(names):
+            tool = "weather" if name in ("badjson", "badschema") else name
+            first = {"index": i, "id": f"call_{i}_{len(results)}", "type": "function",
+                     "function": {"name": tool, "arguments": ""}}
+            out.append(chunk(model, {"tool_calls": [first]}))
+        for part in range(3):
+            for i, name in enumerate(names):
+                args = TOOL_ARGUMENTS[name]
+                cut = len(args) // 3
+                piece = args[part * cut : (part + 1) * cut if part < 2 else None]
+                delta = {"tool_calls": [{"index": i, "function": {"arguments": piece}}]}
+                out.append(chunk(model, delta))
+        out.append(chunk(model, {}, "tool_calls"))
+    if usage:
+        for c in out:
+            c["usage"] = None
+        out.append({**chunk(model, {}), "choices": [], "usage": USAGE})
+    rounds = sum(1 for m in messages if m.get("tool_calls"))
+    for c in out:  # each answer its own id and time, as a provider gives them
+        c["id"], c["created"] = f"chatcmpl-round{rounds}", CREATED + rounds
+    return out
+
+
 def frame(obj: Any, eol: bytes = b"\n") -> bytes:
     data = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
     return b"data: " + data + eol + eol
@@ -275,6 +325,8 @@ class FakeUpstream:
             return [chunk(model, d) for d in TOOL_CALL_DELTAS] + [chunk(model, {}, "tool_calls")]
         if model == "audio":
             return audio_chunks(model)
+        if model.startswith("use-tools-"):
+            return tool_round(model, body)
         if model in ("truncated", "stall-mid", "drop", "reset"):
             return text_chunks(model, WORDS)[:2]
         if model == "done-no-finish":

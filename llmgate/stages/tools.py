@@ -1,0 +1,371 @@
+"""The tools stage: llmgate's own tools run server-side, the caller's passed through, and the
+caller sees one answer however many rounds it took.
+
+    [[routes]] tools = ["weather", "crm"], max_tool_rounds = 4,
+               tool_filler = { phrases = [...], after_ms = 700 }
+
+llmgate's tools are added to the caller's (a caller's tool of the same name wins for that
+turn). The model's answer streams on as it comes. When a round ends with tool calls that are
+all llmgate's, they run in parallel, the assistant message and their results are appended,
+and the model is asked again: up to `max_tool_rounds` rounds of tools, the one after them
+with `tool_choice: "none"`. The caller never sees a delta of llmgate's own tool calls; every
+chunk carries the first round's id, `created` and `model`; one role delta; usage (when the
+caller asked for it) is one chunk summed over the rounds.
+
+A round that mixes both (the model called one of ours and one of the caller's): the
+caller's calls go out, renumbered from index 0 in the order they came, with
+`finish_reason: "tool_calls"`, and llmgate's calls of that round are dropped, not run: the
+caller runs its tools and asks again, and the model calls ours again if it still needs them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+import jsonschema
+
+from llmgate.config import FillerConfig
+from llmgate.pipeline import OPENED, Ask, Call, Opened, Piece, end_task
+from llmgate.protocol import generic_decoder
+from llmgate.tools.base import Tool, ToolError
+from llmgate.tools.registry import Toolbox
+
+log = logging.getLogger("llmgate.tools")
+_ARGS_SHOWN = 200  # characters of a bad argument string the model is shown
+
+
+class ToolStage:
+    name = "tools"
+
+    def __init__(
+        self,
+        toolbox: Toolbox,
+        sections: list[str],
+        max_rounds: int,
+        filler: FillerConfig | None,
+    ) -> None:
+        self.toolbox = toolbox
+        self.sections = sections
+        self.max_rounds = max_rounds
+        self.filler = filler
+        self._phrase = 0
+
+    def wrap(self, inner: Call) -> Call:
+        async def call(ask: Ask) -> AsyncIterator[Piece | Opened]:
+            caller_tools = ask.body.get("tools")
+            caller_tools = caller_tools if isinstance(caller_tools, list) else []
+            theirs = {_tool_name(t) for t in caller_tools} - {None}
+            ours = {
+                name: entry
+                for name, entry in self.toolbox.offered(self.sections).items()
+                if name not in theirs  # the caller's tool of the same name wins
+            }
+            if not ours:
+                async with aclosing(inner(ask)) as items:
+                    async for item in items:
+                        yield item
+                return
+            answer = _Answer(ask, ours)
+            ask.body["tools"] = [*caller_tools, *(_schema(n, t) for n, (t, _) in ours.items())]
+            options = ask.body.get("stream_options")
+            options = dict(options) if isinstance(options, dict) else {}
+            answer.usage_wanted = bool(options.get("include_usage"))
+            ask.body["stream_options"] = {**options, "include_usage": True}
+            try:
+                for round_no in range(self.max_rounds + 1):
+                    if round_no == self.max_rounds:
+                        ask.body["tool_choice"] = "none"  # the last word is the model's
+                    answer.begin_round(round_no, last=round_no == self.max_rounds)
+                    async with aclosing(inner(ask)) as items:
+                        async for item in items:
+                            if item is OPENED:
+                                if answer.opened:
+                                    continue
+                                answer.opened = True
+                                yield item
+                            elif isinstance(item, Piece):
+                                out = answer.piece(item)
+                                if out is not None:
+                                    yield out
+                            else:
+                                yield item
+                    if not answer.run_ours():
+                        break
+                    async for piece in self._run(answer, round_no):
+                        yield piece
+                if answer.usage_wanted and answer.usage is not None:
+                    yield answer.usage_piece()
+            finally:
+                ask.turn.note("tools", calls=answer.calls_noted, rounds=answer.rounds)
+
+        return call
+
+    async def _run(self, answer: _Answer, round_no: int) -> AsyncIterator[Piece]:
+        """This round's calls of ours, in parallel; a filler phrase if they run long."""
+        calls = answer.our_calls()
+        answer.ask.body["messages"].append(answer.assistant_message(calls))
+        tasks = [
+            asyncio.ensure_future(self._one(answer, call, round_no)) for call in calls
+        ]
+        try:
+            if self.filler is not None and self.filler.phrases and answer.ask.stream:
+                _, pending = await asyncio.wait(tasks, timeout=self.filler.after_ms / 1000)
+                if pending:
+                    phrases = self.filler.phrases
+                    phrase = phrases[self._phrase % len(phrases)]
+                    self._phrase += 1
+                    answer.ask.turn.note("tools", filler=True)
+                    yield answer.content_piece(phrase + " ")
+            results = await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                await end_task(task)  # a barge-in: every tool call stops, its request closed
+        for call, result in zip(calls, results, strict=True):
+            answer.ask.body["messages"].append(
+                {"role": "tool", "tool_call_id": call["id"], "content": result}
+            )
+
+    async def _one(self, answer: _Answer, call: dict[str, Any], round_no: int) -> str:
+        name = call["function"]["name"]
+        tool, metadata = answer.ours[name]
+        started = time.perf_counter()
+        error: str | None = None
+        try:
+            arguments = _arguments(call["function"]["arguments"], tool)
+            result = await tool.call(arguments, _headers(metadata, answer.ask.turn.metadata))
+        except ToolError as exc:
+            error, result = str(exc), f"error: {exc}"
+        except Exception as exc:  # a tool's own bug: the model hears a failure, never a trace
+            log.error("tool %s failed (%s)", name, type(exc).__name__)
+            error, result = type(exc).__name__, f"error: tool {name} failed"
+        noted: dict[str, Any] = {
+            "name": name,
+            "round": round_no + 1,
+            "ms": round((time.perf_counter() - started) * 1000, 1),
+            "ok": error is None,
+        }
+        if error is not None:
+            noted["error"] = error[:200]
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("tool %s arguments %s", name, call["function"]["arguments"][:2000])
+        answer.calls_noted.append(noted)
+        return result
+
+
+class _Answer:
+    """One turn's answer across its rounds: what the caller has been sent so far, and the
+    tool calls of the round in progress."""
+
+    def __init__(self, ask: Ask, ours: dict[str, tuple[Tool, dict[str, str]]]) -> None:
+        self.ask = ask
+        self.ours = ours
+        self.opened = False
+        self.head: dict[str, Any] | None = None  # the first round's id, created, model
+        self.role_sent = False
+        self.usage: dict[str, Any] | None = None
+        self.usage_wanted = False
+        self.round_usage: dict[str, Any] | None = None
+        self.calls_noted: list[dict[str, Any]] = []
+        self.rounds = 0
+        self.round_no = 0
+        self._calls: dict[int, dict[str, Any]] = {}  # the round's calls by the model's index
+        self._theirs: dict[int, int] = {}  # the model's index -> the index the caller sees
+        self._text: list[str] = []
+        self._finished = False
+        self._last = False
+
+    def begin_round(self, round_no: int, last: bool) -> None:
+        self._add_round_usage()
+        self.round_no, self.rounds, self._last = round_no, round_no + 1, last
+        self._calls, self._theirs, self._text, self._finished = {}, {}, [], False
+
+    def piece(self, piece: Piece) -> Piece | None:
+        """The piece as the caller gets it (itself when nothing in it changes), or None."""
+        view = piece.view
+        if view.usage:
+            self.round_usage = view.usage
+        if self.head is None and view.id:
+            self.head = {"id": view.id, "created": view.created, "model": view.model}
+        changed = self.round_no > 0 or bool(view.usage)
+        changed = changed or (piece.finish_reason is not None and self._ours_only())
+        for c in view.choices:
+            delta = c.delta
+            if delta is None:
+                continue
+            if delta.tool_calls or (delta.role and self.role_sent):
+                changed = True
+            if isinstance(delta.content, str):
+                self._text.append(delta.content)
+        if not changed:
+            self.role_sent = self.role_sent or any(
+                c.delta is not None and c.delta.role for c in view.choices
+            )
+            return piece
+        chunk = generic_decoder.decode(piece.data)
+        if self.head is not None:
+            chunk.update(self.head)
+        if "usage" in chunk:
+            chunk["usage"] = None  # one usage chunk, summed, at the very end
+        choices = []
+        for choice in chunk.get("choices") or ():
+            delta = choice.get("delta") or {}
+            if delta.get("role"):
+                if self.role_sent:
+                    del delta["role"]
+                self.role_sent = True
+            if "tool_calls" in delta:
+                calls = self._route_calls(delta.pop("tool_calls") or [])
+                if calls:
+                    delta["tool_calls"] = calls
+            if choice.get("finish_reason") and self._ours_only():
+                self._finished = True
+                # The answer goes on after our tools; after the last round it just ends
+                # (a model that calls ours even when told not to is not run again).
+                choice["finish_reason"] = "stop" if self._last else None
+            if delta or choice.get("finish_reason") or choice.get("logprobs"):
+                choices.append(choice)
+        if not choices:  # usage alone, or nothing left of it
+            return None
+        chunk["choices"] = choices
+        return Piece.of(chunk)
+
+    def _route_calls(self, fragments: list[Any]) -> list[dict[str, Any]]:
+        """Our calls' fragments kept aside; the caller's passed on, renumbered if ours came
+        between them."""
+        out = []
+        for fragment in fragments:
+            if not isinstance(fragment, dict):
+                continue
+            index = fragment.get("index", 0)
+            function = fragment.get("function") or {}
+            if index not in self._calls and index not in self._theirs:
+                name = function.get("name")
+                if name in self.ours:
+                    self._calls[index] = {
+                        "id": fragment.get("id") or "call_" + os.urandom(12).hex(),
+                        "type": "function",
+                        "function": {"name": name, "arguments": ""},
+                    }
+                else:
+                    self._theirs[index] = len(self._theirs)
+            if index in self._calls:
+                arguments = function.get("arguments")
+                if isinstance(arguments, str):
+                    self._calls[index]["function"]["arguments"] += arguments
+                continue
+            if self._theirs[index] != index:
+                fragment = {**fragment, "index": self._theirs[index]}
+            out.append(fragment)
+        return out
+
+    def _ours_only(self) -> bool:
+        return bool(self._calls) and not self._theirs
+
+    def run_ours(self) -> bool:
+        """Whether the round ended in calls of ours alone (mixed: ours are dropped)."""
+        if self._calls and self._theirs:
+            for call in self._calls.values():
+                self.calls_noted.append(
+                    {"name": call["function"]["name"], "round": self.round_no + 1,
+                     "ok": False, "error": "dropped: the round had the caller's calls too"}
+                )
+        return self._finished and self._ours_only() and not self._last
+
+    def our_calls(self) -> list[dict[str, Any]]:
+        return [self._calls[i] for i in sorted(self._calls)]
+
+    def assistant_message(self, calls: list[dict[str, Any]]) -> dict[str, Any]:
+        text = "".join(self._text)
+        return {"role": "assistant", "content": text or None, "tool_calls": calls}
+
+    def _add_round_usage(self) -> None:
+        if self.round_usage is not None:
+            self.usage = _summed(self.usage, self.round_usage)
+            self.round_usage = None
+
+    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> Piece:
+        head = self.head or {
+            "id": "chatcmpl-" + self.ask.turn.id.removeprefix("req_"),
+            "created": int(time.time()),
+            "model": self.ask.body.get("model") or "",
+        }
+        return Piece.of({"object": "chat.completion.chunk", **head, "choices": choices, **extra})
+
+    def content_piece(self, text: str) -> Piece:
+        delta: dict[str, Any] = {"content": text}
+        if not self.role_sent:
+            delta = {"role": "assistant", **delta}
+            self.role_sent = True
+        self._text.append(text)
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+        return self._chunk([choice])
+
+    def usage_piece(self) -> Piece:
+        self._add_round_usage()
+        return self._chunk([], usage=self.usage)
+
+
+def _tool_name(tool: Any) -> str | None:
+    if isinstance(tool, dict) and isinstance(tool.get("function"), dict):
+        name = tool["function"].get("name")
+        return name if isinstance(name, str) else None
+    return None
+
+
+def _schema(name: str, tool: Tool) -> dict[str, Any]:
+    function: dict[str, Any] = {"name": name, "parameters": tool.spec.parameters}
+    if tool.spec.description:
+        function["description"] = tool.spec.description
+    return {"type": "function", "function": function}
+
+
+def _arguments(raw: str, tool: Tool) -> dict[str, Any]:
+    """The model's arguments, checked against the tool's schema."""
+    try:
+        arguments = json.loads(raw or "{}")
+    except ValueError:
+        raise ToolError(f"the arguments are not valid JSON: {raw[:_ARGS_SHOWN]!r}") from None
+    if not isinstance(arguments, dict):
+        raise ToolError("the arguments must be a JSON object")
+    try:
+        jsonschema.validate(arguments, tool.spec.parameters)
+    except jsonschema.ValidationError as exc:
+        where = "/".join(str(p) for p in exc.absolute_path) or "arguments"
+        message = f"the arguments do not match the schema ({where}: {exc.message[:200]})"
+        raise ToolError(message) from None
+    except jsonschema.SchemaError:
+        pass  # the tool's own schema is broken: the tool will say what it makes of them
+    return arguments
+
+
+def _headers(wanted: dict[str, str], metadata: dict[str, Any]) -> dict[str, str]:
+    """The turn's metadata a tool is configured to get, as headers (Agora's `context` too)."""
+    context = metadata.get("context")
+    context = context if isinstance(context, dict) else {}
+    out = {}
+    for key, header in wanted.items():
+        value = metadata.get(key, context.get(key))
+        if isinstance(value, str | int) and not isinstance(value, bool):
+            text = str(value)
+            if "\r" not in text and "\n" not in text:
+                out[header] = text[:200]
+    return out
+
+
+def _summed(a: dict[str, Any] | None, b: dict[str, Any]) -> dict[str, Any]:
+    if a is None:
+        return dict(b)
+    out = dict(a)
+    for key, value in b.items():
+        if isinstance(value, int | float) and isinstance(out.get(key), int | float):
+            out[key] = out[key] + value
+        elif key not in out:
+            out[key] = value
+    return out
