@@ -92,6 +92,7 @@ TOOL_ARGUMENTS = {
     "weather": '{"city": "Paris"}',
     "lookup": '{"who": "Ada"}',
     "get_weather": '{"city": "Rome"}',
+    "echo": '{"text": "hi"}',
     "badjson": '{"city": Par',
     "badschema": '{"town": "Paris"}',
 }

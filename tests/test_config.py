@@ -125,7 +125,7 @@ def test_the_readme_config_examples_parse():
     readme = Path("README.md").read_text()
     blocks = [b for b in re.findall(r"```toml\n(.*?)```", readme, re.S) if "[[routes]]" in b]
     assert len(blocks) >= 3
-    env = {"KEY": "x", "LLMGATE_API_KEY": "k", "OPENAI_API_KEY": "sk-x"}
+    env = {"KEY": "x", "LLMGATE_API_KEY": "k", "OPENAI_API_KEY": "sk-x", "WEATHER_KEY": "w"}
     for block in blocks:
         raw = tomllib.loads(block)
         raw.setdefault("providers", {"p": dict(PROVIDER)})

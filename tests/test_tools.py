@@ -12,8 +12,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from llmgate.app import TOOLBOX
 from tests.conftest import API_KEY, eventually
 from tests.fake_upstream import TOOL_CALL_DELTAS, USAGE
+from tests.test_mcp import ServerThread
 
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 MESSAGES = [{"role": "user", "content": "weather in Paris?"}]
@@ -291,3 +293,26 @@ async def test_a_get_tool_sends_query_parameters_and_metadata_headers(
     await post(gateway, "use-tools-weather", context={"appId": "a", "channel": "room-7"})
     [(name, args, headers)] = service.calls
     assert (name, args, headers["X-Channel"]) == ("weather", {"city": "Paris"}, "room-7")
+
+
+@pytest.fixture(scope="module")
+def mcp_server():
+    server = ServerThread().start()
+    yield server
+    server.stop()
+
+
+async def test_an_mcp_servers_tool_is_listed_and_called(make_gateway, upstream, mcp_server):
+    gateway = await make_gateway(
+        providers={"fake": {"base_url": upstream.url}},
+        tools={"crm": {"kind": "mcp", "url": mcp_server.url, "allowed": ["echo"]}},
+        routes=[{"path": "/tools/chat/completions", "tools": ["crm"]}],
+    )
+    crm = gateway.app[TOOLBOX].mcp["crm"]
+    await eventually(lambda: bool(crm.tools()))
+    status, raw = await post(gateway, "use-tools-echo")
+    assert status == 200 and "echo: hi" in content(parsed(raw))
+    first, second = upstream.requests
+    [offered] = [t["function"] for t in first["tools"]]
+    assert offered["name"] == "echo" and offered["parameters"]["properties"]["text"]
+    assert tool_results(second) == ["echo: hi"]

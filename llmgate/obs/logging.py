@@ -100,3 +100,6 @@ def setup(fmt: str = "text", level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
+    # The MCP SDK's HTTP client logs each request's full URL (query and all) at INFO: never,
+    # whatever level the rest is set to.
+    logging.getLogger("httpx2").setLevel(logging.WARNING)
