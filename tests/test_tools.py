@@ -213,6 +213,7 @@ async def test_a_callers_tool_of_the_same_name_wins(tools_gateway, upstream, ser
 async def test_the_callers_tool_calls_pass_unchanged(tools_gateway, gateway):
     tools_route = await tools_gateway()
     _, through = await post(tools_route, "tools", tools=[CALLER_TOOL])
+    # (model "tools" sends no usage fields, so here the chunks are the same in every key)
     url = gateway.make_url("/v1/chat/completions")
     body = {"model": "tools", "stream": True, "messages": MESSAGES, "tools": [CALLER_TOOL]}
     async with aiohttp.ClientSession() as s, s.post(url, json=body, headers=HEADERS) as r:
@@ -316,3 +317,37 @@ async def test_an_mcp_servers_tool_is_listed_and_called(make_gateway, upstream, 
     [offered] = [t["function"] for t in first["tools"]]
     assert offered["name"] == "echo" and offered["parameters"]["properties"]["text"]
     assert tool_results(second) == ["echo: hi"]
+
+
+async def test_parallel_caller_calls_pass_byte_for_byte_and_parse_alike(
+    tools_gateway, gateway, upstream, connect
+):
+    """Two calls of the caller's at once, their arguments cut across many chunks: the plain
+    route relays the provider's bytes; the tools route gives the same chunks; the openai SDK
+    makes the same tool_calls of both."""
+    body = {"model": "use-tools-get_weather+get_weather", "stream": True,
+            "messages": MESSAGES, "tools": [CALLER_TOOL]}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(upstream.url + "/chat/completions", json=body) as r:
+            direct = await r.read()
+        async with s.post(gateway.make_url("/v1/chat/completions"), json=body,
+                          headers=HEADERS) as r:
+            plain = await r.read()
+    assert plain == direct
+    tools_route = await tools_gateway()
+    _, through = await post(tools_route, body["model"], tools=[CALLER_TOOL])
+    # (a tools route asks for usage to sum it: the provider's chunks then say usage: null)
+    assert [{k: v for k, v in c.items() if k != "usage"} for c in parsed(through)] == parsed(plain)
+
+    async def sdk_calls(server, base: str) -> list:
+        client = connect(server).with_options(base_url=str(server.make_url(base)))
+        async with client.beta.chat.completions.stream(
+            model=body["model"], messages=MESSAGES, tools=[CALLER_TOOL]
+        ) as stream:
+            final = await stream.get_final_completion()
+        return [c.model_dump() for c in final.choices[0].message.tool_calls]
+
+    calls = await sdk_calls(gateway, "/v1")
+    assert [json.loads(c["function"]["arguments"]) for c in calls] == [{"city": "Rome"}] * 2
+    assert [c["id"] for c in calls] == ["call_0_0", "call_1_0"]
+    assert await sdk_calls(tools_route, "/tools") == calls
