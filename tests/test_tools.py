@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 
 import aiohttp
@@ -351,3 +352,15 @@ async def test_parallel_caller_calls_pass_byte_for_byte_and_parse_alike(
     assert [json.loads(c["function"]["arguments"]) for c in calls] == [{"city": "Rome"}] * 2
     assert [c["id"] for c in calls] == ["call_0_0", "call_1_0"]
     assert await sdk_calls(tools_route, "/tools") == calls
+
+
+def test_tool_names_sent_to_the_model_are_valid_and_unique():
+    from llmgate.tools.registry import function_name
+
+    taken: dict = {}
+    for raw in ["crm.lookup", "crm/lookup", "crm_lookup", "x" * 80, "x" * 80, ""]:
+        taken[function_name(raw, taken)] = None
+    names = list(taken)
+    assert names[:3] == ["crm_lookup", "crm_lookup_2", "crm_lookup_3"]
+    assert names[3] == "x" * 64 and names[4] == "x" * 62 + "_2" and names[5] == "tool"
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]{1,64}", n) for n in names)
