@@ -107,6 +107,9 @@ def tool_round(model: str, body: dict) -> list[dict]:
     spec = model.removeprefix("use-tools-")
     always = spec.startswith("always-")
     spec = spec.removeprefix("always-")
+    late_name = spec.startswith("late-name-")  # the name in the call's second fragment
+    no_index = spec.startswith("no-index-")  # each call whole, no `index` (some providers)
+    spec = spec.removeprefix("late-name-").removeprefix("no-index-")
     messages = body.get("messages") or []
     results = [m["content"] for m in messages if m.get("role") == "tool"]
     usage = (body.get("stream_options") or {}).get("include_usage")
@@ -116,10 +119,20 @@ def tool_round(model: str, body: dict) -> list[dict]:
     else:
         names = spec.split("+")
         out = [chunk(model, {"role": "assistant", "content": "Let me see. "})]
+        if no_index:
+            for i, name in enumerate(names):
+                whole = {"id": f"call_{i}_{len(results)}", "type": "function",
+                         "function": {"name": name, "arguments": TOOL_ARGUMENTS[name]}}
+                out.append(chunk(model, {"tool_calls": [whole]}))
+            names = []
         for i, name in enumerate(names):
             tool = "weather" if name in ("badjson", "badschema") else name
             first = {"index": i, "id": f"call_{i}_{len(results)}", "type": "function",
                      "function": {"name": tool, "arguments": ""}}
+            if late_name:
+                del first["function"]["name"]
+                out.append(chunk(model, {"tool_calls": [first]}))
+                first = {"index": i, "function": {"name": tool}}
             out.append(chunk(model, {"tool_calls": [first]}))
         for part in range(3):
             for i, name in enumerate(names):

@@ -289,3 +289,48 @@ async def test_a_newer_turn_on_the_channel_stops_the_older_ones_speech(voice_gat
         await eventually(lambda: upstream.cancelled == 1)
         assert b"[DONE]" not in await old.read()
     await eventually(lambda: engine.busy() == 0, timeout=1)
+
+
+class _Broken(_Slow):
+    """An engine with a bug of its own (not an EngineError)."""
+
+    async def synthesize(self, text: str) -> AsyncIterator[tuple[int, bytes]]:
+        raise RuntimeError("engine bug")
+        yield 16000, b""  # (an async generator)
+
+
+def _speaking(texts_and_gaps: list) -> object:
+    async def provider(ask: Ask) -> AsyncIterator[Piece]:
+        for item in texts_and_gaps:
+            if isinstance(item, float):
+                await asyncio.sleep(item)
+            else:
+                yield Piece.of(chunk("m", {"content": item}))
+        yield Piece.of(chunk("m", {}, "stop"))
+
+    return provider
+
+
+async def test_an_engines_own_bug_ends_the_answer_with_an_error_not_a_hang():
+    from llmgate.errors import ApiError
+
+    stage = AudioStage(AudioConfig(engine="espeak", pace=False), _Broken())
+    ask = Ask({"model": "m"}, Turn("/audio"), None, None, None)  # type: ignore[arg-type]
+    with pytest.raises(ApiError, match="speech engine 'slow' failed"):
+        async with asyncio.timeout(2):
+            async for _ in stage.wrap(_speaking(["Hello there. ", "Bye."]))(ask):
+                pass
+
+
+async def test_after_a_gap_pacing_starts_again_from_now():
+    engine = _Slow()  # 0.5 s of audio a sentence
+    stage = AudioStage(AudioConfig(engine="espeak", lead_ms=100), engine)
+    ask = Ask({"model": "m"}, Turn("/audio"), None, None, None)  # type: ignore[arg-type]
+    sent: list[tuple[float, dict]] = []
+    provider = _speaking(["First one here. Then", 1.5, " more here. ", "Bye."])
+    async for piece in stage.wrap(provider)(ask):
+        sent.append((time.perf_counter(), json.loads(piece.data)))
+    frames = [t for t, c in sent if "data" in c["choices"][0]["delta"].get("audio", {})]
+    second = frames[len(frames) // 3 :]  # the second sentence's and the third's frames
+    # they still go out at real time (0.04 s a frame) less the lead, not in one burst
+    assert second[-1] - second[0] >= len(second) * 0.04 - 0.1 - 0.05

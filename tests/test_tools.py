@@ -15,7 +15,7 @@ from aiohttp import web
 
 from llmgate.app import TOOLBOX
 from tests.conftest import API_KEY, eventually
-from tests.fake_upstream import TOOL_CALL_DELTAS, USAGE
+from tests.fake_upstream import TOOL_ARGUMENTS, TOOL_CALL_DELTAS, USAGE
 from tests.test_mcp import ServerThread
 
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
@@ -56,6 +56,14 @@ class ToolService:
             return web.json_response({"error": "database down"}, status=500)
         if name == "garbage":
             return web.Response(body=b'{"sky": sun', content_type="application/json")
+        if name == "chunked":  # a body in two writes, the second a while later
+            resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+            await resp.prepare(request)
+            await resp.write(b'{"sky": ')
+            await asyncio.sleep(0.05)
+            await resp.write(b'"sunny"}')
+            await resp.write_eof()
+            return resp
         return web.json_response({"tool": name, "args": args, "sky": "sunny"})
 
 
@@ -364,3 +372,42 @@ def test_tool_names_sent_to_the_model_are_valid_and_unique():
     assert names[:3] == ["crm_lookup", "crm_lookup_2", "crm_lookup_3"]
     assert names[3] == "x" * 64 and names[4] == "x" * 62 + "_2" and names[5] == "tool"
     assert all(re.fullmatch(r"[A-Za-z0-9_-]{1,64}", n) for n in names)
+
+
+@pytest.mark.parametrize(
+    "model", ["use-tools-late-name-weather", "use-tools-no-index-weather+lookup"]
+)
+async def test_calls_named_late_or_sent_without_index_are_still_ours(
+    tools_gateway, upstream, service, model
+):
+    gateway = await tools_gateway({"weather": {"path": "weather"}, "lookup": {"path": "lookup"}})
+    status, raw = await post(gateway, model)
+    chunks = parsed(raw)
+    assert status == 200 and chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert not any(c["choices"][0]["delta"].get("tool_calls") for c in chunks)
+    calls = upstream.requests[1]["messages"][-1 - len(service.calls)]["tool_calls"]
+    assert [json.loads(c["function"]["arguments"]) for c in calls] == [
+        json.loads(TOOL_ARGUMENTS[name]) for name in model.rsplit("-", 1)[1].split("+")
+    ]
+    assert all(r.startswith("{") for r in tool_results(upstream.requests[1]))
+
+
+async def test_a_result_that_comes_in_pieces_is_read_whole(tools_gateway, upstream):
+    gateway = await tools_gateway({"weather": {"path": "chunked"}})
+    await post(gateway, "use-tools-weather")
+    assert tool_results(upstream.requests[1]) == ['{"sky": "sunny"}']
+
+
+async def test_with_n_above_one_our_tools_stay_out(tools_gateway, upstream, service):
+    gateway = await tools_gateway()
+    await post(gateway, "text", n=2)
+    assert "tools" not in upstream.requests[0] and service.calls == []
+
+
+def test_usage_sums_nested_counts():
+    from llmgate.stages.tools import _summed
+
+    one = {"prompt_tokens": 5, "prompt_tokens_details": {"cached_tokens": 3}, "x": None}
+    assert _summed(_summed(None, one), one) == {
+        "prompt_tokens": 10, "prompt_tokens_details": {"cached_tokens": 6}, "x": None
+    }

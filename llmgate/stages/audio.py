@@ -174,13 +174,17 @@ class _Synthesis:
         if after is not None:
             await asyncio.wait({after.task})
             await after.playing.wait()
+        end: EngineError | None = None
         try:
             async with aclosing(engine.synthesize(self.sentence)) as pieces:
                 async for piece in pieces:
                     self._out.put_nowait(piece)
-            self._out.put_nowait(None)
         except EngineError as exc:
-            self._out.put_nowait(exc)
+            end = exc
+        except Exception as exc:  # an engine's own bug must end the sentence, not hang it
+            end = EngineError(f"failed ({type(exc).__name__})")
+        finally:
+            self._out.put_nowait(end)  # (also when cancelled: nobody waits then)
 
     async def pcm(self, engine: str) -> AsyncIterator[tuple[int, bytes]]:
         while (item := await self._out.get()) is not None:
@@ -263,6 +267,10 @@ class _Speech:
             self.started = now
             self.first_audio_ms = round((time.perf_counter() - self.ask.turn.started) * 1000, 2)
         if self.pacing:
+            if self.started + self.sent / self.bytes_per_s < now:
+                # The caller's player ran dry (a slow model, a tool): pace from now, or
+                # everything until the clock caught up would go at once, unstoppable.
+                self.started = now - self.sent / self.bytes_per_s
             due = self.started + self.sent / self.bytes_per_s - self.lead_s
             if due > now:
                 await asyncio.sleep(due - now)

@@ -67,7 +67,7 @@ class ToolStage:
                 for name, entry in self.toolbox.offered(self.sections).items()
                 if name not in theirs  # the caller's tool of the same name wins
             }
-            if not ours:
+            if not ours or _many_choices(ask.body):  # n > 1: one answer's tools cannot run
                 async with aclosing(inner(ask)) as items:
                     async for item in items:
                         yield item
@@ -98,8 +98,9 @@ class ToolStage:
                                 yield item
                     if not answer.run_ours():
                         break
-                    async for piece in self._run(answer, round_no):
-                        yield piece
+                    async with aclosing(self._run(answer, round_no)) as pieces:
+                        async for piece in pieces:
+                            yield piece
                 if answer.usage_wanted and answer.usage is not None:
                     yield answer.usage_piece()
             finally:
@@ -175,8 +176,12 @@ class _Answer:
         self.calls_noted: list[dict[str, Any]] = []
         self.rounds = 0
         self.round_no = 0
-        self._calls: dict[int, dict[str, Any]] = {}  # the round's calls by the model's index
-        self._theirs: dict[int, int] = {}  # the model's index -> the index the caller sees
+        # The round's calls, by (the model's index, the how-many-th call at that index: a
+        # provider that leaves `index` out sends each call whole, with an id of its own).
+        self._calls: dict[tuple[int, int], dict[str, Any]] = {}  # ours
+        self._theirs: dict[tuple[int, int], int] = {}  # -> the index the caller sees
+        self._undecided: dict[tuple[int, int], list[dict[str, Any]]] = {}  # no name yet
+        self._slot: dict[int, tuple[int, Any]] = {}
         self._text: list[str] = []
         self._finished = False
         self._last = False
@@ -185,6 +190,7 @@ class _Answer:
         self._add_round_usage()
         self.round_no, self.rounds, self._last = round_no, round_no + 1, last
         self._calls, self._theirs, self._text, self._finished = {}, {}, [], False
+        self._undecided, self._slot = {}, {}
 
     def piece(self, piece: Piece) -> Piece | None:
         """The piece as the caller gets it (itself when nothing in it changes), or None."""
@@ -194,7 +200,9 @@ class _Answer:
         if self.head is None and view.id:
             self.head = {"id": view.id, "created": view.created, "model": view.model}
         changed = self.round_no > 0 or bool(view.usage)
-        changed = changed or (piece.finish_reason is not None and self._ours_only())
+        changed = changed or (
+            piece.finish_reason is not None and (self._ours_only() or bool(self._undecided))
+        )
         for c in view.choices:
             delta = c.delta
             if delta is None:
@@ -220,10 +228,11 @@ class _Answer:
                 if self.role_sent:
                     del delta["role"]
                 self.role_sent = True
-            if "tool_calls" in delta:
-                calls = self._route_calls(delta.pop("tool_calls") or [])
-                if calls:
-                    delta["tool_calls"] = calls
+            calls = self._route_calls(delta.pop("tool_calls", None) or [])
+            if choice.get("finish_reason") and self._undecided:
+                calls += self._theirs_at_last()  # never named: not ours, so the caller's
+            if calls:
+                delta["tool_calls"] = calls
             if choice.get("finish_reason") and self._ours_only():
                 self._finished = True
                 # The answer goes on after our tools; after the last round it just ends
@@ -238,31 +247,67 @@ class _Answer:
 
     def _route_calls(self, fragments: list[Any]) -> list[dict[str, Any]]:
         """Our calls' fragments kept aside; the caller's passed on, renumbered if ours came
-        between them."""
-        out = []
+        between them. A call is ours or theirs by its name; fragments before the name wait."""
+        out: list[dict[str, Any]] = []
         for fragment in fragments:
             if not isinstance(fragment, dict):
                 continue
-            index = fragment.get("index", 0)
-            function = fragment.get("function") or {}
-            if index not in self._calls and index not in self._theirs:
-                name = function.get("name")
+            key = self._key(fragment)
+            if key not in self._calls and key not in self._theirs:
+                name = (fragment.get("function") or {}).get("name")
+                if not isinstance(name, str):
+                    self._undecided.setdefault(key, []).append(fragment)
+                    continue
+                held = [*self._undecided.pop(key, []), fragment]
                 if name in self.ours:
-                    self._calls[index] = {
-                        "id": fragment.get("id") or "call_" + os.urandom(12).hex(),
-                        "type": "function",
-                        "function": {"name": name, "arguments": ""},
-                    }
+                    self._calls[key] = {"type": "function", "function": {"arguments": ""}}
+                    for part in held:
+                        self._merge(key, part)
                 else:
-                    self._theirs[index] = len(self._theirs)
-            if index in self._calls:
-                arguments = function.get("arguments")
-                if isinstance(arguments, str):
-                    self._calls[index]["function"]["arguments"] += arguments
+                    self._theirs[key] = len(self._theirs)
+                    out += [self._renumbered(key, part) for part in held]
                 continue
-            if self._theirs[index] != index:
-                fragment = {**fragment, "index": self._theirs[index]}
-            out.append(fragment)
+            if key in self._calls:
+                self._merge(key, fragment)
+            else:
+                out.append(self._renumbered(key, fragment))
+        return out
+
+    def _key(self, fragment: dict[str, Any]) -> tuple[int, int]:
+        index = fragment.get("index", 0)
+        index = index if isinstance(index, int) else 0
+        call_id = fragment.get("id")
+        n, known = self._slot.get(index, (0, None))
+        if call_id and known and call_id != known:
+            n += 1  # a new call at the same index
+        if call_id or index not in self._slot:
+            self._slot[index] = (n, call_id or known)
+        return (index, n)
+
+    def _merge(self, key: tuple[int, int], fragment: dict[str, Any]) -> None:
+        """A fragment of our call into the call: arguments appended, any other field the
+        provider sent kept (one may need it back, as Gemini does its thought signature)."""
+        call = self._calls[key]
+        for field, value in fragment.items():
+            if field == "function" and isinstance(value, dict):
+                for part, text in value.items():
+                    if part == "arguments" and isinstance(text, str):
+                        call["function"]["arguments"] += text
+                    elif text is not None:
+                        call["function"][part] = text
+            elif field != "index" and value is not None:
+                call.setdefault(field, value)
+
+    def _renumbered(self, key: tuple[int, int], fragment: dict[str, Any]) -> dict[str, Any]:
+        index = self._theirs[key]
+        return fragment if fragment.get("index") == index else {**fragment, "index": index}
+
+    def _theirs_at_last(self) -> list[dict[str, Any]]:
+        out = []
+        for key, held in self._undecided.items():
+            self._theirs[key] = len(self._theirs)
+            out += [self._renumbered(key, part) for part in held]
+        self._undecided = {}
         return out
 
     def _ours_only(self) -> bool:
@@ -279,7 +324,10 @@ class _Answer:
         return self._finished and self._ours_only() and not self._last
 
     def our_calls(self) -> list[dict[str, Any]]:
-        return [self._calls[i] for i in sorted(self._calls)]
+        calls = [self._calls[key] for key in sorted(self._calls)]
+        for call in calls:
+            call.setdefault("id", "call_" + os.urandom(12).hex())
+        return calls
 
     def assistant_message(self, calls: list[dict[str, Any]]) -> dict[str, Any]:
         text = "".join(self._text)
@@ -360,12 +408,21 @@ def _headers(wanted: dict[str, str], metadata: dict[str, Any]) -> dict[str, str]
 
 
 def _summed(a: dict[str, Any] | None, b: dict[str, Any]) -> dict[str, Any]:
-    if a is None:
-        return dict(b)
-    out = dict(a)
+    """Usage added up, counts nested in `*_details` too."""
+    out = dict(a or {})
     for key, value in b.items():
-        if isinstance(value, int | float) and isinstance(out.get(key), int | float):
-            out[key] = out[key] + value
-        elif key not in out:
+        mine = out.get(key)
+        if isinstance(value, bool):
+            out.setdefault(key, value)
+        elif isinstance(value, int | float) and isinstance(mine, int | float):
+            out[key] = mine + value
+        elif isinstance(value, dict) and isinstance(mine, dict):
+            out[key] = _summed(mine, value)
+        elif key not in out or mine is None:
             out[key] = value
     return out
+
+
+def _many_choices(body: dict[str, Any]) -> bool:
+    n = body.get("n")
+    return isinstance(n, int) and n > 1

@@ -53,7 +53,12 @@ class HttpTool:
             ) as resp:
                 if not 200 <= resp.status < 300:
                     raise ToolError(f"tool {name} answered HTTP {resp.status}")
-                raw = await resp.content.read(_MAX_BODY)
+                raw = b""  # read(n) gives what has come so far, not all of it
+                while len(raw) < _MAX_BODY:
+                    part = await resp.content.read(_MAX_BODY - len(raw))
+                    if not part:
+                        break
+                    raw += part
                 is_json = resp.content_type == "application/json"
         except TimeoutError:
             raise ToolError(f"tool {name} timed out after {config.timeout_s:g} s") from None

@@ -130,7 +130,12 @@ class PiperEngine:
             finally:
                 _local.options = None
 
-        job = self._pool.submit(work)
+        try:
+            job = self._pool.submit(work)
+        except RuntimeError:  # the engine was closed (the app is stopping)
+            raise EngineError("piper is shut down") from None
+        # A job cancelled before it ran (the pool shut down) never says it ended: say so.
+        job.add_done_callback(lambda done: done.cancelled() and give(EngineError("stopped")))
         self._jobs.add(job)
         job.add_done_callback(self._jobs.discard)
         try:
