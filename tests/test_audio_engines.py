@@ -80,6 +80,7 @@ async def test_piper_speaks_the_answer(voice_gateway):
     seconds = sum(map(len, data)) / 32000
     assert 0.6 < seconds < 4 and loudness(b"".join(data)) > 300  # three words, spoken
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert {(c["id"], c["created"]) for c in chunks} == {("chatcmpl-fake", 1_700_000_000)}
 
 
 async def test_piper_loads_its_voice_once_at_start_up(voice_gateway):

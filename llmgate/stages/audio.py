@@ -74,6 +74,8 @@ class AudioStage:
                             yield await speech.audio(frame)
                         yield item
                     elif isinstance(item, Piece | Opened):
+                        if isinstance(item, Piece):
+                            speech.follow(item)
                         yield item
                     else:
                         raise item  # the reader's failure: an error frame, like any other
@@ -107,14 +109,16 @@ class AudioStage:
                         queue.put_nowait(item)
                         continue
                     text, audio, rest = _split(item)
+                    if rest is not None and not item.finish_reason:
+                        queue.put_nowait(rest)  # a role before the audio it begins
                     if text:
                         said(splitter.feed(text))
                     if audio is not None:
                         queue.put_nowait(audio)
                     if item.finish_reason:
                         said(splitter.flush())
-                    if rest is not None:
-                        queue.put_nowait(rest)
+                        if rest is not None:
+                            queue.put_nowait(rest)
             said(splitter.flush())  # a stream cut short: the writer fails it
         except Exception as exc:
             queue.put_nowait(exc)
@@ -219,16 +223,27 @@ class _Speech:
         self.sent = 0  # bytes of audio sent
         self.first_audio_ms: float | None = None
         self.created = int(time.time())
+        self.head: dict[str, Any] = {
+            "id": "chatcmpl-" + ask.turn.id.removeprefix("req_"),
+            "created": self.created,
+            "model": ask.body.get("model") or "",
+        }
+        self._followed = False
+
+    def follow(self, piece: Piece) -> None:
+        """Audio chunks carry the provider's id, created and model: one id in the stream."""
+        view = piece.view
+        if not self._followed and view.id:
+            self.head = {"id": view.id, "created": view.created, "model": view.model}
+            self._followed = True
 
     def chunk(
         self, delta: dict[str, Any], audio: bool = True, finish_reason: str | None = None
     ) -> Piece:
         return Piece.of(
             {
-                "id": "chatcmpl-" + self.ask.turn.id.removeprefix("req_"),
+                **self.head,
                 "object": "chat.completion.chunk",
-                "created": self.created,
-                "model": self.ask.body.get("model") or "",
                 "choices": [
                     {
                         "index": 0,
