@@ -55,6 +55,9 @@ SCENARIOS: dict[str, dict] = {
     # Each speech engine through an audio route (scripts/bench_audio.py: its own upstream
     # of real sentences): first audio, real-time factor, paced streams held.
     "audio": {},
+    # c1 on a tools route whose tool the model never calls: what the tools stage costs an
+    # answer that needs no tool (llmgate's tools offered, every chunk looked at).
+    "tools": {"requests": 1000, "concurrency": 1, "chunks": 20, "warmup": 20, "rounds": 2},
 }
 QUICK = {
     "c1": (30, 1),
@@ -63,9 +66,11 @@ QUICK = {
     "disconnect": (20, 20),
     "rag": (30, 1),
     "audio": (0, 0),
+    "tools": (30, 1),
 }
 KB_CHUNKS, KB_CHUNKS_QUICK = 100_000, 1_000
 RAG_PATH = "/rag/chat/completions"
+TOOLS_PATH = "/tools/chat/completions"
 RETAINED_KB_PER_HANG_UP = 10
 BUDGET = {
     "c1_added_ttft_p50_ms": 0.5,
@@ -173,6 +178,9 @@ def _config(port: int, mock_port: int) -> str:
         '[kb.bench]\npath = "kb.sqlite"\nchunk_tokens = 60\noverlap_tokens = 0\n'
         '[rag.bench]\nkb = "bench"\n'
         f'[[routes]]\npath = "/chat/completions"\n[[routes]]\npath = "{RAG_PATH}"\nrag = "bench"\n'
+        '[tools.lookup]\nkind = "http"\nurl = "http://127.0.0.1:9/lookup"\n'
+        'description = "Look something up."\n'
+        f'[[routes]]\npath = "{TOOLS_PATH}"\ntools = ["lookup"]\n'
     )
 
 
@@ -500,6 +508,8 @@ def main() -> int:
             if name == "rag":
                 options["questions"] = str(workdir / "questions.txt")
                 path = RAG_PATH
+            if name == "tools":
+                path = TOOLS_PATH
             results[name] = run_scenario(
                 options, f"http://127.0.0.1:{mock_port}", f"http://127.0.0.1:{gw_port}", gw, path
             )
