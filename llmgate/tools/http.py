@@ -16,6 +16,7 @@ import msgspec
 from llmgate.config import ToolConfig
 from llmgate.kb.service import new_session
 from llmgate.tools.base import MAX_RESULT, ToolError, ToolSpec, bounded
+from llmgate.upstream.client import read_bounded
 
 _MAX_BODY = 4 * MAX_RESULT  # bytes read of an answer (UTF-8 is at most 4 bytes a character)
 
@@ -53,12 +54,7 @@ class HttpTool:
             ) as resp:
                 if not 200 <= resp.status < 300:
                     raise ToolError(f"tool {name} answered HTTP {resp.status}")
-                raw = b""  # read(n) gives what has come so far, not all of it
-                while len(raw) < _MAX_BODY:
-                    part = await resp.content.read(_MAX_BODY - len(raw))
-                    if not part:
-                        break
-                    raw += part
+                raw = await read_bounded(resp.content, _MAX_BODY)
                 is_json = resp.content_type == "application/json"
         except TimeoutError:
             raise ToolError(f"tool {name} timed out after {config.timeout_s:g} s") from None

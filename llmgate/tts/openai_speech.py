@@ -19,6 +19,7 @@ from yarl import URL
 from llmgate.errors import ProviderNotReady
 from llmgate.kb.service import new_session
 from llmgate.tts.base import EngineError
+from llmgate.upstream.client import read_bounded
 from llmgate.upstream.provider import Provider
 
 READ = 16 * 1024
@@ -74,7 +75,7 @@ class OpenAISpeechEngine:
                     self.url, data=body, headers=self.headers, timeout=self.timeout
                 )
                 if resp.status != 200:
-                    raw = await resp.content.read(MAX_ERROR)
+                    raw = await read_bounded(resp.content, MAX_ERROR)
                     error = self.provider.status_error(resp.status, resp.headers, raw)
                     raise EngineError(error.message)
                 kind = resp.headers.get("Content-Type", "")
