@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -87,6 +88,13 @@ async def connect() -> AsyncIterator[Callable[..., openai.AsyncOpenAI]]:
 @pytest.fixture
 def client(gateway, connect) -> openai.AsyncOpenAI:
     return connect(gateway)
+
+
+def stream_chunks(raw: bytes) -> list[dict]:
+    """A whole SSE answer's chunks, checking that it ended with `[DONE]`."""
+    payloads = [f[6:] for f in raw.split(b"\n\n") if f.startswith(b"data: ")]
+    assert payloads[-1] == b"[DONE]", payloads[-1]
+    return [json.loads(p) for p in payloads[:-1]]
 
 
 def split_at(text, cuts):

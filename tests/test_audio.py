@@ -11,7 +11,7 @@ import aiohttp
 import numpy as np
 import pytest
 
-from tests.conftest import API_KEY, eventually
+from tests.conftest import API_KEY, eventually, stream_chunks
 from tests.test_tts import children
 
 pytestmark = pytest.mark.skipif(
@@ -41,9 +41,7 @@ async def frames(gateway, model: str, stream: bool = True) -> list[dict]:
         raw = await resp.read()
     if not stream:
         return [json.loads(raw)]
-    payloads = [f[6:] for f in raw.split(b"\n\n") if f.startswith(b"data: ")]
-    assert payloads[-1] == b"[DONE]"
-    return [json.loads(p) for p in payloads[:-1]]
+    return stream_chunks(raw)
 
 
 async def test_the_answer_is_spoken_in_exact_frames(audio_gateway):

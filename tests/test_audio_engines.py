@@ -20,7 +20,7 @@ from llmgate.pipeline import Ask, Piece
 from llmgate.stages.audio import AudioStage
 from llmgate.tts.piper import PiperEngine
 from llmgate.turn import Turn
-from tests.conftest import API_KEY, eventually
+from tests.conftest import API_KEY, eventually, stream_chunks
 from tests.fake_upstream import TOOL_CALL_DELTAS, chunk, tone
 from tests.test_cancellation import agora_body
 
@@ -47,12 +47,6 @@ async def post(gateway, model: str = "text", stream: bool = True) -> tuple[int, 
         return resp.status, await resp.read()
 
 
-def parsed(raw: bytes) -> list[dict]:
-    payloads = [f[6:] for f in raw.split(b"\n\n") if f.startswith(b"data: ")]
-    assert payloads[-1] == b"[DONE]", payloads[-1]
-    return [json.loads(p) for p in payloads[:-1]]
-
-
 def audio_of(chunks: list[dict]) -> tuple[list[str], list[bytes]]:
     """(transcripts, frames) of a stream's delta.audio, every one with the same id."""
     audio = [
@@ -73,7 +67,7 @@ async def test_piper_speaks_the_answer(voice_gateway):
     gateway = await voice_gateway(engine="piper", pace=False)
     status, raw = await post(gateway)
     assert status == 200
-    chunks = parsed(raw)
+    chunks = stream_chunks(raw)
     transcripts, data = audio_of(chunks)
     assert " ".join(transcripts) == "Hello there, h\u00e9llo!"
     assert all(len(d) == 1280 for d in data[:-1]) and 0 < len(data[-1]) <= 1280
@@ -124,7 +118,7 @@ async def test_the_openai_engine_streams_speech_from_an_endpoint(voice_gateway, 
     )
     status, raw = await post(gateway)
     assert status == 200
-    transcripts, data = audio_of(parsed(raw))
+    transcripts, data = audio_of(stream_chunks(raw))
     [asked] = upstream.speech_requests
     assert asked == {
         "model": "tts-1",
@@ -187,7 +181,7 @@ async def test_the_file_engine_plays_its_announcement_without_asking_the_model(
     )
     status, raw = await post(gateway)
     assert status == 200
-    chunks = parsed(raw)
+    chunks = stream_chunks(raw)
     transcripts, data = audio_of(chunks)
     assert transcripts == ["We are closed today. Please call back tomorrow."]
     assert sum(map(len, data)) == pytest.approx(0.5 * 32000, abs=64)  # 8 kHz made 16 kHz
@@ -203,7 +197,7 @@ async def test_the_models_own_audio_is_resampled_and_reframed(voice_gateway, con
     gateway = await voice_gateway(engine="piper", pace=False)
     status, raw = await post(gateway, "audio")
     assert status == 200
-    transcripts, data = audio_of(parsed(raw))
+    transcripts, data = audio_of(stream_chunks(raw))
     assert transcripts == ["Hello", " there."]
     # 0.5 s at 24 kHz in reads of uneven size: 0.5 s at 16 kHz in whole 40 ms frames
     assert [len(d) for d in data] == [1280] * 12 + [16000 - 12 * 1280]
@@ -268,7 +262,7 @@ async def test_tool_calls_pass_through_the_audio_route_unchanged(voice_gateway):
     gateway = await voice_gateway(engine="piper")
     status, raw = await post(gateway, "tools")
     assert status == 200
-    chunks = parsed(raw)
+    chunks = stream_chunks(raw)
     calls = [c["choices"][0]["delta"]["tool_calls"] for c in chunks
              if c["choices"][0]["delta"].get("tool_calls")]
     assert calls == [d["tool_calls"] for d in TOOL_CALL_DELTAS]

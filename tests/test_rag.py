@@ -15,7 +15,7 @@ from aiohttp import web
 from llmgate.kb.ingest import ingest
 from llmgate.kb.store import Store
 from llmgate.stages.rag import NOTHING_FOUND
-from tests.conftest import API_KEY, eventually
+from tests.conftest import API_KEY, eventually, stream_chunks
 from tests.fake_upstream import WORDS
 
 DATA = Path(__file__).parent / "data"
@@ -88,9 +88,7 @@ async def raw_frames(gateway, model: str) -> list[dict]:
     url = gateway.make_url("/rag/chat/completions")
     async with aiohttp.ClientSession() as s, s.post(url, json=body, headers=headers) as resp:
         raw = await resp.read()
-    frames = [f[6:] for f in raw.split(b"\n\n") if f.startswith(b"data: ")]
-    assert frames[-1] == b"[DONE]"
-    return [json.loads(f) for f in frames[:-1]]
+    return stream_chunks(raw)
 
 
 async def test_the_waiting_message_is_a_whole_chunk_first(rag_gateway):

@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 
 from llmgate.app import TOOLBOX
-from tests.conftest import API_KEY, eventually
+from tests.conftest import API_KEY, eventually, stream_chunks
 from tests.fake_upstream import TOOL_ARGUMENTS, TOOL_CALL_DELTAS, USAGE
 from tests.test_mcp import ServerThread
 
@@ -105,12 +105,6 @@ async def post(gateway, model: str, stream: bool = True, **body) -> tuple[int, b
         return r.status, await r.read()
 
 
-def parsed(raw: bytes) -> list[dict]:
-    payloads = [f[6:] for f in raw.split(b"\n\n") if f.startswith(b"data: ")]
-    assert payloads[-1] == b"[DONE]", payloads[-1]
-    return [json.loads(p) for p in payloads[:-1]]
-
-
 def content(chunks: list[dict]) -> str:
     return "".join(
         c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]
@@ -154,7 +148,7 @@ async def test_parallel_calls_overlap(tools_gateway, service):
         {"weather": {"path": "slow0.3"}, "lookup": {"path": "slow0.3"}}
     )
     status, raw = await post(gateway, "use-tools-weather+lookup")
-    assert status == 200 and "Results:" in content(parsed(raw))
+    assert status == 200 and "Results:" in content(stream_chunks(raw))
     (a0, a1), (b0, b1) = service.spans
     assert a0 < b1 and b0 < a1  # the two ran at the same time, not one after the other
 
@@ -162,7 +156,7 @@ async def test_parallel_calls_overlap(tools_gateway, service):
 async def test_rounds_stop_at_max_tool_rounds(tools_gateway, upstream, service):
     gateway = await tools_gateway(max_tool_rounds=2)
     _status, raw = await post(gateway, "use-tools-always-weather")
-    chunks = parsed(raw)
+    chunks = stream_chunks(raw)
     assert len(upstream.requests) == 3 and len(service.calls) == 2
     assert [r.get("tool_choice") for r in upstream.requests] == [None, None, "none"]
     assert content(chunks).endswith(".") and "Results:" in content(chunks)
@@ -185,7 +179,7 @@ async def test_a_failing_call_is_told_to_the_model_and_the_turn_goes_on(
 ):
     gateway = await tools_gateway({"weather": {"path": path, "timeout_s": 0.2}})
     status, raw = await post(gateway, model)
-    chunks = parsed(raw)
+    chunks = stream_chunks(raw)
     assert status == 200 and chunks[-1]["choices"][0]["finish_reason"] == "stop"
     [result] = tool_results(upstream.requests[1])
     assert result.startswith(told), result
@@ -199,7 +193,7 @@ async def test_a_mixed_round_gives_the_caller_its_calls_and_drops_ours(
 ):
     gateway = await tools_gateway()
     _status, raw = await post(gateway, "use-tools-weather+get_weather", tools=[CALLER_TOOL])
-    chunks = parsed(raw)
+    chunks = stream_chunks(raw)
     calls = [d for c in chunks for d in c["choices"][0]["delta"].get("tool_calls") or ()]
     assert {d["index"] for d in calls} == {0}  # the caller's one call, renumbered from 1
     assert calls[0]["function"]["name"] == "get_weather" and calls[0]["id"] == "call_1_0"
@@ -213,7 +207,7 @@ async def test_a_callers_tool_of_the_same_name_wins(tools_gateway, upstream, ser
     gateway = await tools_gateway()
     theirs = {"type": "function", "function": {"name": "weather", "parameters": {}}}
     _status, raw = await post(gateway, "use-tools-weather", tools=[theirs])
-    chunks = parsed(raw)
+    chunks = stream_chunks(raw)
     assert upstream.requests[0]["tools"] == [theirs]
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
     assert service.calls == []
@@ -227,8 +221,8 @@ async def test_the_callers_tool_calls_pass_unchanged(tools_gateway, gateway):
     body = {"model": "tools", "stream": True, "messages": MESSAGES, "tools": [CALLER_TOOL]}
     async with aiohttp.ClientSession() as s, s.post(url, json=body, headers=HEADERS) as r:
         plain = await r.read()
-    assert parsed(through) == parsed(plain)
-    deltas = [c["choices"][0]["delta"] for c in parsed(through)]
+    assert stream_chunks(through) == stream_chunks(plain)
+    deltas = [c["choices"][0]["delta"] for c in stream_chunks(through)]
     assert [d.get("tool_calls") for d in deltas if d.get("tool_calls")] == [
         d["tool_calls"] for d in TOOL_CALL_DELTAS
     ]
@@ -237,10 +231,10 @@ async def test_the_callers_tool_calls_pass_unchanged(tools_gateway, gateway):
 async def test_the_filler_is_said_only_while_a_tool_runs_long(tools_gateway):
     filler = {"phrases": ["Let me check that for you."], "after_ms": 100}
     slow = await tools_gateway({"weather": {"path": "slow0.5"}}, tool_filler=filler)
-    said = content(parsed((await post(slow, "use-tools-weather"))[1]))
+    said = content(stream_chunks((await post(slow, "use-tools-weather"))[1]))
     assert said.startswith("Let me see. Let me check that for you. Results:")
     fast = await tools_gateway(tool_filler=filler)
-    said = content(parsed((await post(fast, "use-tools-weather"))[1]))
+    said = content(stream_chunks((await post(fast, "use-tools-weather"))[1]))
     assert "Let me check" not in said
 
 
@@ -274,7 +268,7 @@ async def test_usage_is_one_chunk_summed_over_rounds(tools_gateway):
     _status, raw = await post(
         gateway, "use-tools-weather", stream_options={"include_usage": True}
     )
-    chunks = parsed(raw)
+    chunks = stream_chunks(raw)
     usages = [c["usage"] for c in chunks if c.get("usage")]
     assert usages == [{k: 2 * v for k, v in USAGE.items()}]
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == usages[0]
@@ -321,7 +315,7 @@ async def test_an_mcp_servers_tool_is_listed_and_called(make_gateway, upstream, 
     crm = gateway.app[TOOLBOX].mcp["crm"]
     await eventually(lambda: bool(crm.tools()))
     status, raw = await post(gateway, "use-tools-echo")
-    assert status == 200 and "echo: hi" in content(parsed(raw))
+    assert status == 200 and "echo: hi" in content(stream_chunks(raw))
     first, second = upstream.requests
     [offered] = [t["function"] for t in first["tools"]]
     assert offered["name"] == "echo" and offered["parameters"]["properties"]["text"]
@@ -346,7 +340,8 @@ async def test_parallel_caller_calls_pass_byte_for_byte_and_parse_alike(
     tools_route = await tools_gateway()
     _, through = await post(tools_route, body["model"], tools=[CALLER_TOOL])
     # (a tools route asks for usage to sum it: the provider's chunks then say usage: null)
-    assert [{k: v for k, v in c.items() if k != "usage"} for c in parsed(through)] == parsed(plain)
+    without_usage = [{k: v for k, v in c.items() if k != "usage"} for c in stream_chunks(through)]
+    assert without_usage == stream_chunks(plain)
 
     async def sdk_calls(server, base: str) -> list:
         client = connect(server).with_options(base_url=str(server.make_url(base)))
@@ -382,7 +377,7 @@ async def test_calls_named_late_or_sent_without_index_are_still_ours(
 ):
     gateway = await tools_gateway({"weather": {"path": "weather"}, "lookup": {"path": "lookup"}})
     status, raw = await post(gateway, model)
-    chunks = parsed(raw)
+    chunks = stream_chunks(raw)
     assert status == 200 and chunks[-1]["choices"][0]["finish_reason"] == "stop"
     assert not any(c["choices"][0]["delta"].get("tool_calls") for c in chunks)
     calls = upstream.requests[1]["messages"][-1 - len(service.calls)]["tool_calls"]
