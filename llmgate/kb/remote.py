@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from llmgate.kb.service import ServiceError, new_session, post_json
+from llmgate.kb.service import OwnSession, ServiceError, post_json
 from llmgate.kb.store import Hit, KbError
 
 MAX_ANSWER = 4 * 2**20
@@ -42,15 +42,13 @@ class HttpRetriever:
         self.url = url
         self.headers = {"Content-Type": "application/json", **headers}
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self._session: aiohttp.ClientSession | None = None
+        self._client = OwnSession()
 
     async def search(self, question: str, k: int, min_score: float = 0.0) -> list[Hit]:
-        if self._session is None:
-            self._session = new_session()
         body = msgspec.json.encode({"query": question, "k": k})
         try:
             raw = await post_json(
-                self._session, self.url, body, self.headers, self.timeout, MAX_ANSWER
+                self._client.get(), self.url, body, self.headers, self.timeout, MAX_ANSWER
             )
         except ServiceError as exc:
             raise KbError(f"kb '{self.name}': the retrieval service {exc}") from None
@@ -67,5 +65,4 @@ class HttpRetriever:
         return hits[:k]
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self._client.aclose()

@@ -16,11 +16,10 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import aiohttp
 import numpy as np
 
 from llmgate.kb.embeddings import Embedder, EmbeddingError, fuse, nearest
-from llmgate.kb.service import new_session
+from llmgate.kb.service import OwnSession
 from llmgate.kb.store import Hit, KbError, bm25_ranked, hits, vectors
 
 log = logging.getLogger("llmgate.kb")
@@ -37,7 +36,7 @@ class Retriever:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"kb-{name}")
         self._workers = workers
         self._idle: list[sqlite3.Connection] = []  # touched on the event loop only
-        self._session: aiohttp.ClientSession | None = None
+        self._client = OwnSession()  # the question's vector, if there is an embedder
         # the dense index: (chunk ids, their unit vectors as one matrix, the file's mtime)
         self._dense: tuple[np.ndarray, np.ndarray, float] | None = None
         self._dense_lock = threading.Lock()
@@ -117,17 +116,14 @@ class Retriever:
     async def _query_vector(self, question: str) -> np.ndarray | None:
         if self.embedder is None:
             return None
-        if self._session is None:
-            self._session = new_session()
         try:
-            return (await self.embedder.embed(self._session, [question]))[0]
+            return (await self.embedder.embed(self._client.get(), [question]))[0]
         except EmbeddingError as exc:
             log.warning("kb '%s': no question vector, BM25 alone: %s", self.name, exc)
             return None
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self._client.aclose()
         self._pool.shutdown(wait=False, cancel_futures=True)
         while self._idle:
             self._idle.pop().close()

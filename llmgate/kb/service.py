@@ -19,6 +19,25 @@ def new_session() -> aiohttp.ClientSession:
     return aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
 
 
+class OwnSession:
+    """A client of one's own (a tool's, a speech endpoint's, a knowledge base's), opened on
+    first use inside the running loop and closed with its owner."""
+
+    __slots__ = ("_session",)
+
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+
+    def get(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = new_session()
+        return self._session
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
 async def post_json(
     session: aiohttp.ClientSession,
     url: str | URL,

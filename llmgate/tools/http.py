@@ -14,7 +14,7 @@ import aiohttp
 import msgspec
 
 from llmgate.config import ToolConfig
-from llmgate.kb.service import new_session
+from llmgate.kb.service import OwnSession
 from llmgate.tools.base import MAX_RESULT, ToolError, ToolSpec, bounded
 from llmgate.upstream.client import read_bounded
 
@@ -26,18 +26,15 @@ class HttpTool:
         self.spec = ToolSpec(name, config.description, config.parameters)
         self.config = config
         self.timeout = aiohttp.ClientTimeout(total=config.timeout_s)
-        self._session: aiohttp.ClientSession | None = None
+        self._client = OwnSession()
 
     async def start(self) -> None:
-        self._session = new_session()
+        pass  # the client opens on the first call
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self._client.aclose()
 
     async def call(self, arguments: dict[str, Any], headers: dict[str, str]) -> str:
-        if self._session is None:
-            raise ToolError(f"tool {self.spec.name} is not ready")
         name, config = self.spec.name, self.config
         send: dict[str, Any] = {"headers": {**config.headers, **headers}}
         if config.method == "GET":
@@ -49,7 +46,7 @@ class HttpTool:
             send["data"] = msgspec.json.encode(arguments)
             send["headers"]["Content-Type"] = "application/json"
         try:
-            async with self._session.request(
+            async with self._client.get().request(
                 config.method, config.url, timeout=self.timeout, **send
             ) as resp:
                 if not 200 <= resp.status < 300:

@@ -17,7 +17,7 @@ import msgspec
 from yarl import URL
 
 from llmgate.errors import ProviderNotReady
-from llmgate.kb.service import new_session
+from llmgate.kb.service import OwnSession
 from llmgate.tts.base import EngineError
 from llmgate.upstream.client import read_bounded
 from llmgate.upstream.provider import Provider
@@ -44,18 +44,15 @@ class OpenAISpeechEngine:
             sock_connect=config.connect_timeout_s,
             sock_read=config.idle_timeout_s,
         )
-        self._session: aiohttp.ClientSession | None = None
+        self._client = OwnSession()
 
     async def start(self) -> None:
-        self._session = new_session()
+        pass  # the client opens on the first sentence
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self._client.aclose()
 
     def check(self) -> None:
-        if self._session is None:
-            raise EngineError("the speech endpoint's client was not started")
         try:
             self.provider.check_ready()  # its key's ${VAR} is set
         except ProviderNotReady as exc:
@@ -64,14 +61,13 @@ class OpenAISpeechEngine:
     async def synthesize(self, text: str) -> AsyncIterator[tuple[int, bytes]]:
         """(sample rate, PCM16 mono) pieces of `text` spoken, as the endpoint sends them."""
         self.check()
-        assert self._session is not None
         body = msgspec.json.encode(
             {"model": self.model, "voice": self.voice, "input": text, "response_format": "pcm"}
         )
         resp: aiohttp.ClientResponse | None = None
         try:
             try:
-                resp = await self._session.post(
+                resp = await self._client.get().post(
                     self.url, data=body, headers=self.headers, timeout=self.timeout
                 )
                 if resp.status != 200:
