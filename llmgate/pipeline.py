@@ -14,6 +14,7 @@ that yields a Piece before OPENED (a waiting message) gets the caller's headers 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -73,6 +74,17 @@ Call = Callable[[Ask], AsyncIterator[Piece | Opened]]
 
 class Stage(Protocol):
     def wrap(self, inner: Call) -> Call: ...
+
+
+def own_head(ask: Ask) -> dict[str, Any]:
+    """The head of a chunk llmgate writes itself before (or without) the provider's: a
+    waiting phrase, a filler, an announcement."""
+    return {
+        "id": "chatcmpl-" + ask.turn.id.removeprefix("req_"),
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": ask.body.get("model") or "",
+    }
 
 
 async def end_task(task: asyncio.Future) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 
 from llmgate.config import AudioConfig
 from llmgate.errors import ApiError
-from llmgate.pipeline import OPENED, Ask, Call, Opened, Piece, end_task
+from llmgate.pipeline import OPENED, Ask, Call, Opened, Piece, end_task, own_head
 from llmgate.protocol import generic_decoder
 from llmgate.tts.base import Engine, EngineError
 from llmgate.tts.file import FileEngine
@@ -73,9 +73,10 @@ class AudioStage:
                         for frame in speech.rest():
                             yield await speech.audio(frame)
                         yield item
-                    elif isinstance(item, Piece | Opened):
-                        if isinstance(item, Piece):
-                            speech.follow(item)
+                    elif isinstance(item, Piece):
+                        speech.follow(item)
+                        yield item
+                    elif isinstance(item, Opened):
                         yield item
                     else:
                         raise item  # the reader's failure: an error frame, like any other
@@ -222,12 +223,7 @@ class _Speech:
         self.started: float | None = None  # when the first frame went out
         self.sent = 0  # bytes of audio sent
         self.first_audio_ms: float | None = None
-        self.created = int(time.time())
-        self.head: dict[str, Any] = {
-            "id": "chatcmpl-" + ask.turn.id.removeprefix("req_"),
-            "created": self.created,
-            "model": ask.body.get("model") or "",
-        }
+        self.head = own_head(ask)
         self._followed = False
 
     def follow(self, piece: Piece) -> None:

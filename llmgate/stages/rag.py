@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 from llmgate.config import RagConfig
 from llmgate.kb.store import Hit, KbError
-from llmgate.pipeline import Ask, Call, Opened, Piece, end_task
+from llmgate.pipeline import Ask, Call, Opened, Piece, end_task, own_head
 
 log = logging.getLogger("llmgate.rag")
 
@@ -132,10 +132,7 @@ class RagStage:
         ask.turn.note("rag", waiting=True)
         return Piece.of(
             {
-                "id": "chatcmpl-" + ask.turn.id.removeprefix("req_"),
-                "object": "chat.completion.chunk",
-                "created": int(time.time()),
-                "model": ask.body.get("model") or "",
+                **own_head(ask),
                 "choices": [
                     {
                         "index": 0,

@@ -32,7 +32,7 @@ from typing import Any
 import jsonschema
 
 from llmgate.config import FillerConfig
-from llmgate.pipeline import OPENED, Ask, Call, Opened, Piece, end_task
+from llmgate.pipeline import OPENED, Ask, Call, Opened, Piece, end_task, own_head
 from llmgate.protocol import generic_decoder
 from llmgate.tools.base import Tool, ToolError
 from llmgate.tools.registry import Toolbox
@@ -339,11 +339,7 @@ class _Answer:
             self.round_usage = None
 
     def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> Piece:
-        head = self.head or {
-            "id": "chatcmpl-" + self.ask.turn.id.removeprefix("req_"),
-            "created": int(time.time()),
-            "model": self.ask.body.get("model") or "",
-        }
+        head = self.head or own_head(self.ask)
         return Piece.of({"object": "chat.completion.chunk", **head, "choices": choices, **extra})
 
     def content_piece(self, text: str) -> Piece:
