@@ -105,6 +105,13 @@ async def test_the_waiting_message_is_a_whole_chunk_first(rag_gateway):
     ]
 
 
+async def test_the_waiting_phrases_take_turns(rag_gateway):
+    gateway = await rag_gateway(phrases=["One moment.", "Let me look."])
+    said = [(await raw_frames(gateway, "text"))[0]["choices"][0]["delta"]["content"]
+            for _ in range(3)]
+    assert said == ["One moment. ", "Let me look. ", "One moment. "]
+
+
 @pytest.mark.parametrize(("model", "filler"), [("text", False), ("slow-first", True)])
 async def test_after_ms_speaks_only_when_the_wait_is_real(rag_gateway, model, filler):
     gateway = await rag_gateway(phrases=["Let me look."], after_ms=150)

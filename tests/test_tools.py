@@ -233,6 +233,10 @@ async def test_the_filler_is_said_only_while_a_tool_runs_long(tools_gateway):
     slow = await tools_gateway({"weather": {"path": "slow0.5"}}, tool_filler=filler)
     said = content(stream_chunks((await post(slow, "use-tools-weather"))[1]))
     assert said.startswith("Let me see. Let me check that for you. Results:")
+    filler = {"phrases": ["Let me check.", "One moment."], "after_ms": 100}
+    slow = await tools_gateway({"weather": {"path": "slow0.3"}}, tool_filler=filler)
+    said = [content(stream_chunks((await post(slow, "use-tools-weather"))[1])) for _ in range(2)]
+    assert "Let me check." in said[0] and "One moment." in said[1]  # they take turns
     fast = await tools_gateway(tool_filler=filler)
     said = content(stream_chunks((await post(fast, "use-tools-weather"))[1]))
     assert "Let me check" not in said

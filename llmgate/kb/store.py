@@ -172,10 +172,6 @@ class Store:
             self.conn.execute("ROLLBACK")
             raise
 
-    def source_hash(self, source: str) -> str | None:
-        row = self.conn.execute("SELECT hash FROM sources WHERE path = ?", (source,)).fetchone()
-        return row[0] if row else None
-
     def hashes(self) -> dict[str, str]:
         """Every source's content hash: what "unchanged" is compared with."""
         return dict(self.conn.execute("SELECT path, hash FROM sources").fetchall())

@@ -14,6 +14,7 @@ is quicker. Non-streamed requests get no waiting phrase.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import sqlite3
 import time
@@ -50,7 +51,8 @@ class RagStage:
     def __init__(self, config: RagConfig, retriever: Retriever) -> None:
         self.config = config
         self.retriever = retriever
-        self._phrase = 0
+        # say the next one next time: a caller hears no litany
+        self._phrases = itertools.cycle(config.waiting.phrases)
 
     def wrap(self, inner: Call) -> Call:
         async def call(ask: Ask) -> AsyncIterator[Piece | Opened]:
@@ -126,9 +128,7 @@ class RagStage:
 
     def _waiting(self, ask: Ask) -> Piece:
         """A whole chat.completion.chunk the openai SDKs parse, spoken like any answer."""
-        phrases = self.config.waiting.phrases
-        phrase = phrases[self._phrase % len(phrases)]
-        self._phrase += 1  # say the next one next time: a caller hears no litany
+        phrase = next(self._phrases)
         ask.turn.note("rag", waiting=True)
         return Piece.of(
             {

@@ -21,6 +21,7 @@ caller runs its tools and asks again, and the model calls ours again if it still
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import os
@@ -55,7 +56,7 @@ class ToolStage:
         self.sections = sections
         self.max_rounds = max_rounds
         self.filler = filler
-        self._phrase = 0
+        self._phrases = itertools.cycle(filler.phrases if filler is not None else ())
 
     def wrap(self, inner: Call) -> Call:
         async def call(ask: Ask) -> AsyncIterator[Piece | Opened]:
@@ -119,11 +120,8 @@ class ToolStage:
             if self.filler is not None and self.filler.phrases and answer.ask.stream:
                 _, pending = await asyncio.wait(tasks, timeout=self.filler.after_ms / 1000)
                 if pending:
-                    phrases = self.filler.phrases
-                    phrase = phrases[self._phrase % len(phrases)]
-                    self._phrase += 1
                     answer.ask.turn.note("tools", filler=True)
-                    yield answer.content_piece(phrase + " ")
+                    yield answer.content_piece(next(self._phrases) + " ")
             results = await asyncio.gather(*tasks)
         finally:
             for task in tasks:
