@@ -23,8 +23,8 @@ from llmgate.tools.registry import Toolbox
 from llmgate.tts.base import Engine, EngineError
 from llmgate.tts.engines import engine_for
 from llmgate.turn import CHANNELS, Channels
-from llmgate.upstream.call import provider_call
 from llmgate.upstream.client import client_session
+from llmgate.upstream.failover import provider_call
 from llmgate.upstream.provider import Provider
 from llmgate.upstream.router import ROUTER, Router
 
@@ -41,12 +41,13 @@ def create_app(loaded: Loaded) -> web.Application:
         keys=KeyCheck(config.server.api_keys),
         max_body=max_body,
         keepalive_s=config.server.keepalive_s,
+        apology=config.server.apology if config.server.on_stream_error == "apology" else None,
     )
     providers = {
         name: Provider(name, provider, loaded.unset_env.get(name, ()))
         for name, provider in config.providers.items()
     }
-    app[ROUTER] = Router(providers)
+    app[ROUTER] = Router(providers, config.models)  # type: ignore[arg-type]
     app[CHANNELS] = Channels()
     app.cleanup_ctx.append(client_session)
     retrievers = {

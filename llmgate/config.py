@@ -28,10 +28,32 @@ class _Strict(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=T
     pass
 
 
+_Count = Annotated[int, msgspec.Meta(ge=1)]
+APOLOGY = "Sorry, I lost my connection. Could you say that again?"
+
+
+class LimitsConfig(_Strict):
+    max_concurrent: _Count = 100  # streams in flight per caller key
+    requests_per_minute: _Count = 600  # per caller key
+    global_max_concurrent: _Count = 1000  # streams in flight in all
+
+
+class KeyConfig(_Strict):
+    key: str
+    name: str  # what the log line names (never the key)
+    max_concurrent: _Count | None = None  # None: [server.limits]'
+    requests_per_minute: _Count | None = None
+
+
 class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8000
     api_keys: list[str] = []
+    keys: list[KeyConfig] = []  # keys with a name and limits of their own
+    limits: LimitsConfig = LimitsConfig()
+    # after the stream began: an error frame, or a spoken apology and a normal end
+    on_stream_error: Literal["error_frame", "apology"] = "error_frame"
+    apology: Annotated[str, msgspec.Meta(min_length=1)] = APOLOGY
     max_body_mb: _Positive = 16.0
     keepalive_s: _Positive = 15.0
     send_timeout_s: _Positive = 30.0
@@ -41,6 +63,18 @@ class ServerConfig(_Strict):
 class LogConfig(_Strict):
     format: Literal["text", "json"] = "text"
     level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class BreakerConfig(_Strict):
+    failures: _Count = 5  # this many failures ...
+    window_s: _Positive = 30.0  # ... within this long open the circuit ...
+    cooldown_s: _Positive = 30.0  # ... for this long; then one request probes it
+
+
+class AliasConfig(_Strict):
+    targets: Annotated[list[str], msgspec.Meta(min_length=1)]
+    # no first token from the current target this long: the next one starts as well
+    hedge_after_ms: Annotated[int, msgspec.Meta(ge=1)] | None = None
 
 
 class ProviderConfig(_Strict, kw_only=True):
@@ -54,6 +88,8 @@ class ProviderConfig(_Strict, kw_only=True):
     connect_timeout_s: _Positive = 10.0
     first_token_timeout_s: _Positive = 60.0
     idle_timeout_s: _Positive = 30.0
+    breaker: BreakerConfig = BreakerConfig()
+    models_refresh_s: _Positive = 600.0  # how often a provider's own /models is read again
 
 
 class SpeechConfig(_Strict):
@@ -147,6 +183,7 @@ class Config(_Strict):
     server: ServerConfig = ServerConfig()
     log: LogConfig = LogConfig()
     providers: dict[str, ProviderConfig] = {}
+    models: dict[str, list[str] | AliasConfig] = {}  # aliases: ordered targets
     kb: dict[str, KbConfig] = {}
     rag: dict[str, RagConfig] = {}
     audio: dict[str, AudioConfig] = {}
@@ -187,11 +224,11 @@ def parse(raw: dict[str, Any], env: os._Environ[str] | dict[str, str]) -> Loaded
     expanded = _expand(raw, (), env, missing)
     warnings: list[str] = []
     unset_env: dict[str, tuple[str, ...]] = {}
-    dropped_keys: set[int] = set()
+    dropped: dict[str, set[int]] = {"api_keys": set(), "keys": set()}
     for where, var in missing:
         key = _dotted(where)
-        if where[:2] == ("server", "api_keys") and len(where) == 3:
-            dropped_keys.add(where[2])
+        if where[:2] in (("server", "api_keys"), ("server", "keys")) and len(where) >= 3:
+            dropped[where[1]].add(where[2])
             warnings.append(f"{key}: ${{{var}}} is not set; that key is ignored")
         elif where[:1] == ("providers",) and len(where) >= 3:
             name = where[1]
@@ -201,16 +238,18 @@ def parse(raw: dict[str, Any], env: os._Environ[str] | dict[str, str]) -> Loaded
             )
         else:
             raise ConfigError(f"{key}: environment variable {var} is not set")
-    keys = expanded.get("server", {}).get("api_keys")
-    if dropped_keys and isinstance(keys, list):
-        kept = [k for i, k in enumerate(keys) if i not in dropped_keys]
-        if not kept:
-            raise ConfigError(
-                "server.api_keys: every key comes from an unset variable; refusing to run open"
-            )
-        expanded["server"]["api_keys"] = kept
+    server = expanded.get("server", {})
+    for section, indexes in dropped.items():
+        if indexes and isinstance(server.get(section), list):
+            server[section] = [k for i, k in enumerate(server[section]) if i not in indexes]
+    if (dropped["api_keys"] or dropped["keys"]) and not (
+        server.get("api_keys") or server.get("keys")
+    ):
+        raise ConfigError(
+            "server.api_keys: every key comes from an unset variable; refusing to run open"
+        )
     config = _decode(expanded)
-    if not config.server.api_keys:
+    if not config.server.api_keys and not config.server.keys:
         warnings.append("server.api_keys is empty: llmgate accepts requests without a key")
     return Loaded(config, unset_env, tuple(warnings))
 
@@ -266,6 +305,8 @@ def _decode(raw: dict[str, Any]) -> Config:
         raise ConfigError("providers: at least one [providers.NAME] section is needed")
     for name, provider in decoded.items():
         _check_provider(name, provider)
+    aliases = {name: _alias(name, value, decoded) for name, value in config.models.items()}
+    _check_keys(config.server)
     for name, kb_config in config.kb.items():
         _check_kb(name, kb_config)
         if kb_config.embeddings is not None and kb_config.embeddings not in decoded:
@@ -291,7 +332,41 @@ def _decode(raw: dict[str, Any]) -> Config:
         if bare in seen:
             raise ConfigError(f"routes[{i}].path: {route.path} is already served")
         seen.add(bare)
-    return msgspec.structs.replace(config, providers=decoded)
+    return msgspec.structs.replace(config, providers=decoded, models=aliases)
+
+
+def _alias(
+    name: str, value: list[str] | AliasConfig, providers: dict[str, ProviderConfig]
+) -> AliasConfig:
+    """An alias with every target checked: `provider/model`, or a bare model for the
+    first provider. Targets name models, not other aliases."""
+    alias = value if isinstance(value, AliasConfig) else AliasConfig(targets=value)
+    if not name:
+        raise ConfigError("models: an alias needs a name")
+    for i, target in enumerate(alias.targets):
+        key = f"models.{name}" + ("" if isinstance(value, list) else ".targets") + f"[{i}]"
+        prefix, slash, model = target.partition("/")
+        if not target or (slash and not model):
+            raise ConfigError(f"{key}: expected 'provider/model' or a model name")
+        if slash and prefix not in providers:
+            # Strict where the request's own model is lenient: a typo here would send
+            # every turn of the alias to the first provider under a wrong name.
+            known = ", ".join(providers)
+            raise ConfigError(
+                f"{key}: no [providers.{prefix}] (providers: {known}; a model whose name "
+                "has a '/' is written with its provider first)"
+            )
+    return alias
+
+
+def _check_keys(server: ServerConfig) -> None:
+    names: set[str] = set()
+    for i, key in enumerate(server.keys):
+        if not key.key:
+            raise ConfigError(f"server.keys[{i}].key: a key cannot be empty")
+        if not key.name or key.name in names:
+            raise ConfigError(f"server.keys[{i}].name: expected a name no other key has")
+        names.add(key.name)
 
 
 def _sections(raw: dict[str, Any], key: str) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
     ApiError                     status + envelope; the only exception a handler answers with
      └─ UpstreamError            llmgate.upstream: something went wrong with a provider
+         │                       (`fallback`: the provider's failure, another may serve)
          ├─ UpstreamStatus       the provider answered 4xx (kept) or 5xx (502)
          ├─ UpstreamUnavailable  refused / reset / malformed answer: 502
          ├─ UpstreamTimeout      no answer in time: 504
@@ -88,11 +89,18 @@ class ApiError(Exception):
 
 
 class UpstreamError(ApiError):
-    pass
+    # The provider's failure, not the caller's: another target may serve the turn, and
+    # it counts against the provider's circuit.
+    fallback = True
 
 
 class UpstreamStatus(UpstreamError):
-    pass
+    """A provider's non-2xx answer: a 4xx is the caller's own mistake unless it is a 429
+    or the provider turning down llmgate's credentials."""
+
+    def __init__(self, status: int, message: str, *, fallback: bool = True, **kw) -> None:
+        super().__init__(status, message, **kw)
+        self.fallback = fallback
 
 
 class UpstreamUnavailable(UpstreamError):

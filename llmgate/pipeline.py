@@ -25,17 +25,18 @@ if TYPE_CHECKING:
     import aiohttp
 
     from llmgate.turn import Turn
-    from llmgate.upstream.provider import Provider
+    from llmgate.upstream.targets import Plan
 
 
 @dataclass(slots=True)
 class Ask:
     body: dict[str, Any]
     turn: Turn
-    provider: Provider
+    plan: Plan  # where it goes: one target, or an alias's in order
     session: aiohttp.ClientSession
     caller_key: str | None
     stream: bool = True  # the caller gets a stream (a stage may speak before the answer)
+    apology: str | None = None  # said when the provider dies mid-answer (on_stream_error)
 
 
 class Piece:
@@ -79,12 +80,37 @@ class Stage(Protocol):
 def own_head(ask: Ask) -> dict[str, Any]:
     """The head of a chunk llmgate writes itself before (or without) the provider's: a
     waiting phrase, a filler, an announcement."""
+    return turn_head(ask.turn, ask.body.get("model") or "")
+
+
+def turn_head(turn: Turn, model: str) -> dict[str, Any]:
     return {
-        "id": "chatcmpl-" + ask.turn.id.removeprefix("req_"),
+        "id": "chatcmpl-" + turn.id.removeprefix("req_"),
         "object": "chat.completion.chunk",
         "created": int(time.time()),
-        "model": ask.body.get("model") or "",
+        "model": model,
     }
+
+
+def chunk_head(ask: Ask, view: ChunkView) -> dict[str, Any]:
+    """The head of a chunk llmgate adds to the provider's answer: the provider's own."""
+    head = own_head(ask)
+    if isinstance(view.id, str):
+        head["id"] = view.id
+    if type(view.created) is int:
+        head["created"] = view.created
+    if isinstance(view.model, str):
+        head["model"] = view.model
+    return head
+
+
+def apology_chunks(head: dict[str, Any], text: str) -> list[dict[str, Any]]:
+    """A short spoken sentence and a normal end, for an answer whose provider died."""
+    delta = {"content": " " + text}
+    return [
+        {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]},
+        {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+    ]
 
 
 async def end_task(task: asyncio.Future) -> None:

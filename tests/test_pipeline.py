@@ -13,7 +13,7 @@ from llmgate.app import create_app
 from llmgate.config import parse
 from llmgate.pipeline import OPENED, Ask, Call, Opened, Piece, compose
 from llmgate.server.handlers import ChatCompletions
-from llmgate.upstream.call import provider_call
+from llmgate.upstream.failover import provider_call
 from tests.conftest import API_KEY, gateway_config
 
 WAITING = {

@@ -18,6 +18,7 @@ from llmgate.server.stream import Staged, require_finish, stream_answer
 from llmgate.turn import CHANNELS, CLIENT_CLOSED, Turn
 from llmgate.upstream.call import UpstreamCall
 from llmgate.upstream.client import SESSION
+from llmgate.upstream.failover import complete, provider_call
 from llmgate.upstream.payload import build
 from llmgate.upstream.router import ROUTER
 
@@ -29,6 +30,7 @@ class Settings:
     keys: KeyCheck
     max_body: int
     keepalive_s: float
+    apology: str | None = None  # server.on_stream_error = "apology": what is said
 
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -65,37 +67,45 @@ class ChatCompletions:
         caller_key = settings.keys(request)
         body = await _read_body(request, settings.max_body)
         chat = _decode(body)
-        provider, model = request.app[ROUTER].resolve(chat.model)
-        turn.model, turn.provider, turn.stream = model, provider.name, bool(chat.stream)
-        upstream_body, turn.metadata = build(generic_decoder.decode(body), model, provider.forward)
+        plan = request.app[ROUTER].resolve(chat.model)
+        target = plan.first
+        turn.model, turn.provider = target.model, target.provider.name
+        turn.stream = bool(chat.stream)
+        raw = generic_decoder.decode(body)
+        upstream_body, turn.metadata = build(raw, target.model, plan.forward)
         session = request.app[SESSION]
         channels = request.app[CHANNELS]
         channel = channels.enter(turn)
+        apology = settings.apology if chat.stream else None
         try:
-            if self.call is not None:
-                ask = Ask(upstream_body, turn, provider, session, caller_key, turn.stream)
+            # A plain route relays one target's bytes; several targets (an alias) are read
+            # chunk by chunk, so that the turn can move before the first one.
+            call = self.call or (provider_call if len(plan.targets) > 1 else None)
+            if call is not None:
+                ask = Ask(upstream_body, turn, plan, session, caller_key, turn.stream, apology)
                 if chat.stream:
-                    source = Staged(self.call(ask))
-                    return await stream_answer(request, turn, settings.keepalive_s, source)
-                return await _collected(turn, self.call, ask)
-            call = UpstreamCall(
-                session, provider, encoder.encode(upstream_body), caller_key, turn, turn.stream
-            )
+                    source = Staged(call(ask))
+                    return await stream_answer(
+                        request, turn, settings.keepalive_s, source, apology
+                    )
+                return await _collected(turn, call, ask)
             if chat.stream:
-                return await stream_answer(request, turn, settings.keepalive_s, call)
-            return await _complete(turn, call)
+                upstream = UpstreamCall(
+                    session,
+                    target.provider,
+                    encoder.encode(upstream_body),
+                    caller_key,
+                    turn,
+                    relay_errors=apology is None,
+                )
+                return await stream_answer(
+                    request, turn, settings.keepalive_s, upstream, apology
+                )
+            answer = await complete(Ask(upstream_body, turn, plan, session, caller_key, False))
+            turn.mark_first_token()
+            return _json(turn, answer)
         finally:
             channels.leave(channel, turn)
-
-
-async def _complete(turn: Turn, call: UpstreamCall) -> web.Response:
-    try:
-        await call.open()
-        raw = await call.answer()
-    finally:
-        call.close()
-    turn.mark_first_token()
-    return _json(turn, raw)
 
 
 async def _collected(turn: Turn, call: Call, ask: Ask) -> web.Response:

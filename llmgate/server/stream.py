@@ -18,7 +18,8 @@ from typing import Protocol
 from aiohttp import web
 
 from llmgate.errors import ApiError, UpstreamUnavailable
-from llmgate.pipeline import Opened, Piece
+from llmgate.pipeline import Opened, Piece, apology_chunks, turn_head
+from llmgate.protocol import encoder
 from llmgate.sse import DONE_FRAME, PING_FRAME
 from llmgate.turn import CLIENT_CLOSED, Turn
 from llmgate.upstream.relay import UpstreamErrorFrame
@@ -113,7 +114,11 @@ def require_finish(finish_reason: str | None, provider: str | None) -> None:
 
 
 async def stream_answer(
-    request: web.Request, turn: Turn, keepalive_s: float, source: Source
+    request: web.Request,
+    turn: Turn,
+    keepalive_s: float,
+    source: Source,
+    apology: str | None = None,
 ) -> web.StreamResponse:
     sse: SSEResponse | None = None
     try:
@@ -125,7 +130,7 @@ async def stream_answer(
         if sse is None:
             raise
         await source.aclose()  # the provider is done with: no watchdog while we write
-        await _fail(sse, turn, exc)
+        await _fail(sse, turn, exc, apology)
     except CallerGone:
         turn.end(CLIENT_CLOSED)
     except asyncio.CancelledError:
@@ -143,7 +148,7 @@ async def stream_answer(
         # After our headers a 500 response cannot follow: it becomes the stream's error.
         log.error("unhandled error in the stream of %s", turn.id, exc_info=True)
         await source.aclose()
-        await _fail(sse, turn, ApiError(500, "internal error in llmgate"))
+        await _fail(sse, turn, ApiError(500, "internal error in llmgate"), apology)
     finally:
         await source.aclose()
         if sse is not None:
@@ -177,11 +182,19 @@ async def _write(sse: SSEResponse, data: bytes, last: bool = False) -> None:
         raise CallerGone from None
 
 
-async def _fail(sse: SSEResponse, turn: Turn, exc: ApiError) -> None:
-    """After our 200: the error goes out as a data frame and the stream ends without [DONE]."""
+async def _fail(sse: SSEResponse, turn: Turn, exc: ApiError, apology: str | None) -> None:
+    """After our 200: the error goes out as a data frame and the stream ends without
+    [DONE]; or, with `apology`, the caller hears it and the answer ends as a normal one."""
     turn.end(exc.status, exc.code or exc.type)
     if isinstance(exc, UpstreamErrorFrame):
         return  # the provider's own error frame has been relayed already
+    if apology is not None:
+        turn.note("upstream", apology=True)
+        chunks = apology_chunks(turn_head(turn, turn.model or ""), apology)
+        data = b"".join(b"data: " + encoder.encode(c) + b"\n\n" for c in chunks)
+        with contextlib.suppress(CallerGone):
+            await _write(sse, data + DONE_FRAME, last=True)
+        return
     with contextlib.suppress(CallerGone):  # the provider's failure, whether or not it is heard
         await _write(sse, exc.for_request(turn.id).frame())
 

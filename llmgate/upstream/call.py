@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import aclosing
 
 import aiohttp
 import msgspec
 
 from llmgate.errors import ApiError, UpstreamUnavailable
-from llmgate.pipeline import OPENED, Ask, Opened, Piece
-from llmgate.protocol import ChunkView, chunk_decoder, encoder, view_decoder
+from llmgate.pipeline import Piece
+from llmgate.protocol import ChunkView, chunk_decoder, view_decoder
 from llmgate.sse import DONE, SSEDecoder, SSEError
 from llmgate.turn import Turn
 from llmgate.upstream.provider import Provider
@@ -48,6 +47,7 @@ class UpstreamCall:
         "_caller_key",
         "_first",
         "_provider",
+        "_relay_errors",
         "_resp",
         "_session",
         "_stream",
@@ -65,8 +65,10 @@ class UpstreamCall:
         caller_key: str | None,
         turn: Turn,
         stream: bool = True,
+        relay_errors: bool = True,
     ) -> None:
         self._session = session
+        self._relay_errors = relay_errors  # relay(): pass a provider's error frame on
         self._provider = provider
         self._body = body
         self._caller_key = caller_key
@@ -124,7 +126,7 @@ class UpstreamCall:
         read. Once the answer is whole, the last read's frames are returned unwritten (the
         writer sends them with its end of the stream). Raises ApiError on failure, after
         writing the good frames that came before it."""
-        relay = Relay(self._provider.name)
+        relay = Relay(self._provider.name, self._relay_errors)
         self._tally = relay.tally
         watchdog = self._watchdog
         assert watchdog is not None and self._resp is not None
@@ -268,7 +270,7 @@ class UpstreamCall:
             else:
                 resp.close()
             tally = self._tally
-            if tally is not None:
+            if tally is not None and (tally.chunks or self.ended):  # not a failed attempt
                 self._turn.add_round(tally.chunks, tally.finish_reason, tally.usage)
 
 
@@ -286,19 +288,3 @@ async def _read_bounded(
         if size >= limit:
             break
     return b"".join(parts)[:limit]
-
-
-async def provider_call(ask: Ask) -> AsyncIterator[Piece | Opened]:
-    """The innermost Call of every staged route: OPENED once the provider said 200, then
-    its chunks as Pieces."""
-    call = UpstreamCall(
-        ask.session, ask.provider, encoder.encode(ask.body), ask.caller_key, ask.turn
-    )
-    try:
-        await call.open()
-        yield OPENED
-        async with aclosing(call.pieces()) as pieces:
-            async for piece in pieces:
-                yield piece
-    finally:
-        call.close()

@@ -92,6 +92,7 @@ class Provider:
             return UpstreamStatus(
                 status,
                 f"provider '{self.name}': {message}",
+                fallback=status == 429,
                 param=_str_or_none(detail.get("param")),
                 type=_str_or_none(detail.get("type")),
                 code=_str_or_none(detail.get("code")),

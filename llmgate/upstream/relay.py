@@ -59,11 +59,14 @@ class Relay:
     own), and `failure` holds the error to report once the returned bytes are sent.
     """
 
-    __slots__ = ("_decoder", "_provider", "done", "failure", "tally")
+    __slots__ = ("_decoder", "_provider", "_relay_errors", "done", "failure", "tally")
 
-    def __init__(self, provider: str) -> None:
+    def __init__(self, provider: str, relay_errors: bool = True) -> None:
         self._decoder = SSEDecoder()
         self._provider = provider
+        # False: a provider's error frame is not passed on (the writer ends the answer its
+        # own way, with an apology)
+        self._relay_errors = relay_errors
         self.done = False
         self.failure: ApiError | None = None
         self.tally = Tally()
@@ -124,9 +127,15 @@ class Relay:
                     f"provider '{self._provider}' sent a malformed chunk"
                 )
                 break
-            out.append(event.frame())
             if peek.error is not None:
-                self.failure = UpstreamErrorFrame()
+                if self._relay_errors:
+                    out.append(event.frame())
+                    self.failure = UpstreamErrorFrame()
+                else:
+                    self.failure = UpstreamUnavailable(
+                        f"provider '{self._provider}' sent an error frame"
+                    )
                 break
+            out.append(event.frame())
             self.tally.note((peek,))
         return b"".join(out)

@@ -1,0 +1,193 @@
+"""A turn's upstream answer from whichever of its plan's targets first sends a token.
+
+    provider_call  the innermost Call of a staged route (and of a plain route whose model
+                   is an alias of several targets): OPENED, then the winner's chunks
+    complete       a non-streamed answer, target after target
+
+Before the first token a provider's failure (`UpstreamError.fallback`: refused, reset, 429,
+5xx, no first token in time, an unset ${VAR}) moves the turn to the next target at once: no
+sleep on the voice path. With `hedge_after_ms`, a target that has sent no token by then gets
+company: the next one starts too, the first to send a token wins, and the other is cancelled,
+its connection closed. At most two are in flight. After the first token nothing moves: a
+failure ends the answer (with an apology, where `server.on_stream_error` asks for one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+from llmgate.errors import ApiError, UpstreamUnavailable
+from llmgate.pipeline import OPENED, Ask, Opened, Piece, apology_chunks, chunk_head
+from llmgate.protocol import encoder
+from llmgate.upstream.call import UpstreamCall
+from llmgate.upstream.targets import Attempts, Target
+
+log = logging.getLogger("llmgate.upstream")
+
+FIRST = asyncio.FIRST_COMPLETED
+_Won = list[Any]  # [target, its pieces, the first piece's view], once a target has won
+
+
+async def provider_call(ask: Ask) -> AsyncIterator[Piece | Opened]:
+    attempts = Attempts(ask.plan, ask.turn)
+    won: _Won = []
+    start = _one if len(ask.plan.targets) == 1 else _race
+    async with aclosing(start(ask, attempts, won)) as first:
+        async for item in first:  # raises when every target failed
+            yield item
+    target, pieces, view = won
+    try:
+        async with aclosing(pieces):
+            async for piece in pieces:
+                view = piece.view
+                yield piece
+    except ApiError as exc:
+        attempts.died(target, exc)
+        if ask.apology is None:
+            raise
+        # The failure is the turn's all the same (its log line says so); the caller hears
+        # an apology and a normal end instead of silence.
+        ask.turn.end(exc.status, exc.code or exc.type)
+        ask.turn.note("upstream", apology=True)
+        for chunk in apology_chunks(chunk_head(ask, view), ask.apology):
+            yield Piece.of(chunk)
+
+
+async def _attempt(ask: Ask, target: Target) -> AsyncIterator[Piece | Opened]:
+    body = encoder.encode(ask.plan.body(ask.body, target))
+    call = UpstreamCall(ask.session, target.provider, body, ask.caller_key, ask.turn)
+    try:
+        await call.open()
+        yield OPENED
+        async with aclosing(call.pieces()) as pieces:
+            async for piece in pieces:
+                yield piece
+    finally:
+        call.close()
+
+
+async def _one(ask: Ask, attempts: Attempts, won: _Won) -> AsyncIterator[Piece | Opened]:
+    """A plan of one target: no tasks, no race."""
+    target = attempts.next()
+    assert target is not None
+    pieces = _attempt(ask, target)
+    try:
+        async for item in pieces:
+            if isinstance(item, Piece):
+                attempts.won(target)
+                won += (target, pieces, item.view)
+            yield item
+            if won:
+                return
+        raise _ended(target)
+    except ApiError as exc:
+        attempts.failed(target, exc)
+        raise
+    finally:
+        if not won:
+            await pieces.aclose()
+            attempts.close()
+
+
+async def _race(ask: Ask, attempts: Attempts, won: _Won) -> AsyncIterator[Piece | Opened]:
+    """Targets in turn, at most two at once when hedging, until one sends a chunk."""
+    loop = asyncio.get_running_loop()
+    hedge = ask.plan.hedge_after_s
+    width = 2 if hedge else 1
+    racing: dict[asyncio.Task, tuple[Target, AsyncIterator[Piece | Opened]]] = {}
+    opened = False
+    hedge_at = 0.0
+
+    def start() -> bool:
+        nonlocal hedge_at
+        target = attempts.next()
+        if target is None:
+            return False
+        pieces = _attempt(ask, target)
+        racing[asyncio.create_task(_next(pieces))] = (target, pieces)
+        hedge_at = loop.time() + (hedge or 0.0)
+        return True
+
+    try:
+        start()
+        while racing:
+            timeout = None
+            if hedge and len(racing) < width and attempts.queue:
+                timeout = max(0.0, hedge_at - loop.time())
+            done, _ = await asyncio.wait(racing, timeout=timeout, return_when=FIRST)
+            if not done:  # no token yet: the next target starts as well
+                attempts.hedges += 1
+                start()
+                continue
+            for task in [t for t in racing if t in done]:  # in the order they started
+                target, pieces = racing.pop(task)
+                exc = task.exception()
+                if exc is None:
+                    item = task.result()
+                    if isinstance(item, Piece):
+                        attempts.won(target)
+                        won += (target, pieces, item.view)
+                        yield item
+                        return
+                    racing[asyncio.create_task(_next(pieces))] = (target, pieces)
+                    if not opened:
+                        opened = True
+                        yield item
+                    continue
+                await pieces.aclose()
+                if isinstance(exc, StopAsyncIteration):
+                    exc = _ended(target)
+                if not isinstance(exc, ApiError):
+                    raise exc
+                attempts.failed(target, exc)
+                if not exc.fallback:
+                    raise exc  # the caller's own mistake: another target would say the same
+                while len(racing) < width and start():  # the next at once
+                    pass
+        raise attempts.error()
+    finally:
+        for task in racing:
+            task.cancel()
+        if racing:
+            await asyncio.wait(racing)
+        for _, pieces in racing.values():
+            await pieces.aclose()  # a lost target's connection is closed, not pooled
+        attempts.close()
+
+
+async def _next(pieces: AsyncIterator[Piece | Opened]) -> Piece | Opened:
+    return await anext(pieces)
+
+
+def _ended(target: Target) -> ApiError:
+    return UpstreamUnavailable(
+        f"provider '{target.provider.name}' ended the stream before its first chunk"
+    )
+
+
+async def complete(ask: Ask) -> bytes:
+    """A non-streamed answer: the first target that gives one whole."""
+    attempts = Attempts(ask.plan, ask.turn)
+    while (target := attempts.next()) is not None:
+        body = encoder.encode(ask.plan.body(ask.body, target))
+        call = UpstreamCall(ask.session, target.provider, body, ask.caller_key, ask.turn, False)
+        raw = None
+        try:
+            await call.open()
+            raw = await call.answer()
+        except ApiError as exc:
+            attempts.failed(target, exc)
+            if not exc.fallback or len(ask.plan.targets) == 1:
+                raise
+            continue
+        finally:
+            call.close()
+            if raw is None:
+                attempts.close()
+        attempts.won(target)
+        return raw
+    raise attempts.error()

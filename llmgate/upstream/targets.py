@@ -1,0 +1,272 @@
+"""Where a turn may go, and how each place has been doing.
+
+    Target    one provider and the model it is asked for there
+    Plan      what a request's `model` named: its targets in order (an alias has several)
+    Health    one provider's circuit breaker and 429 cool-down, shared by every plan using it
+    Attempts  one turn's tries at its plan: their order, their outcomes, the error when all
+              failed, and the turn's log fields
+
+A failure counts against a provider only when it is the provider's (an UpstreamError whose
+`fallback` is set): a caller hanging up, or a 400 for the caller's own mistake, does not.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from llmgate.config import BreakerConfig
+from llmgate.errors import ApiError, UpstreamError
+
+if TYPE_CHECKING:
+    from llmgate.turn import Turn
+    from llmgate.upstream.provider import Provider
+
+log = logging.getLogger("llmgate.upstream")
+
+CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+_MESSAGE_CHARS = 300  # of each attempt's failure, in the message of a turn whose all failed
+
+
+class Health:
+    """A provider's circuit: `failures` failures within `window_s` open it for
+    `cooldown_s`; then one request at a time probes it (half-open) until one succeeds.
+    A 429 with Retry-After cools the provider down for that long, circuit aside."""
+
+    __slots__ = (
+        "_clock", "_config", "_failures", "_opened_at", "cooling_until", "last_failure",
+        "name", "probing", "state",
+    )
+
+    def __init__(self, name: str, config: BreakerConfig, clock=time.monotonic) -> None:
+        self.name = name
+        self._config = config
+        self._clock = clock
+        self._failures: deque[float] = deque()
+        self._opened_at = 0.0
+        self.state = CLOSED
+        self.probing = False  # half-open: a probe is in flight
+        self.cooling_until = 0.0
+        self.last_failure = float("-inf")
+
+    def usable(self) -> bool:
+        now = self._clock()
+        if now < self.cooling_until:
+            return False
+        if self.state == OPEN and now - self._opened_at >= self._config.cooldown_s:
+            self._set(HALF_OPEN)
+        if self.state == OPEN:
+            return False
+        return not (self.state == HALF_OPEN and self.probing)
+
+    def begin(self) -> None:
+        """An attempt starts on this provider: in half-open, it is the probe."""
+        if self.state == HALF_OPEN:
+            self.probing = True
+
+    def succeeded(self) -> None:
+        self.probing = False
+        self._failures.clear()
+        if self.state != CLOSED:
+            self._set(CLOSED)
+
+    def abandoned(self) -> None:
+        """The attempt ended with no verdict (the caller left, another target won)."""
+        self.probing = False
+
+    def failed(self, exc: ApiError) -> None:
+        now = self._clock()
+        self.probing = False
+        self.last_failure = now
+        if exc.status == 429:
+            self.cooling_until = max(self.cooling_until, now + retry_after_s(exc, 1.0))
+            return  # a rate limit is not a breakdown: it cools, the circuit stays as it is
+        if self.state == HALF_OPEN:
+            self._open(now)
+            return
+        window = self._failures
+        window.append(now)
+        while window and now - window[0] > self._config.window_s:
+            window.popleft()
+        if self.state == CLOSED and len(window) >= self._config.failures:
+            self._open(now)
+
+    def _open(self, now: float) -> None:
+        self._opened_at = now
+        self._failures.clear()
+        self._set(OPEN)
+
+    def _set(self, state: str) -> None:
+        log.warning("provider '%s': circuit %s -> %s", self.name, self.state, state)
+        self.state = state
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    provider: Provider
+    model: str
+    health: Health
+
+    @property
+    def name(self) -> str:
+        return f"{self.provider.name}/{self.model}"
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    name: str  # what the request's `model` said (an alias's name, or the model)
+    targets: tuple[Target, ...]
+    hedge_after_s: float | None = None
+    alias: bool = False
+
+    @property
+    def first(self) -> Target:
+        return self.targets[0]
+
+    @property
+    def forward(self) -> frozenset[str]:
+        """The top-level fields any target forwards (each target drops the rest)."""
+        out = self.targets[0].provider.forward
+        for target in self.targets[1:]:
+            out = out | target.provider.forward
+        return out
+
+    def body(self, body: dict[str, Any], target: Target) -> dict[str, Any]:
+        """The upstream body for `target`: its model, and only the fields it forwards."""
+        out = {**body, "model": target.model}
+        if len(self.targets) > 1:
+            for key in [k for k in out if k not in target.provider.forward]:
+                del out[key]
+        return out
+
+
+class Attempts:
+    """One turn's tries at its plan's targets, in the order their health allows."""
+
+    __slots__ = (
+        "_begun", "_records", "_started", "failures", "hedges", "plan", "queue", "turn",
+    )
+
+    def __init__(self, plan: Plan, turn: Turn) -> None:
+        self.plan = plan
+        self.turn = turn
+        self.queue = deque(_order(plan.targets))
+        # (target, status, message, Retry-After in s or None): no exception is kept, as one
+        # held here would hold, through its traceback, the frames that hold this.
+        self.failures: list[tuple[Target, int, str, float | None]] = []
+        self.hedges = 0
+        self._records: list[dict[str, Any]] = []
+        self._started: dict[int, float] = {}
+        self._begun: list[Target] = []  # begun, no verdict yet
+
+    def next(self) -> Target | None:
+        """The next target to try, marked begun; None when none is left."""
+        if not self.queue:
+            return None
+        target = self.queue.popleft()
+        target.health.begin()
+        self._started[id(target)] = time.perf_counter()
+        self._begun.append(target)
+        return target
+
+    def failed(self, target: Target, exc: ApiError) -> None:
+        self._ended(target)
+        if exc.fallback:
+            target.health.failed(exc)
+        else:
+            target.health.abandoned()
+        wait = retry_after_s(exc, 1.0) if exc.status == 429 else None
+        self.failures.append((target, exc.status, exc.message, wait))
+        self._record(target, error=exc.code or exc.type)
+
+    def won(self, target: Target) -> None:
+        """`target`'s first token came: the turn is its."""
+        self._ended(target)
+        target.health.succeeded()
+        self.turn.provider, self.turn.model = target.provider.name, target.model
+        self._record(target)
+        self.note()
+
+    def close(self) -> None:
+        """Every target begun and given no verdict stopped with none: another target won,
+        or the turn ended (a half-open circuit's probe is free again)."""
+        for target in self._begun:
+            target.health.abandoned()
+            self._record(target, error="cancelled")
+        self._begun.clear()
+
+    def _ended(self, target: Target) -> None:
+        if target in self._begun:
+            self._begun.remove(target)
+
+    def died(self, target: Target, exc: ApiError) -> None:
+        """The winner failed after its first token: its provider's failure all the same."""
+        if exc.fallback:
+            target.health.failed(exc)
+
+    def error(self) -> ApiError:
+        """Every target failed: the most telling failure (a 429, with the earliest
+        Retry-After, over a 504, over anything else as a 502), naming every attempt."""
+        self.note()
+        statuses = {status for _, status, _, _ in self.failures}
+        status = 429 if 429 in statuses else 504 if 504 in statuses else 502
+        tried = "; ".join(f"{t.name}: {_clip(m)}" for t, _, m, _ in self.failures)
+        failed = {t for t, _, _, _ in self.failures}
+        skipped = [t.name for t in self.plan.targets if t not in failed]
+        message = f"model '{self.plan.name}': every target failed ({tried})"
+        if skipped:
+            message += f"; not tried (circuit open or cooling down): {', '.join(skipped)}"
+        waits = [w for _, s, _, w in self.failures if s == 429 and w is not None]
+        headers = {"Retry-After": str(max(1, round(min(waits))))} if waits else {}
+        return UpstreamError(status, message, headers=headers)
+
+    def note(self) -> None:
+        if self.plan.alias or len(self._records) > 1:
+            fields: dict[str, Any] = {"alias": self.plan.name, "attempts": self._records}
+            if self.hedges:
+                fields["hedges"] = self.hedges
+            self.turn.note("upstream", **fields)
+
+    def _record(self, target: Target, error: str | None = None) -> None:
+        started = self._started.get(id(target), time.perf_counter())
+        record: dict[str, Any] = {
+            "target": target.name,
+            "ms": round((time.perf_counter() - started) * 1000, 1),
+        }
+        if error is not None:
+            record["error"] = error
+        self._records.append(record)
+
+
+def _order(targets: tuple[Target, ...]) -> list[Target]:
+    """The usable targets in order; if none is, the one whose provider failed longest ago
+    (a turn is never refused for a circuit alone)."""
+    usable = [t for t in targets if t.health.usable()]
+    if usable:
+        return usable
+    return [min(targets, key=lambda t: t.health.last_failure)]
+
+
+def retry_after_s(exc: ApiError, default: float) -> float:
+    """Seconds from an error's Retry-After-Ms or Retry-After (seconds or an HTTP date)."""
+    headers = exc.headers
+    try:
+        if "Retry-After-Ms" in headers:
+            return max(0.0, float(headers["Retry-After-Ms"]) / 1000)
+        value = headers.get("Retry-After")
+        if value is None:
+            return default
+        if value.strip().replace(".", "", 1).isdigit():
+            return float(value)
+        when = email.utils.parsedate_to_datetime(value)
+        return max(0.0, when.timestamp() - time.time())
+    except (ValueError, TypeError, OverflowError):
+        return default
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= _MESSAGE_CHARS else text[:_MESSAGE_CHARS] + "..."
