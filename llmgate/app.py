@@ -23,6 +23,7 @@ from llmgate.tools.registry import Toolbox
 from llmgate.tts.base import Engine, EngineError
 from llmgate.tts.engines import engine_for
 from llmgate.turn import CHANNELS, Channels
+from llmgate.upstream.catalog import catalog
 from llmgate.upstream.client import client_session
 from llmgate.upstream.failover import provider_call
 from llmgate.upstream.provider import Provider
@@ -50,6 +51,7 @@ def create_app(loaded: Loaded) -> web.Application:
     app[ROUTER] = Router(providers, config.models)  # type: ignore[arg-type]
     app[CHANNELS] = Channels()
     app.cleanup_ctx.append(client_session)
+    app.cleanup_ctx.append(catalog)  # after the session it reads with
     retrievers = {
         name: _retriever(name, config.kb[name], loaded)
         for name in {config.rag[r.rag].kb for r in config.routes if r.rag}

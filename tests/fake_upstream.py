@@ -175,8 +175,19 @@ class FakeUpstream:
         self.app = web.Application()
         self.app.router.add_post("/v1/chat/completions", self.handle)
         self.app.router.add_post("/v1/audio/speech", self.speech)
+        self.app.router.add_get("/v1/models", self.models)
+        self.model_lists = 0  # GET /models served
         self.speech_requests: list[dict[str, Any]] = []
         self.speech_open = 0  # /audio/speech answers being written now
+        self.fail_with: int | None = None  # every chat request answers this status
+
+    async def models(self, request: web.Request) -> web.Response:
+        self.model_lists += 1
+        if self.fail_with is not None:
+            return self.status(self.fail_with)
+        ids = ["text", "markdown", "text"]  # a repeat is listed once
+        data = [{"id": i, "object": "model", "created": CREATED, "owned_by": "fake"} for i in ids]
+        return web.json_response({"object": "list", "data": data})
 
     async def speech(self, request: web.Request) -> web.StreamResponse:
         """An OpenAI-compatible /audio/speech: raw PCM16 at 24 kHz, 50 ms a character of
@@ -219,6 +230,8 @@ class FakeUpstream:
         self.requests.append(body)
         self.headers.append(dict(request.headers))
         model = body.get("model", "")
+        if self.fail_with is not None:
+            return self.status(self.fail_with)
         status = model.removeprefix("status-")
         if status != model:
             return self.status(int(status))

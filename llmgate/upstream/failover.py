@@ -94,12 +94,15 @@ async def _one(ask: Ask, attempts: Attempts, won: _Won) -> AsyncIterator[Piece |
 
 
 async def _race(ask: Ask, attempts: Attempts, won: _Won) -> AsyncIterator[Piece | Opened]:
-    """Targets in turn, at most two at once when hedging, until one sends a chunk."""
+    """Targets in turn, at most two at once when hedging, until one sends a chunk.
+
+    The caller's headers (OPENED) wait for that chunk: until then every failure may still
+    move the turn, and a turn whose every target failed gets a status of its own (on which
+    Agora's engine speaks its `failure_message`), not an error frame after a 200."""
     loop = asyncio.get_running_loop()
     hedge = ask.plan.hedge_after_s
     width = 2 if hedge else 1
     racing: dict[asyncio.Task, tuple[Target, AsyncIterator[Piece | Opened]]] = {}
-    opened = False
     hedge_at = 0.0
 
     def start() -> bool:
@@ -131,12 +134,10 @@ async def _race(ask: Ask, attempts: Attempts, won: _Won) -> AsyncIterator[Piece 
                     if isinstance(item, Piece):
                         attempts.won(target)
                         won += (target, pieces, item.view)
+                        yield OPENED
                         yield item
                         return
-                    racing[asyncio.create_task(_next(pieces))] = (target, pieces)
-                    if not opened:
-                        opened = True
-                        yield item
+                    racing[asyncio.create_task(_next(pieces))] = (target, pieces)  # 200
                     continue
                 await pieces.aclose()
                 if isinstance(exc, StopAsyncIteration):

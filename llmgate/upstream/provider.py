@@ -32,6 +32,7 @@ class Provider:
         self.unset_env = unset_env
         base = URL(config.base_url)  # a query (Azure's ?api-version=...) stays on the end
         self.url = base.with_path(base.path.rstrip("/") + "/chat/completions", keep_query=True)
+        self.models_url = base.with_path(base.path.rstrip("/") + "/models", keep_query=True)
         self.forward = OPENAI_PARAMS | frozenset(config.forward_fields)
         self.passthrough = config.api_key == PASSTHROUGH
         self.timeout = aiohttp.ClientTimeout(

@@ -1,0 +1,93 @@
+"""The models of each provider that lists none in config.toml: its own `GET /models`, read
+in the background at start-up and every `models_refresh_s`, for `GET /v1/models` to list.
+
+A provider that does not answer is left out (its last good list stays); nothing here is on
+a turn's path, and routing never depends on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import aiohttp
+import msgspec
+from aiohttp import web
+
+from llmgate.errors import ApiError
+from llmgate.upstream.client import SESSION, read_bounded
+from llmgate.upstream.provider import Provider
+from llmgate.upstream.router import ROUTER, Router
+
+log = logging.getLogger("llmgate.upstream")
+
+MAX_BODY = 4 * 2**20
+MAX_MODELS = 1000
+_TIMEOUT = aiohttp.ClientTimeout(total=10)
+
+
+class _Model(msgspec.Struct):
+    id: str
+
+
+class _ModelList(msgspec.Struct):
+    data: list[_Model]
+
+
+_decoder = msgspec.json.Decoder(_ModelList)
+
+
+async def models_of(session: aiohttp.ClientSession, provider: Provider) -> list[str]:
+    """A provider's model ids; ApiError (its message safe to log) when it cannot say."""
+    try:
+        async with session.get(
+            provider.models_url, headers=provider.headers(False, None), timeout=_TIMEOUT
+        ) as resp:
+            raw = await read_bounded(resp.content, MAX_BODY)
+            if resp.status >= 300:
+                raise provider.status_error(resp.status, resp.headers, raw)
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        raise provider.error_for(exc) from None
+    try:
+        listed = _decoder.decode(raw).data
+    except msgspec.DecodeError:
+        raise ApiError(502, f"provider '{provider.name}' sent a malformed model list") from None
+    return list(dict.fromkeys(m.id for m in listed if m.id))[:MAX_MODELS]
+
+
+async def _keep_fresh(app: web.Application, router: Router, provider: Provider) -> None:
+    failing = False
+    while True:
+        try:
+            router.discovered[provider.name] = await models_of(app[SESSION], provider)
+            failing = False
+        except ApiError as exc:
+            if not failing:  # once per outage, not once per refresh
+                log.warning("%s; its models are not listed in /v1/models", exc.message)
+            failing = True
+        await asyncio.sleep(provider.config.models_refresh_s)
+
+
+def listed_by_themselves(router: Router) -> list[Provider]:
+    """Providers whose models come from their own list: none in config.toml, and a key of
+    llmgate's own to ask with (a passthrough provider's key is each caller's)."""
+    return [
+        p
+        for p in router.providers.values()
+        if not p.config.models and not p.unset_env and not p.passthrough
+    ]
+
+
+async def catalog(app: web.Application):
+    """cleanup_ctx: one background task per provider to list, cancelled at shutdown."""
+    router = app[ROUTER]
+    tasks = [
+        asyncio.create_task(_keep_fresh(app, router, p)) for p in listed_by_themselves(router)
+    ]
+    yield
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
