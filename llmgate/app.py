@@ -6,13 +6,14 @@ import logging
 
 from aiohttp import web
 
-from llmgate.config import Config, KbConfig, Loaded, RouteConfig
+from llmgate.config import Config, KbConfig, Loaded, RouteConfig, ServerConfig
 from llmgate.kb.embeddings import EmbeddingError, embedder_for
 from llmgate.kb.remote import HttpRetriever
 from llmgate.kb.retriever import Retriever
 from llmgate.pipeline import Call, Stage, compose
-from llmgate.server.auth import KeyCheck
+from llmgate.server.auth import Key, KeyCheck, Rule
 from llmgate.server.handlers import SETTINGS, ChatCompletions, Settings, healthz, list_models
+from llmgate.server.limits import LocalLimits
 from llmgate.server.middleware import error_envelopes
 from llmgate.stages.audio import AudioStage
 from llmgate.stages.rag import RagStage
@@ -39,7 +40,8 @@ def create_app(loaded: Loaded) -> web.Application:
     max_body = int(config.server.max_body_mb * 2**20)
     app = web.Application(middlewares=[error_envelopes], client_max_size=max_body)
     app[SETTINGS] = Settings(
-        keys=KeyCheck(config.server.api_keys),
+        keys=_keys(config.server),
+        limits=LocalLimits(config.server.limits.global_max_concurrent),
         max_body=max_body,
         keepalive_s=config.server.keepalive_s,
         apology=config.server.apology if config.server.on_stream_error == "apology" else None,
@@ -78,6 +80,20 @@ def create_app(loaded: Loaded) -> web.Application:
         app.router.add_get(path, list_models, allow_head=False)
     app.router.add_get("/healthz", healthz)
     return app
+
+
+def _keys(server: ServerConfig) -> KeyCheck:
+    """`api_keys` (named by their place) and `[[server.keys]]`, each with its limits."""
+    limits = server.limits
+    default = Rule(limits.max_concurrent, limits.requests_per_minute)
+    keys = [Key(key, f"api_keys[{i}]", default) for i, key in enumerate(server.api_keys)]
+    for entry in server.keys:
+        rule = Rule(
+            entry.max_concurrent or default.max_concurrent,
+            entry.requests_per_minute or default.requests_per_minute,
+        )
+        keys.append(Key(entry.key, entry.name, rule))
+    return KeyCheck(keys, default)
 
 
 def _call(

@@ -30,6 +30,7 @@ class Turn:
         "finish_reason",
         "first_token",
         "id",
+        "key",
         "metadata",
         "model",
         "notes",
@@ -46,6 +47,7 @@ class Turn:
     def __init__(self, route: str) -> None:
         self.id = "req_" + os.urandom(12).hex()
         self.route = route
+        self.key: str | None = None  # the caller key's name (never the key)
         self.started = time.perf_counter()
         self.model: str | None = None
         self.provider: str | None = None
@@ -90,6 +92,7 @@ class Turn:
         out: dict[str, Any] = {
             "request_id": self.id,
             "route": self.route,
+            "key": self.key,
             "model": self.model,
             "provider": self.provider,
             "stream": self.stream,

@@ -37,7 +37,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from bench import PY, free_port, wait_http  # noqa: E402
+from bench import BENCH_LIMITS, PY, free_port, wait_http  # noqa: E402
 
 SENTENCES = [
     "Our store on Main Street opens at nine in the morning on weekdays.",
@@ -95,6 +95,8 @@ class Upstream:
 def _config(port: int, upstream_port: int, engines: list[str]) -> str:
     out = (
         f'[server]\nport = {port}\napi_keys = ["bench"]\n'
+        f"{BENCH_LIMITS}"
+
         f'[providers.up]\nbase_url = "http://127.0.0.1:{upstream_port}/v1"\n'
         "idle_timeout_s = 120\n"
     )

@@ -36,6 +36,16 @@ async def hang_up_after(session, gateway, model: str, lines: int) -> None:
     resp.close()
 
 
+# Storms of hang-ups from one key, far past [server.limits]' defaults.
+UNLIMITED = {
+    "limits": {
+        "max_concurrent": 10_000,
+        "requests_per_minute": 100_000,
+        "global_max_concurrent": 10_000,
+    }
+}
+
+
 def turn_statuses(caplog) -> list[int]:
     return [r.turn["status"] for r in caplog.records if r.name == "llmgate.turn"]
 
@@ -81,7 +91,8 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-async def test_a_thousand_hang_ups_leave_nothing_behind(gateway, upstream):
+async def test_a_thousand_hang_ups_leave_nothing_behind(make_gateway, upstream):
+    gateway = await make_gateway(server=UNLIMITED)
     async with aiohttp.ClientSession() as session:
         for _ in range(200):  # warm up: caches and pools fill to their size first
             await hang_up_after(session, gateway, "stall-mid", 2)
@@ -174,7 +185,8 @@ async def test_a_finished_stream_leaves_no_reference_cycle(gateway):
         gc.enable()
 
 
-async def test_storms_of_concurrent_hang_ups_leave_nothing_behind(gateway, upstream):
+async def test_storms_of_concurrent_hang_ups_leave_nothing_behind(make_gateway, upstream):
+    gateway = await make_gateway(server=UNLIMITED)
     connector = aiohttp.TCPConnector(limit=0, force_close=True)
     tasks, counts = len(asyncio.all_tasks()), []
     async with aiohttp.ClientSession(connector=connector) as session:

@@ -1,38 +1,64 @@
-"""Bearer keys: checked in constant time against every configured key."""
+"""Bearer keys: checked in constant time against every configured key; each has a name
+(for the log line and the limits, never the key itself) and limits of its own."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+from dataclasses import dataclass
 
 from aiohttp import web
 
 from llmgate.errors import ApiError
 
+OPEN = "open"  # the name of every caller of a server with no keys
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    max_concurrent: int
+    requests_per_minute: int
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    key: str | None  # the bearer key as sent (a passthrough provider forwards it)
+    name: str
+    rule: Rule
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    key: str
+    name: str
+    rule: Rule
+
 
 class KeyCheck:
-    def __init__(self, keys: list[str]) -> None:
+    def __init__(self, keys: list[Key], open_rule: Rule) -> None:
         # Digests make every comparison the same length, so timing says nothing of a key.
-        self._digests = tuple(hashlib.sha256(k.encode()).digest() for k in keys)
+        self._known = tuple((hashlib.sha256(k.key.encode()).digest(), k) for k in keys)
+        self._open_rule = open_rule
 
     @property
     def open(self) -> bool:
-        return not self._digests
+        return not self._known
 
-    def __call__(self, request: web.Request) -> str | None:
-        """Return the caller's bearer key (None if absent); raise 401 if it is not accepted."""
+    def __call__(self, request: web.Request) -> Caller:
+        """The caller, by its bearer key; 401 if the key is missing or not accepted."""
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             if self.open:
-                return None
+                return Caller(None, OPEN, self._open_rule)
             raise ApiError(401, "missing API key: send the header 'Authorization: Bearer <key>'")
         if self.open:
-            return token
+            return Caller(token, OPEN, self._open_rule)
         digest = hashlib.sha256(token.encode()).digest()
-        accepted = False
-        for known in self._digests:
-            accepted |= hmac.compare_digest(digest, known)
-        if not accepted:
+        found: Key | None = None
+        for known, key in self._known:  # every key compared, whichever matches
+            if hmac.compare_digest(digest, known):
+                found = key
+        if found is None:
             raise ApiError(401, "invalid API key")
-        return token
+        return Caller(token, found.name, found.rule)

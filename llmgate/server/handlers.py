@@ -14,6 +14,7 @@ from llmgate.pipeline import Ask, Call
 from llmgate.protocol import ChatRequest, encoder, error_path, generic_decoder, request_decoder
 from llmgate.server.auth import KeyCheck
 from llmgate.server.collect import collect
+from llmgate.server.limits import LimitState
 from llmgate.server.stream import Staged, require_finish, stream_answer
 from llmgate.turn import CHANNELS, CLIENT_CLOSED, Turn
 from llmgate.upstream.call import UpstreamCall
@@ -28,6 +29,7 @@ _ROLES = "system, developer, user, assistant or tool"
 @dataclass(frozen=True)
 class Settings:
     keys: KeyCheck
+    limits: LimitState
     max_body: int
     keepalive_s: float
     apology: str | None = None  # server.on_stream_error = "apology": what is said
@@ -64,7 +66,17 @@ class ChatCompletions:
 
     async def _turn(self, request: web.Request, turn: Turn) -> web.StreamResponse:
         settings = request.app[SETTINGS]
-        caller_key = settings.keys(request)
+        caller = settings.keys(request)
+        turn.key = caller.name
+        await settings.limits.admit(caller)  # a 429 here, before any upstream work
+        try:
+            return await self._admitted(request, turn, settings, caller.key)
+        finally:
+            settings.limits.release(caller)
+
+    async def _admitted(
+        self, request: web.Request, turn: Turn, settings: Settings, caller_key: str | None
+    ) -> web.StreamResponse:
         body = await _read_body(request, settings.max_body)
         chat = _decode(body)
         plan = request.app[ROUTER].resolve(chat.model)
