@@ -59,6 +59,11 @@ SCENARIOS: dict[str, dict] = {
     # answer that needs no tool (llmgate's tools offered, every chunk looked at).
     "tools": {"requests": 1000, "concurrency": 1, "chunks": 20, "warmup": 20, "rounds": 2},
 }
+# The plain route through a model alias (config below): one target keeps the byte relay;
+# two targets take the failover path (chunks read one by one, headers at the first token).
+SCENARIOS["alias-c1"] = {**SCENARIOS["c1"], "model_prefix": "one-"}
+SCENARIOS["alias-c50"] = {**SCENARIOS["c50"], "model_prefix": "one-"}
+SCENARIOS["failover-c1"] = {**SCENARIOS["c1"], "model_prefix": "two-"}
 QUICK = {
     "c1": (30, 1),
     "c50": (100, 10),
@@ -67,6 +72,9 @@ QUICK = {
     "rag": (30, 1),
     "audio": (0, 0),
     "tools": (30, 1),
+    "alias-c1": (30, 1),
+    "alias-c50": (100, 10),
+    "failover-c1": (30, 1),
 }
 KB_CHUNKS, KB_CHUNKS_QUICK = 100_000, 1_000
 RAG_PATH = "/rag/chat/completions"
@@ -184,6 +192,8 @@ def _config(port: int, mock_port: int) -> str:
         f"{BENCH_LIMITS}"
 
         f'[providers.mock]\nbase_url = "http://127.0.0.1:{mock_port}/v1"\n'
+        '[models]\n"one-mock-20-0-0" = ["mock/mock-20-0-0"]\n'
+        '"two-mock-20-0-0" = ["mock/mock-20-0-0", "mock/mock-20-0-0"]\n'
         '[kb.bench]\npath = "kb.sqlite"\nchunk_tokens = 60\noverlap_tokens = 0\n'
         '[rag.bench]\nkb = "bench"\n'
         f'[[routes]]\npath = "/chat/completions"\n[[routes]]\npath = "{RAG_PATH}"\nrag = "bench"\n'
@@ -243,6 +253,8 @@ def run_scenario(
 ) -> dict:
     options = dict(options)
     rounds = options.pop("rounds", 1)
+    # the model prefix names an alias llmgate knows; the mock, asked directly, does not
+    gw_only = {"model_prefix": options.pop("model_prefix")} if "model_prefix" in options else {}
     hang_up = options.get("hang_up", False)
     direct_url, gw_chat = f"{mock_url}/v1/chat/completions", f"{gw_url}/v1{path}"
     warm_peak = 0.0
@@ -263,7 +275,7 @@ def run_scenario(
         for r in range(rounds):
             directs.append(drive(direct_url, {**options, **_tag(hang_up, f"d{r}_")}))
             cpu0 = gw.cpu_s()
-            throughs.append(drive(gw_chat, {**options, **_tag(hang_up, f"g{r}_")}))
+            throughs.append(drive(gw_chat, {**options, **gw_only, **_tag(hang_up, f"g{r}_")}))
             cpu += gw.cpu_s() - cpu0
     finally:
         stop.set()

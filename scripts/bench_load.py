@@ -64,7 +64,7 @@ async def run(args: argparse.Namespace) -> dict:
         await asyncio.sleep(args.stagger_ms * k / args.concurrency / 1000)
         for i in counter:
             tag = f"-{args.tag}{i}" if args.hang_up else ""
-            model = f"mock-{args.chunks}-{args.first_ms}-{args.gap_ms}{tag}"
+            model = f"{args.model_prefix}mock-{args.chunks}-{args.first_ms}-{args.gap_ms}{tag}"
             question = questions[i % len(questions)]
             result = await one(session, args.url, model, args.hang_up, question)
             if args.hang_up:
@@ -73,7 +73,7 @@ async def run(args: argparse.Namespace) -> dict:
 
     async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
         for _ in range(args.warmup):  # open the pool's connections before timing
-            model = f"mock-{args.chunks}-0-0"
+            model = f"{args.model_prefix}mock-{args.chunks}-0-0"
             warm = [one(session, args.url, model, False) for _ in range(args.concurrency)]
             await asyncio.gather(*warm)
         started = time.monotonic()
@@ -98,6 +98,7 @@ def main() -> None:
     parser.add_argument("--stagger-ms", type=int, default=0, help="spread worker starts")
     parser.add_argument("--hang-up", action="store_true", help="close after the first token")
     parser.add_argument("--tag", default="r", help="prefix of the request tags the mock logs")
+    parser.add_argument("--model-prefix", default="", help="e.g. an alias's (bench config)")
     parser.add_argument("--questions", help="a file of user messages, one a line, in turn")
     args = parser.parse_args()
     try:
