@@ -292,6 +292,10 @@ def _decode(raw: dict[str, Any]) -> Config:
         "tools": ToolConfig,
     }
     named = {key: _sections(raw, key) for key in kinds}
+    models = {
+        name: _convert(value, list[str] | AliasConfig, f"models.{name}")
+        for name, value in _sections(raw, "models").items()
+    }
     config = _convert(raw, Config, "")
     decoded, kb, rag, audio, tools = (
         {name: _convert(body, kinds[key], f"{key}.{name}") for name, body in named[key].items()}
@@ -305,7 +309,7 @@ def _decode(raw: dict[str, Any]) -> Config:
         raise ConfigError("providers: at least one [providers.NAME] section is needed")
     for name, provider in decoded.items():
         _check_provider(name, provider)
-    aliases = {name: _alias(name, value, decoded) for name, value in config.models.items()}
+    aliases = {name: _alias(name, value, decoded) for name, value in models.items()}
     _check_keys(config.server)
     for name, kb_config in config.kb.items():
         _check_kb(name, kb_config)
@@ -343,6 +347,8 @@ def _alias(
     alias = value if isinstance(value, AliasConfig) else AliasConfig(targets=value)
     if not name:
         raise ConfigError("models: an alias needs a name")
+    if not alias.targets:
+        raise ConfigError(f"models.{name}: an alias needs at least one target")
     for i, target in enumerate(alias.targets):
         key = f"models.{name}" + ("" if isinstance(value, list) else ".targets") + f"[{i}]"
         prefix, slash, model = target.partition("/")

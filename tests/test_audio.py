@@ -115,3 +115,20 @@ async def test_a_barge_in_stops_the_upstream_and_the_engine(audio_gateway, upstr
 async def test_a_non_streamed_answer_is_its_text(audio_gateway):
     [completion] = await frames(await audio_gateway(), "text", stream=False)
     assert completion["choices"][0]["message"]["content"] == "Hello there, h\u00e9llo!"
+
+
+async def test_an_apology_for_a_dead_provider_is_spoken(make_gateway, upstream):
+    gateway = await make_gateway(
+        server={"on_stream_error": "apology"},
+        providers={"fake": {"base_url": upstream.url, "idle_timeout_s": 0.3}},
+        audio={"voice": {"engine": "espeak", "pace": False}},
+        routes=[{"path": "/audio/chat/completions", "audio": "voice"}],
+    )
+    got = await frames(gateway, "stall-mid")  # two chunks, then silence
+    audio = [c["choices"][0]["delta"]["audio"] for c in got if c["choices"]
+             and "audio" in c["choices"][0]["delta"]]
+    transcript = " ".join(a["transcript"] for a in audio if "transcript" in a)
+    assert transcript.endswith("Sorry, I lost my connection. Could you say that again?")
+    assert got[-1]["choices"][0]["finish_reason"] == "stop"
+    spoken = sum(len(base64.b64decode(a["data"])) for a in audio if "data" in a)
+    assert spoken / 32000 > 1.5  # the apology is audio, not only a transcript

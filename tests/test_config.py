@@ -163,3 +163,44 @@ def test_a_kb_section_says_what_it_lacks(kb, message):
     with pytest.raises(ConfigError) as info:
         parse(with_provider(kb={"k": kb}), {"KEY": "x"})
     assert str(info.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    ("models", "key"),
+    [
+        ({"fast": ["nope/gpt"]}, "models.fast[0]"),
+        ({"fast": ["p/gpt", "p/"]}, "models.fast[1]"),
+        ({"fast": []}, "models.fast"),
+        ({"fast": {"targets": ["q/x"]}}, "models.fast.targets[0]"),
+        ({"fast": {"targets": ["p/x"], "hedge_after_ms": 0}}, "models.fast.hedge_after_ms"),
+        ({"fast": {"targets": ["p/x"], "hedge": 5}}, "models.fast.hedge"),
+    ],
+)
+def test_alias_mistakes_name_the_key(models, key):
+    with pytest.raises(ConfigError) as info:
+        parse(with_provider(models=models), {"KEY": "x"})
+    assert str(info.value).startswith(f"{key}:"), info.value
+
+
+def test_aliases_as_a_list_or_a_table():
+    models = {"fast": ["p/a", "b"], "smart": {"targets": ["p/c"], "hedge_after_ms": 600}}
+    config = parse(with_provider(models=models), {"KEY": "x"}).config
+    assert config.models["fast"].targets == ["p/a", "b"]
+    assert config.models["fast"].hedge_after_ms is None
+    assert config.models["smart"].hedge_after_ms == 600
+
+
+@pytest.mark.parametrize(
+    ("server", "key"),
+    [
+        ({"on_stream_error": "silence"}, "server.on_stream_error"),
+        ({"apology": ""}, "server.apology"),
+        ({"limits": {"max_concurrent": 0}}, "server.limits.max_concurrent"),
+        ({"keys": [{"key": "k"}]}, "server.keys[0].name"),
+        ({"keys": [{"key": "", "name": "a"}]}, "server.keys[0].key"),
+    ],
+)
+def test_resilience_server_mistakes_name_the_key(server, key):
+    with pytest.raises(ConfigError) as info:
+        parse(with_provider(server=server), {"KEY": "x"})
+    assert str(info.value).startswith(f"{key}"), info.value

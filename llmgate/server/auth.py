@@ -37,7 +37,9 @@ class Key:
 class KeyCheck:
     def __init__(self, keys: list[Key], open_rule: Rule) -> None:
         # Digests make every comparison the same length, so timing says nothing of a key.
-        self._known = tuple((hashlib.sha256(k.key.encode()).digest(), k) for k in keys)
+        self._known = tuple(
+            (hashlib.sha256(k.key.encode()).digest(), Caller(k.key, k.name, k.rule)) for k in keys
+        )
         self._open_rule = open_rule
 
     @property
@@ -55,10 +57,10 @@ class KeyCheck:
         if self.open:
             return Caller(token, OPEN, self._open_rule)
         digest = hashlib.sha256(token.encode()).digest()
-        found: Key | None = None
-        for known, key in self._known:  # every key compared, whichever matches
+        found: Caller | None = None
+        for known, caller in self._known:  # every key compared, whichever matches
             if hmac.compare_digest(digest, known):
-                found = key
+                found = caller
         if found is None:
             raise ApiError(401, "invalid API key")
-        return Caller(token, found.name, found.rule)
+        return found

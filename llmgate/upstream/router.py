@@ -9,6 +9,8 @@ from llmgate.errors import ApiError
 from llmgate.upstream.provider import Provider
 from llmgate.upstream.targets import Health, Plan, Target
 
+MAX_PLANS = 1024
+
 
 class Router:
     def __init__(
@@ -30,13 +32,17 @@ class Router:
         }
         # Discovered from each provider's own /models (upstream.catalog), listed, not routed.
         self.discovered: dict[str, list[str]] = {}
+        self._plans: dict[str, Plan] = {}  # a model's one-target plan, made once
 
     def resolve(self, model: str | None) -> Plan:
         if model:
-            plan = self.aliases.get(model)
+            plan = self.aliases.get(model) or self._plans.get(model)
             if plan is not None:
                 return plan
-            return Plan(model, (self._target(model),))
+            plan = Plan(model, (self._target(model),))
+            if len(self._plans) < MAX_PLANS:  # callers' own model names are unbounded
+                self._plans[model] = plan
+            return plan
         default = self.default.config.default_model
         if default:
             return Plan(default, (self._target(f"{self.default.name}/{default}"),))

@@ -148,13 +148,14 @@ class Attempts:
     """One turn's tries at its plan's targets, in the order their health allows."""
 
     __slots__ = (
-        "_begun", "_records", "_started", "failures", "hedges", "plan", "queue", "turn",
+        "_begun", "_records", "_started", "_watch", "failures", "hedges", "plan", "queue",
+        "turn",
     )
 
     def __init__(self, plan: Plan, turn: Turn) -> None:
         self.plan = plan
         self.turn = turn
-        self.queue = deque(_order(plan.targets))
+        self.queue = deque(_order(plan.targets) if len(plan.targets) > 1 else plan.targets)
         # (target, status, message, Retry-After in s or None): no exception is kept, as one
         # held here would hold, through its traceback, the frames that hold this.
         self.failures: list[tuple[Target, int, str, float | None]] = []
@@ -162,23 +163,28 @@ class Attempts:
         self._records: list[dict[str, Any]] = []
         self._started: dict[int, float] = {}
         self._begun: list[Target] = []  # begun, no verdict yet
+        # Health matters where there is a choice: a one-target turn neither reads nor
+        # writes it (the plain relay of one target never looks, so neither does the rest).
+        self._watch = len(plan.targets) > 1
 
     def next(self) -> Target | None:
         """The next target to try, marked begun; None when none is left."""
         if not self.queue:
             return None
         target = self.queue.popleft()
-        target.health.begin()
+        if self._watch:
+            target.health.begin()
         self._started[id(target)] = time.perf_counter()
         self._begun.append(target)
         return target
 
     def failed(self, target: Target, exc: ApiError) -> None:
         self._ended(target)
-        if exc.fallback:
-            target.health.failed(exc)
-        else:
-            target.health.abandoned()
+        if self._watch:
+            if exc.fallback:
+                target.health.failed(exc)
+            else:
+                target.health.abandoned()
         wait = retry_after_s(exc, 1.0) if exc.status == 429 else None
         self.failures.append((target, exc.status, exc.message, wait))
         self._record(target, error=exc.code or exc.type)
@@ -186,7 +192,8 @@ class Attempts:
     def won(self, target: Target) -> None:
         """`target`'s first token came: the turn is its."""
         self._ended(target)
-        target.health.succeeded()
+        if self._watch:
+            target.health.succeeded()
         self.turn.provider, self.turn.model = target.provider.name, target.model
         self._record(target)
         self.note()
@@ -195,7 +202,8 @@ class Attempts:
         """Every target begun and given no verdict stopped with none: another target won,
         or the turn ended (a half-open circuit's probe is free again)."""
         for target in self._begun:
-            target.health.abandoned()
+            if self._watch:
+                target.health.abandoned()
             self._record(target, error="cancelled")
         self._begun.clear()
 
@@ -205,7 +213,7 @@ class Attempts:
 
     def died(self, target: Target, exc: ApiError) -> None:
         """The winner failed after its first token: its provider's failure all the same."""
-        if exc.fallback:
+        if self._watch and exc.fallback:
             target.health.failed(exc)
 
     def error(self) -> ApiError:
