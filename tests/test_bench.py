@@ -23,7 +23,10 @@ def test_bench_quick_run_writes_its_report(tmp_path):
     report = json.loads(out.read_text())
     assert report["machine"]["cores"] >= 1
     scenarios = report["scenarios"]
-    assert set(scenarios) == {"c1", "c50", "paced-c200", "disconnect", "rag", "audio", "tools"}
+    assert set(scenarios) == {
+        "c1", "c50", "paced-c200", "disconnect", "rag", "audio", "tools",
+        "alias-c1", "alias-c50", "failover-c1",
+    }
     audio = scenarios.pop("audio")
     assert "piper" in audio
     for engine in audio.values():
