@@ -27,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import BENCH_LIMITS, PY, drive, free_port, start_mock, wait_http
+from bench import PY, drive, free_port, start_mock, wait_http
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,9 +38,7 @@ def count(tree: Path, mock_port: int, streams: int, speech: bool) -> int:
     port = free_port()
     path = "/speech/chat/completions" if speech else "/chat/completions"
     (work / "c.toml").write_text(
-        f'[server]\nport = {port}\napi_keys = ["bench"]\n'
-        f"{BENCH_LIMITS}"
-        '[log]\nlevel = "warning"\n'
+        f'[server]\nport = {port}\napi_keys = ["bench"]\n[log]\nlevel = "warning"\n'
         f'[providers.mock]\nbase_url = "http://127.0.0.1:{mock_port}/v1"\n'
         f'[[routes]]\npath = "{path}"\n' + ("speech = true\n" if speech else "")
     )

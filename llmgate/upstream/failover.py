@@ -36,9 +36,14 @@ async def provider_call(ask: Ask) -> AsyncIterator[Piece | Opened]:
     attempts = Attempts(ask.plan, ask.turn)
     won: _Won = []
     start = _one if len(ask.plan.targets) == 1 else _race
-    async with aclosing(start(ask, attempts, won)) as first:
-        async for item in first:  # raises when every target failed
-            yield item
+    try:
+        async with aclosing(start(ask, attempts, won)) as first:
+            async for item in first:  # raises when every target failed
+                yield item
+    except BaseException:  # closed (a hang-up) just as a target won: its call ends too
+        if won:
+            await won[1].aclose()
+        raise
     target, pieces, view = won
     try:
         async with aclosing(pieces):
