@@ -45,6 +45,7 @@ def create_app(loaded: Loaded) -> web.Application:
         max_body=max_body,
         keepalive_s=config.server.keepalive_s,
         apology=config.server.apology if config.server.on_stream_error == "apology" else None,
+        read_timeout_s=config.server.read_timeout_s,
     )
     providers = {
         name: Provider(name, provider, loaded.unset_env.get(name, ()))

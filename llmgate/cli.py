@@ -49,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         from llmgate.kb import cli as kb_cli
 
         return kb_cli.main(argv[1:])
+    if argv[:1] == ["check"]:
+        from llmgate import check
+
+        return check.main(argv[1:])
     args = parse_args(argv)
     loaded = load_config(args.config)
     if loaded is None:
@@ -59,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         log.warning(warning)
     host = args.host or server.host
     port = server.port if args.port is None else args.port
+    refusal = configuration.open_refusal(server, host)
+    if refusal is not None:
+        print(f"llmgate: config error: {refusal}", file=sys.stderr)
+        return EXIT_CONFIG
     if args.check:
         providers = ", ".join(loaded.config.providers)
         routes = ", ".join(r.path for r in loaded.config.routes)
@@ -69,6 +77,22 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"llmgate: cannot listen on {host}:{port} ({exc.strerror})", file=sys.stderr)
         return EXIT_LISTEN
-    log.info("listening on http://%s:%d", host, sock.getsockname()[1])
-    serve.run(create_app(loaded), sock, server.uvloop)
-    return 0
+    _say_what_next(loaded, host, sock.getsockname()[1])
+    app = create_app(loaded)
+    return serve.run(app, sock, server.uvloop, server.drain_s, server.read_timeout_s)
+
+
+def _say_what_next(loaded: configuration.Loaded, host: str, port: int) -> None:
+    """The start-up lines: what is missing, and where to point a client."""
+    for name, variables in loaded.unset_env.items():
+        names = ", ".join(variables)
+        log.warning("provider '%s' needs %s: set it and restart to use it", name, names)
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    base = f"http://{shown}:{port}" if ":" not in shown else f"http://[{shown}]:{port}"
+    log.info(
+        "listening on %s: an OpenAI client's base_url is %s/v1; Agora's llm.url is "
+        "https://<your host>%s (behind TLS)",
+        base,
+        base,
+        loaded.config.routes[0].path,
+    )

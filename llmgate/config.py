@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import tomllib
@@ -58,6 +59,11 @@ class ServerConfig(_Strict):
     keepalive_s: _Positive = 15.0
     send_timeout_s: _Positive = 30.0
     uvloop: bool = True
+    # a request's headers (from its first byte) and its body must each arrive this soon
+    read_timeout_s: _Positive = 30.0
+    drain_s: Annotated[float, msgspec.Meta(ge=0)] = 20.0  # SIGTERM: streams in flight finish
+    # no caller key: a loopback host starts open (with a warning); any other refuses unless
+    allow_unauthenticated: bool = False
 
 
 class LogConfig(_Strict):
@@ -179,9 +185,19 @@ class RouteConfig(_Strict, kw_only=True):
     tool_filler: FillerConfig | None = None  # said while a round of tools runs long
 
 
+class OtelConfig(_Strict):
+    # OTLP over HTTP (protobuf), e.g. "http://127.0.0.1:4318/v1/traces"; traces are off
+    # without an [otel] section
+    endpoint: str
+    service_name: str = "llmgate"
+    headers: dict[str, str] = {}  # e.g. an API key of the collector's: "${OTEL_KEY}"
+    sample_ratio: Annotated[float, msgspec.Meta(ge=0, le=1)] = 1.0  # of turns with no parent
+
+
 class Config(_Strict):
     server: ServerConfig = ServerConfig()
     log: LogConfig = LogConfig()
+    otel: OtelConfig | None = None
     providers: dict[str, ProviderConfig] = {}
     models: dict[str, list[str] | AliasConfig] = {}  # aliases: ordered targets
     kb: dict[str, KbConfig] = {}
@@ -208,6 +224,28 @@ class Loaded:
         return self.base_dir / Path(value).expanduser()
 
 
+def open_refusal(server: ServerConfig, host: str) -> str | None:
+    """Why a server with no caller key must not start on `host` (None: it may). A first run
+    on a laptop (loopback) starts open; anything reachable from elsewhere needs a key or
+    `server.allow_unauthenticated = true`."""
+    if server.api_keys or server.keys or server.allow_unauthenticated or is_loopback(host):
+        return None
+    return (
+        f"server.api_keys: no caller key is set and server.host is {host}, which others can "
+        "reach; set one (LLMGATE_API_KEY for config.toml's ${LLMGATE_API_KEY}), listen on "
+        "127.0.0.1, or set server.allow_unauthenticated = true"
+    )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def load(path: str) -> Loaded:
     try:
         with open(path, "rb") as f:
@@ -225,10 +263,12 @@ def parse(raw: dict[str, Any], env: os._Environ[str] | dict[str, str]) -> Loaded
     warnings: list[str] = []
     unset_env: dict[str, tuple[str, ...]] = {}
     dropped: dict[str, set[int]] = {"api_keys": set(), "keys": set()}
+    unset_keys: list[str] = []
     for where, var in missing:
         key = _dotted(where)
         if where[:2] in (("server", "api_keys"), ("server", "keys")) and len(where) >= 3:
             dropped[where[1]].add(where[2])
+            unset_keys.append(var)
             warnings.append(f"{key}: ${{{var}}} is not set; that key is ignored")
         elif where[:1] == ("providers",) and len(where) >= 3:
             name = where[1]
@@ -242,15 +282,10 @@ def parse(raw: dict[str, Any], env: os._Environ[str] | dict[str, str]) -> Loaded
     for section, indexes in dropped.items():
         if indexes and isinstance(server.get(section), list):
             server[section] = [k for i, k in enumerate(server[section]) if i not in indexes]
-    if (dropped["api_keys"] or dropped["keys"]) and not (
-        server.get("api_keys") or server.get("keys")
-    ):
-        raise ConfigError(
-            "server.api_keys: every key comes from an unset variable; refusing to run open"
-        )
     config = _decode(expanded)
     if not config.server.api_keys and not config.server.keys:
-        warnings.append("server.api_keys is empty: llmgate accepts requests without a key")
+        what = f" ({', '.join(unset_keys)} unset)" if unset_keys else ""
+        warnings.append(f"server.api_keys: no caller key is set{what}: requests need no key")
     return Loaded(config, unset_env, tuple(warnings))
 
 

@@ -26,6 +26,7 @@ _DEFAULTS: dict[int, tuple[str, str | None]] = {
     403: ("invalid_request_error", "forbidden"),
     404: ("invalid_request_error", "not_found"),
     405: ("invalid_request_error", "method_not_allowed"),
+    408: ("invalid_request_error", "request_timeout"),
     413: ("invalid_request_error", "request_too_large"),
     429: ("rate_limit_error", "rate_limit_exceeded"),
     499: ("invalid_request_error", "client_closed_request"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import time
 from typing import Any
 
@@ -21,6 +22,7 @@ SUPERSEDED = "superseded"  # the log's error for a turn a newer one on its chann
 META_VALUE_CHARS = 200
 META_TOTAL_CHARS = 2048
 _encode = msgspec.json.Encoder().encode
+_SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 
 class Turn:
@@ -44,8 +46,12 @@ class Turn:
         "usage",
     )
 
-    def __init__(self, route: str) -> None:
-        self.id = "req_" + os.urandom(12).hex()
+    def __init__(self, route: str, request_id: str | None = None) -> None:
+        # A caller's own X-Request-Id, if it is a short safe string, names the turn (the
+        # id its logs already carry); anything else is replaced by ours.
+        if request_id is None or not _SAFE_ID.fullmatch(request_id):
+            request_id = "req_" + os.urandom(12).hex()
+        self.id = request_id
         self.route = route
         self.key: str | None = None  # the caller key's name (never the key)
         self.started = time.perf_counter()

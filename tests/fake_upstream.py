@@ -318,6 +318,10 @@ class FakeUpstream:
             for i in range(0, len(raw), 3):
                 await resp.write(raw[i : i + 3])
                 await asyncio.sleep(0)
+        elif model == "slow-words":  # a chunk every 100 ms: an answer that takes a while
+            for f in frames:
+                await resp.write(f)
+                await asyncio.sleep(0.1)
         elif model == "done-no-finish":  # everything in one write: one read for llmgate
             await resp.write(b"".join(frames))
         elif model == "comments":

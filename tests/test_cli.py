@@ -39,11 +39,27 @@ def test_bad_config_exits_2_naming_the_key(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_open_config_with_unset_keys_refuses_to_start(tmp_path):
-    env = {"LLMGATE_API_KEY": "", "OPENAI_API_KEY": "x"}
+def test_a_first_run_with_no_key_starts_open_on_loopback_only():
+    env = {"LLMGATE_API_KEY": "", "OPENAI_API_KEY": ""}
     result = run("--config", "config.toml", "--check", env=env)
-    assert result.returncode == 2
-    assert "server.api_keys" in result.stderr
+    assert result.returncode == 0, result.stderr
+    assert "no caller key is set (LLMGATE_API_KEY unset)" in result.stderr
+    for host in ("0.0.0.0", "10.1.2.3", "::"):
+        result = run("--config", "config.toml", "--check", "--host", host, env=env)
+        assert result.returncode == 2, host
+        assert "server.allow_unauthenticated" in result.stderr
+        assert "LLMGATE_API_KEY" in result.stderr
+    for host in ("::1", "localhost", "127.0.0.2"):
+        assert run("--config", "config.toml", "--check", "--host", host, env=env).returncode == 0
+
+
+def test_allow_unauthenticated_opens_any_host(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[server]\nhost = "0.0.0.0"\nallow_unauthenticated = true\n'
+        '[providers.a]\nbase_url = "http://127.0.0.1:9/v1"\n'
+    )
+    assert run("--config", str(path), "--check").returncode == 0
 
 
 def test_check_reports_what_it_serves():
@@ -87,7 +103,8 @@ def test_serves_health_with_port_override(tmp_path, fmt, uvloop):
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=10)
-    assert "without a key" in err
+    assert "no caller key is set" in err
+    assert f"base_url is http://127.0.0.1:{port}/v1" in err  # where to point a client
     assert "Traceback" not in err
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from llmgate.config import ConfigError, load, parse
+from llmgate.config import ConfigError, load, open_refusal, parse
 
 PROVIDER = {"base_url": "https://api.example.com/v1", "api_key": "${KEY}"}
 
@@ -45,14 +45,20 @@ def test_unset_api_key_entry_is_dropped_never_empty():
     assert loaded.config.server.api_keys == ["fixed"]
 
 
-def test_all_api_keys_unset_refuses_to_run_open():
-    with pytest.raises(ConfigError, match=r"server\.api_keys"):
-        parse(with_provider(server={"api_keys": ["${A}"]}), {"KEY": "x"})
+def test_all_api_keys_unset_is_open_on_loopback_only():
+    loaded = parse(with_provider(server={"api_keys": ["${A}"]}), {"KEY": "x"})
+    assert loaded.config.server.api_keys == []
+    assert any("no caller key is set (A unset)" in w for w in loaded.warnings)
+    assert open_refusal(loaded.config.server, "127.0.0.1") is None
+    refusal = open_refusal(loaded.config.server, "0.0.0.0")
+    assert refusal is not None and "server.allow_unauthenticated" in refusal
+    loaded = parse(with_provider(server={"api_keys": [], "allow_unauthenticated": True}), {})
+    assert open_refusal(loaded.config.server, "0.0.0.0") is None
 
 
 def test_empty_api_keys_runs_open_with_a_warning():
     loaded = parse(with_provider(server={"api_keys": []}), {"KEY": "x"})
-    assert any("without a key" in w for w in loaded.warnings)
+    assert any("no caller key is set: requests need no key" in w for w in loaded.warnings)
 
 
 @pytest.mark.parametrize(

@@ -33,6 +33,7 @@ class Settings:
     max_body: int
     keepalive_s: float
     apology: str | None = None  # server.on_stream_error = "apology": what is said
+    read_timeout_s: float = 30.0
 
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -49,7 +50,7 @@ class ChatCompletions:
         self.call = call
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        turn = Turn(self.route)
+        turn = Turn(self.route, request.headers.get("X-Request-Id"))
         try:
             return await self._turn(request, turn)
         except ApiError as exc:
@@ -77,7 +78,7 @@ class ChatCompletions:
     async def _admitted(
         self, request: web.Request, turn: Turn, settings: Settings, caller_key: str | None
     ) -> web.StreamResponse:
-        body = await _read_body(request, settings.max_body)
+        body = await _read_body(request, settings.max_body, settings.read_timeout_s)
         chat = _decode(body)
         plan = request.app[ROUTER].resolve(chat.model)
         target = plan.first
@@ -133,13 +134,20 @@ def _json(turn: Turn, raw: bytes) -> web.Response:
     )
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes:
+async def _read_body(request: web.Request, limit: int, timeout_s: float) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise _too_large(limit)
     try:
-        return await request.read()
+        async with asyncio.timeout(timeout_s):
+            return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise _too_large(limit) from None
+    except TimeoutError:
+        if request.transport is not None:
+            request.transport.close()  # whatever comes later would never be read
+        raise ApiError(
+            408, f"the request body did not arrive within {timeout_s:g}s (server.read_timeout_s)"
+        ) from None
 
 
 def _too_large(limit: int) -> ApiError:

@@ -1,9 +1,14 @@
-"""Serving an app: the listening socket and the runner settings every way of running uses.
+"""Serving an app: the listening socket, signals, and what every connection gets.
 
 `run()` is what `python -m llmgate` does; `start()` serves the same app on a socket inside
-a running loop (tests, and a later process supervisor). Both give every connection what a
-voice call needs: a caller that hangs up cancels its turn, and a caller that acknowledges
-nothing for `send_timeout_s` is dropped by the kernel.
+a running loop (tests, a worker). Every connection gets what a voice call needs: a caller
+that hangs up cancels its turn; one that acknowledges nothing for `send_timeout_s` is
+dropped by the kernel; one whose request headers do not arrive within `read_timeout_s` is
+dropped by us (aiohttp has no such limit; the body's own limit is the handler's).
+
+Signals: SIGTERM (or SIGINT) stops accepting and lets streams in flight finish for up to
+`drain_s`, then the process exits 0; a second one exits at once. SIGHUP calls `on_hup`
+(the config is read again).
 """
 
 from __future__ import annotations
@@ -11,25 +16,27 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
+import signal
 import socket
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 log = logging.getLogger("llmgate")
 
 # A caller hanging up cancels its turn (barge-in); the turn line replaces the access log.
-RUNNER_OPTIONS: dict[str, Any] = {
-    "handler_cancellation": True,
-    "access_log": None,
-    "shutdown_timeout": 5,
-}
+RUNNER_OPTIONS: dict[str, Any] = {"handler_cancellation": True, "access_log": None}
 
 
-def listen(host: str, port: int, send_timeout_s: float) -> socket.socket:
+def listen(host: str, port: int, send_timeout_s: float, reuse_port: bool = False):
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:  # workers: one socket each on one port, the kernel spreads connections
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     if hasattr(socket, "TCP_USER_TIMEOUT"):
         # Accepted connections inherit it: the kernel drops a caller that acknowledges
         # nothing for this long, which cancels its turn. Once here, not per response.
@@ -40,22 +47,126 @@ def listen(host: str, port: int, send_timeout_s: float) -> socket.socket:
     return sock
 
 
-async def start(app: web.Application, sock: socket.socket) -> web.AppRunner:
-    """Serve `app` on `sock` in the running loop; `await runner.cleanup()` stops it."""
-    runner = web.AppRunner(app, **RUNNER_OPTIONS)
+class _GuardedHandler(RequestHandler):
+    """A connection whose next request's headers must arrive within `read_timeout_s` of
+    its first byte: a slow client (slowloris) cannot hold a connection with a trickle.
+    Body bytes of a request being handled do not arm it (the handler bounds those)."""
+
+    read_timeout_s = 30.0
+    _read_timer: asyncio.TimerHandle | None = None
+    _armed_at_count = 0
+
+    def data_received(self, data: bytes) -> None:
+        count = self._request_count
+        super().data_received(data)
+        if self._request_count != count:  # headers whole: the handler takes over
+            self._disarm()
+        elif self._read_timer is None and not self._request_in_progress and data:
+            self._armed_at_count = count
+            self._read_timer = self._loop.call_later(self.read_timeout_s, self._too_slow)
+
+    def _too_slow(self) -> None:
+        self._read_timer = None
+        if self._request_count == self._armed_at_count and self.transport is not None:
+            log.info("a client's request headers did not arrive within %gs: dropped",
+                     self.read_timeout_s)
+            self.transport.close()
+
+    def _disarm(self) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+
+class _GuardedServer(web.Server):
+    read_timeout_s = 30.0
+
+    def __call__(self) -> RequestHandler:
+        handler = _GuardedHandler(self, loop=self._loop, **self._kwargs)
+        handler.read_timeout_s = self.read_timeout_s
+        return handler
+
+
+async def start(
+    app: web.Application, sock: socket.socket, drain_s: float = 5.0, read_timeout_s: float = 30.0
+) -> web.AppRunner:
+    """Serve `app` on `sock` in the running loop; `await runner.cleanup()` stops it, letting
+    requests in flight finish for up to `drain_s`."""
+    runner = web.AppRunner(app, shutdown_timeout=drain_s, **RUNNER_OPTIONS)
     await runner.setup()
+    # aiohttp makes its own Server; ours differs only in the handler it makes per
+    # connection (tests/test_serve.py fails should an aiohttp release change that).
+    server = runner.server
+    assert server is not None and type(server) is web.Server
+    server.__class__ = _GuardedServer
+    server.read_timeout_s = read_timeout_s  # type: ignore[attr-defined]
     await web.SockSite(runner, sock).start()
     return runner
 
 
-def run(app: web.Application, sock: socket.socket, want_uvloop: bool) -> None:
-    """Serve until SIGINT or SIGTERM."""
+def run(
+    app: web.Application,
+    sock: socket.socket,
+    want_uvloop: bool,
+    drain_s: float = 20.0,
+    read_timeout_s: float = 30.0,
+    on_hup: Callable[[], Awaitable[None]] | None = None,
+) -> int:
+    """Serve until SIGTERM or SIGINT (drained), and return the exit status."""
     # What exists now lives as long as the process: keep it out of the collector's sight.
     # A full collection over the ~40k objects of the imports paused the loop ~20 ms here;
     # frozen, it takes under 2 ms.
     gc.collect()
     gc.freeze()
-    web.run_app(app, loop=_event_loop(want_uvloop), sock=sock, print=None, **RUNNER_OPTIONS)
+    loop = _event_loop(want_uvloop)
+    asyncio.set_event_loop(loop)
+    try:
+        return loop.run_until_complete(_serve(app, sock, drain_s, read_timeout_s, on_hup))
+    finally:
+        loop.close()
+
+
+async def _serve(
+    app: web.Application,
+    sock: socket.socket,
+    drain_s: float,
+    read_timeout_s: float,
+    on_hup: Callable[[], Awaitable[None]] | None,
+) -> int:
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+
+    def stop(name: str) -> None:
+        if stopping.is_set():
+            log.warning("%s again: exiting now, streams in flight cut off", name)
+            os._exit(0)
+        log.info("%s: no new connections; streams in flight have %gs to finish", name, drain_s)
+        stopping.set()
+
+    runner = await start(app, sock, drain_s, read_timeout_s)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop, sig.name)
+    reloading: set[asyncio.Task] = set()
+    if on_hup is not None:
+
+        def hup() -> None:
+            task = loop.create_task(on_hup())
+            reloading.add(task)
+            task.add_done_callback(reloading.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, hup)
+    try:
+        await stopping.wait()
+        await runner.cleanup()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+    log.info("drained: exiting")
+    return 0
 
 
 def _event_loop(want_uvloop: bool) -> asyncio.AbstractEventLoop:
