@@ -401,13 +401,16 @@ def _alias(
 
 
 def _check_keys(server: ServerConfig) -> None:
-    names: set[str] = set()
+    # Names are what limits count by: two keys of one name would share a budget.
+    names = {f"api_keys[{i}]" for i in range(len(server.api_keys))} | {"open"}
+    keys = set(server.api_keys)
     for i, key in enumerate(server.keys):
-        if not key.key:
-            raise ConfigError(f"server.keys[{i}].key: a key cannot be empty")
+        if not key.key or key.key in keys:
+            raise ConfigError(f"server.keys[{i}].key: expected a key given nowhere else")
         if not key.name or key.name in names:
             raise ConfigError(f"server.keys[{i}].name: expected a name no other key has")
         names.add(key.name)
+        keys.add(key.key)
 
 
 def _sections(raw: dict[str, Any], key: str) -> dict[str, Any]:

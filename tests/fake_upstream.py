@@ -301,7 +301,7 @@ class FakeUpstream:
         frames = [frame(c, eol) for c in self.script(model, body)]
         if model in (
             "no-done", "truncated", "error-mid", "garbage", "stall-mid", "drop", "reset",
-            "speak-then-stall",
+            "speak-then-stall", "stall-after-finish",
         ):
             pass
         else:
@@ -336,7 +336,7 @@ class FakeUpstream:
         else:
             for f in frames:
                 await resp.write(f)
-        if model in ("stall-mid", "speak-then-stall"):
+        if model in ("stall-mid", "speak-then-stall", "stall-after-finish"):
             await asyncio.sleep(3600)
         if model == "reset":
             reset(request)

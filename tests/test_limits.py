@@ -36,7 +36,7 @@ async def test_requests_per_minute_per_key(make_gateway, upstream, connect, capl
     assert info.value.body["type"] == "rate_limit_error"
     assert "agora-prod" in info.value.body["message"]
     retry = int(info.value.response.headers["Retry-After"])
-    assert 1 <= retry <= 60
+    assert 1 <= retry <= 120  # this minute, and part of the next while it still weighs
     assert len(upstream.requests) == 2  # the third did no upstream work
     await other.chat.completions.create(model="text", messages=HI)  # another key's budget
     lines = [r.turn for r in caplog.records if r.name == "llmgate.turn"]
@@ -96,13 +96,32 @@ def test_sliding_minute_on_a_clock():
         return None
 
     assert [admit() for _ in range(4)] == [None] * 4
-    assert admit() == 60  # this minute is full: not before it is over
-    now[0] = 660.0 + 30  # half of the last minute still counts: 4 * 0.5 = 2
-    assert [admit(), admit()] == [None, None]
-    wait = admit()  # 2 + 2 + 1 > 4: until the last minute weighs 1 request less
-    assert wait is not None and 1 <= wait <= 30
+    # This minute is full, and in the next one it still weighs: 4 * (1 - f) + 1 <= 4 once
+    # a quarter of it has gone by, 75 s from now (said rounded up, past the boundary).
+    assert admit() == 76
+    now[0] += 74
+    assert admit() is not None
+    now[0] += 2
+    assert admit() is None
     now[0] = 720.0 + 61  # two minutes on: nothing counts
     assert [admit() for _ in range(4)] == [None] * 4
+
+
+@pytest.mark.parametrize("limit", [1, 2, 10, 60])
+@pytest.mark.parametrize("start", [0.0, 17.0, 45.5, 59.9])
+def test_retry_after_is_enough(limit, start):
+    """A caller that waits what Retry-After said is admitted then."""
+    now = [6000.0 + start]
+    limits = LocalLimits(10_000, lambda: now[0])
+    caller = Caller("k", "k", Rule(max_concurrent=10_000, requests_per_minute=limit))
+    for _ in range(3 * limit):  # a burst, then every 429's advice taken
+        try:
+            asyncio.run(limits.admit(caller))
+        except Exception as exc:
+            wait = int(exc.headers["Retry-After"])  # type: ignore[attr-defined]
+            assert 1 <= wait <= 121
+            now[0] += wait
+            asyncio.run(limits.admit(caller))  # raises if the advice was too short
 
 
 def test_an_unset_named_key_is_dropped_and_names_must_differ():

@@ -138,9 +138,7 @@ async def test_a_callers_mistake_does_not_fall_back(resilient, backup):
         ("status-503", "reset-at-once", 502),
     ],
 )
-async def test_every_target_failing_says_the_most_telling(
-    resilient, caplog, first, second, status
-):
+async def test_every_target_failing_says_the_most_telling(resilient, caplog, first, second, status):
     caplog.set_level(logging.INFO, logger="llmgate.turn")
     client = await resilient({"voice": [f"fake/{first}", f"backup/{second}"]})
     with pytest.raises(openai.APIStatusError) as info:
@@ -195,6 +193,26 @@ async def test_hedge_first_target_failing_moves_on_at_once(resilient, upstream, 
     client = await resilient({"voice": alias})
     text, _ = await streamed(client, "voice")
     assert text == TEXT and len(backup.requests) == 1
+
+
+async def test_hedge_a_failure_starts_one_more_not_two(resilient, upstream, backup):
+    alias = {
+        "targets": ["fake/status-503", "backup/slow-first", "fake/text"],
+        "hedge_after_ms": 2000,
+    }
+    client = await resilient({"voice": alias})
+    assert await streamed(client, "voice") == (TEXT, "stop")
+    assert [r["model"] for r in upstream.requests] == ["status-503"]  # not the third
+    assert len(backup.requests) == 1
+
+
+async def test_a_passthrough_providers_429_is_its_callers_own(resilient, upstream, backup):
+    client = await resilient(
+        {"voice": ["fake/status-429", "backup/text"]}, fake={"api_key": "passthrough"}
+    )
+    for _ in range(2):
+        assert await streamed(client, "voice") == (TEXT, "stop")
+    assert len(upstream.requests) == 2  # not cooled down for everyone
 
 
 async def test_hang_up_during_a_hedge_closes_both(resilient, upstream, backup):
@@ -313,9 +331,7 @@ APOLOGY = "Sorry, I lost my connection. Could you say that again?"
 
 @pytest.mark.parametrize("route", ["/v1", "/v1/speech"])
 @pytest.mark.parametrize("model", ["stall-mid", "error-mid", "truncated", "garbage", "voice"])
-async def test_apology_ends_a_dead_stream_as_a_normal_answer(
-    resilient, caplog, route, model
-):
+async def test_apology_ends_a_dead_stream_as_a_normal_answer(resilient, caplog, route, model):
     caplog.set_level(logging.INFO, logger="llmgate.turn")
     client = await resilient(
         {"voice": ["fake/stall-mid", "backup/text"]},
@@ -332,6 +348,18 @@ async def test_apology_ends_a_dead_stream_as_a_normal_answer(
     assert text.startswith(TEXT[:5]) and text.endswith(" " + APOLOGY)
     (turn,) = turns(caplog)
     assert turn["status"] in (502, 504) and turn["upstream"]["apology"] is True
+
+
+@pytest.mark.parametrize("model", ["fake/stall-after-finish", "voice"])
+async def test_no_apology_once_the_answer_finished(resilient, caplog, model):
+    caplog.set_level(logging.INFO, logger="llmgate.turn")
+    client = await resilient(
+        {"voice": ["fake/stall-after-finish", "backup/text"]},
+        server={"on_stream_error": "apology"},
+    )
+    assert await streamed(client, model) == (TEXT, "stop")
+    (turn,) = turns(caplog)
+    assert turn["status"] == 504 and turn["upstream"]["apology"] is False
 
 
 async def test_apology_not_used_before_the_first_token(resilient):

@@ -71,12 +71,15 @@ class LocalLimits:
 
 
 def _wait_s(now: float, minute: int, last: int, this: int, limit: int) -> float:
-    """Seconds until one more request fits the sliding minute."""
-    if this + 1 > limit or last == 0:
-        return (minute + 1 - now) * WINDOW_S  # not before this minute is over
+    """Seconds until one more request fits the sliding minute (`now` in minutes)."""
+    if this + 1 > limit:
+        # Not this minute; in the next, this minute's count is the one that fades:
+        # this * (1 - f) + 1 <= limit once f of it has gone by.
+        fades = max(0.0, 1.0 - (limit - 1) / this)
+        return (minute + 1 + fades - now) * WINDOW_S + 0.01
     # last * (1 - (now' - minute)) + this + 1 <= limit, solved for now'
     fits = minute + 1 - (limit - this - 1) / last
-    return max(0.0, fits - now) * WINDOW_S
+    return max(0.0, fits - now) * WINDOW_S + 0.01  # past the boundary, not on it
 
 
 def _limited(message: str, wait_s: float) -> ApiError:

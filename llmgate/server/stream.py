@@ -130,7 +130,7 @@ async def stream_answer(
         if sse is None:
             raise
         await source.aclose()  # the provider is done with: no watchdog while we write
-        await _fail(sse, turn, exc, apology)
+        await _fail(sse, turn, exc, apology, source.finish_reason is not None)
     except CallerGone:
         turn.end(CLIENT_CLOSED)
     except asyncio.CancelledError:
@@ -148,7 +148,8 @@ async def stream_answer(
         # After our headers a 500 response cannot follow: it becomes the stream's error.
         log.error("unhandled error in the stream of %s", turn.id, exc_info=True)
         await source.aclose()
-        await _fail(sse, turn, ApiError(500, "internal error in llmgate"), apology)
+        error = ApiError(500, "internal error in llmgate")
+        await _fail(sse, turn, error, apology, source.finish_reason is not None)
     finally:
         await source.aclose()
         if sse is not None:
@@ -182,15 +183,18 @@ async def _write(sse: SSEResponse, data: bytes, last: bool = False) -> None:
         raise CallerGone from None
 
 
-async def _fail(sse: SSEResponse, turn: Turn, exc: ApiError, apology: str | None) -> None:
+async def _fail(
+    sse: SSEResponse, turn: Turn, exc: ApiError, apology: str | None, finished: bool
+) -> None:
     """After our 200: the error goes out as a data frame and the stream ends without
-    [DONE]; or, with `apology`, the caller hears it and the answer ends as a normal one."""
+    [DONE]; or, with `apology`, the caller hears it and the answer ends as a normal one
+    (once the answer had finished, with [DONE] alone)."""
     turn.end(exc.status, exc.code or exc.type)
     if isinstance(exc, UpstreamErrorFrame):
         return  # the provider's own error frame has been relayed already
     if apology is not None:
-        turn.note("upstream", apology=True)
-        chunks = apology_chunks(turn_head(turn, turn.model or ""), apology)
+        turn.note("upstream", apology=not finished)
+        chunks = [] if finished else apology_chunks(turn_head(turn, turn.model or ""), apology)
         data = b"".join(b"data: " + encoder.encode(c) + b"\n\n" for c in chunks)
         with contextlib.suppress(CallerGone):
             await _write(sse, data + DONE_FRAME, last=True)

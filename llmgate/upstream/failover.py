@@ -45,21 +45,25 @@ async def provider_call(ask: Ask) -> AsyncIterator[Piece | Opened]:
             await won[1].aclose()
         raise
     target, pieces, view = won
+    finished = False
     try:
         async with aclosing(pieces):
             async for piece in pieces:
                 view = piece.view
+                finished = finished or piece.finish_reason is not None
                 yield piece
     except ApiError as exc:
         attempts.died(target, exc)
         if ask.apology is None:
             raise
         # The failure is the turn's all the same (its log line says so); the caller hears
-        # an apology and a normal end instead of silence.
+        # an apology and a normal end instead of silence, or, when the answer had already
+        # finished (only its usage, say, was lost), the normal end alone.
         ask.turn.end(exc.status, exc.code or exc.type)
-        ask.turn.note("upstream", apology=True)
-        for chunk in apology_chunks(chunk_head(ask, view), ask.apology):
-            yield Piece.of(chunk)
+        ask.turn.note("upstream", apology=not finished)
+        if not finished:
+            for chunk in apology_chunks(chunk_head(ask, view), ask.apology):
+                yield Piece.of(chunk)
 
 
 async def _attempt(ask: Ask, target: Target) -> AsyncIterator[Piece | Opened]:
@@ -120,6 +124,7 @@ async def _race(ask: Ask, attempts: Attempts, won: _Won) -> AsyncIterator[Piece 
         hedge_at = loop.time() + (hedge or 0.0)
         return True
 
+    to_close: list[AsyncIterator[Piece | Opened]] = []  # done with, not yet closed
     try:
         start()
         while racing:
@@ -131,38 +136,49 @@ async def _race(ask: Ask, attempts: Attempts, won: _Won) -> AsyncIterator[Piece 
                 attempts.hedges += 1
                 start()
                 continue
+            winner: tuple[Target, AsyncIterator[Piece | Opened], Piece] | None = None
             for task in [t for t in racing if t in done]:  # in the order they started
                 target, pieces = racing.pop(task)
-                exc = task.exception()
-                if exc is None:
+                try:
                     item = task.result()
-                    if isinstance(item, Piece):
-                        attempts.won(target)
-                        won += (target, pieces, item.view)
-                        yield OPENED
-                        yield item
-                        return
-                    racing[asyncio.create_task(_next(pieces))] = (target, pieces)  # 200
+                except StopAsyncIteration:
+                    to_close.append(pieces)
+                    attempts.failed(target, _ended(target))
                     continue
-                await pieces.aclose()
-                if isinstance(exc, StopAsyncIteration):
-                    exc = _ended(target)
-                if not isinstance(exc, ApiError):
-                    raise exc
-                attempts.failed(target, exc)
-                if not exc.fallback:
-                    raise exc  # the caller's own mistake: another target would say the same
-                while len(racing) < width and start():  # the next at once
-                    pass
+                except ApiError as exc:  # (bound by `except`, so no cycle through its frame)
+                    to_close.append(pieces)
+                    attempts.failed(target, exc)
+                    if not exc.fallback:
+                        raise  # the caller's own mistake: another target would say the same
+                    continue
+                if not isinstance(item, Piece):  # its 200: wait for its first chunk
+                    racing[asyncio.create_task(_next(pieces))] = (target, pieces)
+                elif winner is None:
+                    winner = (target, pieces, item)
+                else:
+                    to_close.append(pieces)  # a chunk, but later than the winner's
+            if winner is not None:
+                target, pieces, item = winner
+                attempts.won(target)
+                won += (target, pieces, item.view)
+                yield OPENED
+                yield item
+                return
+            if not racing:
+                start()  # the next at once; with hedging, the one after waits its turn
         raise attempts.error()
     finally:
+        # The verdicts first: a second cancellation during the waits below must not leave
+        # a half-open circuit's probe marked as running.
+        attempts.close()
         for task in racing:
             task.cancel()
-        if racing:
-            await asyncio.wait(racing)
-        for _, pieces in racing.values():
-            await pieces.aclose()  # a lost target's connection is closed, not pooled
-        attempts.close()
+        try:
+            if racing:
+                await asyncio.wait(racing)
+        finally:
+            for pieces in [*to_close, *(p for _, p in racing.values())]:
+                await pieces.aclose()  # a lost target's connection is closed, not pooled
 
 
 async def _next(pieces: AsyncIterator[Piece | Opened]) -> Piece | Opened:

@@ -64,7 +64,7 @@ class Router:
         """(model id, owner) for every alias, configured model and discovered model."""
         out = [(name, "llmgate") for name in self.aliases]
         for provider in self.providers.values():
-            names = list(provider.config.models) or self.discovered.get(provider.name, [])
+            names = list(provider.config.models or self.discovered.get(provider.name, []))
             default = provider.config.default_model
             if default and default not in names:
                 names.insert(0, default)

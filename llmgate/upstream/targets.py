@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import email.utils
 import logging
+import math
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -38,8 +39,8 @@ class Health:
     A 429 with Retry-After cools the provider down for that long, circuit aside."""
 
     __slots__ = (
-        "_clock", "_config", "_failures", "_opened_at", "cooling_until", "last_failure",
-        "name", "probing", "state",
+        "_clock", "_config", "_failures", "_opened_at", "_probe_started", "cooling_until",
+        "last_failure", "name", "probing", "state",
     )
 
     def __init__(self, name: str, config: BreakerConfig, clock=time.monotonic) -> None:
@@ -50,6 +51,7 @@ class Health:
         self._opened_at = 0.0
         self.state = CLOSED
         self.probing = False  # half-open: a probe is in flight
+        self._probe_started = 0.0
         self.cooling_until = 0.0
         self.last_failure = float("-inf")
 
@@ -61,12 +63,15 @@ class Health:
             self._set(HALF_OPEN)
         if self.state == OPEN:
             return False
+        if self.probing and now - self._probe_started > self._config.cooldown_s:
+            self.probing = False  # a probe that never came back (a bug's, not the caller's)
         return not (self.state == HALF_OPEN and self.probing)
 
     def begin(self) -> None:
         """An attempt starts on this provider: in half-open, it is the probe."""
         if self.state == HALF_OPEN:
             self.probing = True
+            self._probe_started = self._clock()
 
     def succeeded(self) -> None:
         self.probing = False
@@ -181,13 +186,17 @@ class Attempts:
     def failed(self, target: Target, exc: ApiError) -> None:
         self._ended(target)
         if self._watch:
-            if exc.fallback:
+            # A passthrough provider's 429 is the caller's own key over its quota: the
+            # turn moves on, the provider stays open to every other caller.
+            mine = exc.status == 429 and target.provider.passthrough
+            if exc.fallback and not mine:
                 target.health.failed(exc)
             else:
                 target.health.abandoned()
         wait = retry_after_s(exc, 1.0) if exc.status == 429 else None
         self.failures.append((target, exc.status, exc.message, wait))
         self._record(target, error=exc.code or exc.type)
+        self.note()
 
     def won(self, target: Target) -> None:
         """`target`'s first token came: the turn is its."""
@@ -206,6 +215,7 @@ class Attempts:
                 target.health.abandoned()
             self._record(target, error="cancelled")
         self._begun.clear()
+        self.note()
 
     def _ended(self, target: Target) -> None:
         if target in self._begun:
@@ -229,7 +239,7 @@ class Attempts:
         if skipped:
             message += f"; not tried (circuit open or cooling down): {', '.join(skipped)}"
         waits = [w for _, s, _, w in self.failures if s == 429 and w is not None]
-        headers = {"Retry-After": str(max(1, round(min(waits))))} if waits else {}
+        headers = {"Retry-After": str(max(1, math.ceil(min(waits))))} if waits else {}
         return UpstreamError(status, message, headers=headers)
 
     def note(self) -> None:
