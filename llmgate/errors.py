@@ -81,12 +81,15 @@ class ApiError(Exception):
         headers = dict(self.headers)
         if request_id:
             headers["X-Request-Id"] = request_id
-        return web.Response(
+        response = web.Response(
             status=self.status,
             body=self.body(),
             content_type="application/json",
             headers=headers,
         )
+        if headers.get("Connection") == "close":
+            response.force_close()
+        return response
 
 
 class UpstreamError(ApiError):

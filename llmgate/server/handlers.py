@@ -143,11 +143,9 @@ async def _read_body(request: web.Request, limit: int, timeout_s: float) -> byte
     except web.HTTPRequestEntityTooLarge:
         raise _too_large(limit) from None
     except TimeoutError:
-        if request.transport is not None:
-            request.transport.close()  # whatever comes later would never be read
-        raise ApiError(
-            408, f"the request body did not arrive within {timeout_s:g}s (server.read_timeout_s)"
-        ) from None
+        message = f"the request body did not arrive within {timeout_s:g}s (server.read_timeout_s)"
+        # the rest of the body would be read as the next request: the connection ends here
+        raise ApiError(408, message, headers={"Connection": "close"}) from None
 
 
 def _too_large(limit: int) -> ApiError:

@@ -1,0 +1,192 @@
+"""Running llmgate: SIGTERM drains, slow clients are dropped, a caller's request id is kept."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from llmgate.app import create_app
+from llmgate.config import parse
+from llmgate.server import serve
+from tests.conftest import API_KEY, gateway_config, stream_chunks
+from tests.test_upstream_failures import free_port
+
+HI = [{"role": "user", "content": "hi"}]
+HEADERS = {"Authorization": f"Bearer {API_KEY}"}
+
+
+class Child:
+    """`python -m llmgate` in a child process, in front of a fake upstream of the test's."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, port: int) -> None:
+        self.proc, self.port = proc, port
+        self.url = f"http://127.0.0.1:{port}"
+
+    async def ready(self) -> None:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(500):
+                try:
+                    async with session.get(f"{self.url}/healthz") as resp:
+                        if resp.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    await asyncio.sleep(0.02)
+        raise AssertionError("llmgate did not start")
+
+    async def stderr(self) -> str:
+        assert self.proc.stderr is not None
+        return (await self.proc.stderr.read()).decode()
+
+
+@pytest.fixture
+async def child(tmp_path: Path, upstream):
+    made: list[Child] = []
+
+    async def start(extra: str = "") -> Child:
+        port = free_port()
+        path = tmp_path / "c.toml"
+        path.write_text(
+            f'[server]\nport = {port}\napi_keys = ["{API_KEY}"]\n{extra}\n'
+            f'[providers.fake]\nbase_url = "{upstream.url}"\n'
+        )
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "llmgate", "--config", str(path),
+            stderr=asyncio.subprocess.PIPE, env={**os.environ},
+        )
+        made.append(Child(proc, port))
+        await made[-1].ready()
+        return made[-1]
+
+    yield start
+    for c in made:
+        if c.proc.returncode is None:
+            c.proc.kill()
+            await c.proc.wait()
+
+
+async def _post(session, url: str, model: str) -> aiohttp.ClientResponse:
+    body = {"model": model, "messages": HI, "stream": True}
+    return await session.post(f"{url}/v1/chat/completions", json=body, headers=HEADERS)
+
+
+async def test_sigterm_lets_a_stream_finish_refuses_new_ones_and_exits_0(child, upstream):
+    gw = await child("drain_s = 10")
+    async with aiohttp.ClientSession() as session:
+        resp = await _post(session, gw.url, "slow-words")  # ~0.6 s of answer
+        assert resp.status == 200
+        await resp.content.readline()
+        gw.proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.1)
+        with pytest.raises(aiohttp.ClientConnectionError):  # no longer accepting
+            await _post(session, gw.url, "text")
+        chunks = stream_chunks((await resp.read()).lstrip(b"\n"))  # the rest, [DONE]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert await asyncio.wait_for(gw.proc.wait(), 10) == 0
+    err = await gw.stderr()
+    assert "SIGTERM" in err and "drained" in err and "Traceback" not in err
+
+
+async def test_a_second_sigterm_exits_at_once(child, upstream):
+    gw = await child("drain_s = 30")
+    async with aiohttp.ClientSession() as session:
+        resp = await _post(session, gw.url, "stall-mid")  # would never finish
+        await resp.content.readline()
+        gw.proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.2)
+        assert gw.proc.returncode is None  # draining
+        gw.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(gw.proc.wait(), 5) == 0
+        resp.close()
+
+
+async def test_the_drain_ends_at_drain_s(child, upstream):
+    gw = await child("drain_s = 0.5")
+    async with aiohttp.ClientSession() as session:
+        resp = await _post(session, gw.url, "stall-mid")
+        await resp.content.readline()
+        gw.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(gw.proc.wait(), 5) == 0
+        resp.close()
+    assert "499" in await gw.stderr()  # the cut-off turn is logged as its caller's loss
+
+
+def app_of(upstream, **server):
+    return create_app(parse(gateway_config(upstream.url, server=server), {}))
+
+
+async def test_headers_that_trickle_in_are_dropped(upstream):
+    loop = asyncio.get_running_loop()
+    # llmgate's own serving (not aiohttp's test server) is what guards the connection
+    sock = serve.listen("127.0.0.1", 0, 30)
+    runner = await serve.start(app_of(upstream), sock, read_timeout_s=0.3)
+    port = sock.getsockname()[1]
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")  # and no more
+        started = loop.time()
+        assert await asyncio.wait_for(reader.read(), 3) == b""  # closed on us
+        assert 0.25 < loop.time() - started < 2
+        writer.close()
+        # A keep-alive connection between requests is left alone, however long it waits.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for _ in range(2):
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
+            assert head.startswith(b"HTTP/1.1 200")
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+            await asyncio.sleep(0.5)  # longer than read_timeout_s, idle
+        writer.close()
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_body_that_trickles_in_is_408(upstream):
+    sock = serve.listen("127.0.0.1", 0, 30)
+    runner = await serve.start(app_of(upstream, read_timeout_s=0.3), sock, read_timeout_s=5)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            b"Authorization: Bearer " + API_KEY.encode() + b"\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 500\r\n\r\n{\"mess"
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
+        assert head.startswith(b"HTTP/1.1 408")
+        assert b"Connection: close" in head  # the unread rest would be its next request
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        body = await reader.readexactly(length)
+        assert b"server.read_timeout_s" in body and b"request_timeout" in body
+        writer.close()
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    ("sent", "kept"),
+    [("call-42.turn_7:a", True), ("has space", False), ("x" * 200, False), ("-lead", False)],
+)
+async def test_a_callers_request_id_names_the_turn(gateway, caplog, sent, kept):
+    caplog.set_level(logging.INFO, logger="llmgate.turn")
+    body = {"model": "text", "messages": HI, "stream": True}
+    async with aiohttp.ClientSession() as session:
+        headers = {**HEADERS, "X-Request-Id": sent}
+        async with session.post(gateway.make_url("/v1/chat/completions"), json=body,
+                                headers=headers) as resp:
+            raw = await resp.read()
+            got = resp.headers["X-Request-Id"]
+    (turn,) = [r.turn for r in caplog.records if r.name == "llmgate.turn"]
+    assert turn["request_id"] == got
+    assert (got == sent) is kept
+    if not kept:
+        assert got.startswith("req_")
+    assert json.loads(raw.split(b"\n\n")[0][6:])["id"]  # chunks still carry an id
+
