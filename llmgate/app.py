@@ -1,8 +1,17 @@
-"""create_app(config) -> web.Application: wiring only."""
+"""create_app(config) -> web.Application: wiring only, and its reload.
+
+What one reading of config.toml serves is a `Generation`: keys, providers and aliases,
+routes with their stages, tools, knowledge bases, speech engines. A reload (SIGHUP) builds
+and starts a new one and swaps it in; turns already running finish on the one they began
+on, which is closed once its last turn has ended. What outlives a reload is app-wide: the
+upstream client's pool, the channels (barge-in by turn_id), the limits' counts.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -12,7 +21,7 @@ from llmgate.kb.remote import HttpRetriever
 from llmgate.kb.retriever import Retriever
 from llmgate.pipeline import Call, Stage, compose
 from llmgate.server.auth import Key, KeyCheck, Rule
-from llmgate.server.handlers import SETTINGS, ChatCompletions, Settings, healthz, list_models
+from llmgate.server.handlers import ChatCompletions, ModelList, Settings, healthz
 from llmgate.server.limits import LocalLimits
 from llmgate.server.middleware import error_envelopes
 from llmgate.stages.audio import AudioStage
@@ -24,63 +33,147 @@ from llmgate.tools.registry import Toolbox
 from llmgate.tts.base import Engine, EngineError
 from llmgate.tts.engines import engine_for
 from llmgate.turn import CHANNELS, Channels
-from llmgate.upstream.catalog import catalog
-from llmgate.upstream.client import client_session
+from llmgate.upstream import catalog
+from llmgate.upstream.client import SESSION, client_session
 from llmgate.upstream.failover import provider_call
 from llmgate.upstream.provider import Provider
-from llmgate.upstream.router import ROUTER, Router
+from llmgate.upstream.router import Router
 
 log = logging.getLogger("llmgate")
-ENGINES = web.AppKey("engines", dict)  # [audio.NAME] -> its speech engine
-TOOLBOX = web.AppKey("toolbox", Toolbox)  # the [tools.NAME] routes use, started with the app
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Generation:
+    """What one reading of the config serves, from its start to its last turn's end."""
+
+    def __init__(self, loaded: Loaded, limits: LocalLimits) -> None:
+        config = loaded.config
+        self.loaded = loaded
+        limits.max_concurrent = config.server.limits.global_max_concurrent
+        max_body = int(config.server.max_body_mb * 2**20)
+        self.max_body = max_body
+        self.settings = Settings(
+            keys=_keys(config.server),
+            limits=limits,
+            max_body=max_body,
+            keepalive_s=config.server.keepalive_s,
+            apology=config.server.apology if config.server.on_stream_error == "apology" else None,
+            read_timeout_s=config.server.read_timeout_s,
+        )
+        providers = {
+            name: Provider(name, provider, loaded.unset_env.get(name, ()))
+            for name, provider in config.providers.items()
+        }
+        self.router = Router(providers, config.models)  # type: ignore[arg-type]
+        self.retrievers = {
+            name: _retriever(name, config.kb[name], loaded)
+            for name in {config.rag[r.rag].kb for r in config.routes if r.rag}
+        }
+        self.engines = {
+            name: engine_for(config.audio[name], loaded, providers)
+            for name in {r.audio for r in config.routes if r.audio}
+        }
+        used = {name for r in config.routes for name in r.tools}
+        self.toolbox = Toolbox({name: config.tools[name] for name in sorted(used)})
+        # path -> (method, handler); each route is also served under /v1
+        self.routes: dict[str, tuple[str, Handler]] = {}
+        for route in config.routes:
+            call = _call(route, config, self.retrievers, self.engines, self.toolbox)
+            handler = ChatCompletions(route.path, call, self.settings, self.router)
+            for path in _with_v1(route.path):
+                self.routes[path] = ("POST", self._counted(handler.handle))
+        models = ModelList(self.settings, self.router)
+        for path in _with_v1("/models"):
+            self.routes[path] = ("GET", models.handle)
+        self.routes["/healthz"] = ("GET", healthz)
+        self.active = 0  # turns running on this generation
+        self._retired = False
+        self._background: list[asyncio.Task] = []
+        self._closing: asyncio.Task | None = None
+
+    async def start(self, session) -> None:
+        """Engines readied (piper's voice loaded), MCP servers connected, model lists read.
+        An engine that cannot start is logged, and its routes answer 503 saying why."""
+        for name, engine in self.engines.items():
+            try:
+                await engine.start()
+            except EngineError as exc:
+                log.error("audio.%s: %s; its routes will answer 503", name, exc)
+        await self.toolbox.start()
+        self._background = catalog.keep_fresh(session, self.router)
+
+    def _counted(self, handle: Handler) -> Handler:
+        async def counted(request: web.Request) -> web.StreamResponse:
+            self.active += 1
+            try:
+                return await handle(request)
+            finally:
+                self.active -= 1
+                if self._retired and self.active == 0:
+                    self._close_soon()
+
+        return counted
+
+    def retire(self) -> None:
+        """A newer generation serves new turns; this one closes after its last."""
+        self._retired = True
+        if self.active == 0:
+            self._close_soon()
+
+    def _close_soon(self) -> None:
+        if self._closing is None:
+            self._closing = asyncio.get_running_loop().create_task(self.aclose())
+
+    async def aclose(self) -> None:
+        await catalog.stop(self._background)
+        for retriever in self.retrievers.values():
+            await retriever.aclose()
+        for engine in self.engines.values():
+            await engine.aclose()
+        await self.toolbox.aclose()
+
+
+class Live:
+    """The generation serving new requests."""
+
+    def __init__(self, current: Generation) -> None:
+        self.current = current
+
+    async def dispatch(self, request: web.Request) -> web.StreamResponse:
+        entry = self.current.routes.get(request.path)
+        if entry is None:
+            raise web.HTTPNotFound()
+        method, handler = entry
+        if request.method != method and not (method == "GET" and request.method == "HEAD"):
+            raise web.HTTPMethodNotAllowed(request.method, [method])
+        return await handler(request)
+
+
+LIVE = web.AppKey("live", Live)
 
 
 def create_app(loaded: Loaded) -> web.Application:
-    config = loaded.config
-    max_body = int(config.server.max_body_mb * 2**20)
-    app = web.Application(middlewares=[error_envelopes], client_max_size=max_body)
-    app[SETTINGS] = Settings(
-        keys=_keys(config.server),
-        limits=LocalLimits(config.server.limits.global_max_concurrent),
-        max_body=max_body,
-        keepalive_s=config.server.keepalive_s,
-        apology=config.server.apology if config.server.on_stream_error == "apology" else None,
-        read_timeout_s=config.server.read_timeout_s,
-    )
-    providers = {
-        name: Provider(name, provider, loaded.unset_env.get(name, ()))
-        for name, provider in config.providers.items()
-    }
-    app[ROUTER] = Router(providers, config.models)  # type: ignore[arg-type]
+    limits = LocalLimits(loaded.config.server.limits.global_max_concurrent)
+    generation = Generation(loaded, limits)
+    app = web.Application(middlewares=[error_envelopes], client_max_size=generation.max_body)
+    live = app[LIVE] = Live(generation)
     app[CHANNELS] = Channels()
     app.cleanup_ctx.append(client_session)
-    app.cleanup_ctx.append(catalog)  # after the session it reads with
-    retrievers = {
-        name: _retriever(name, config.kb[name], loaded)
-        for name in {config.rag[r.rag].kb for r in config.routes if r.rag}
-    }
-    app.on_cleanup.append(lambda _: _close(retrievers))
-    engines = {
-        name: engine_for(config.audio[name], loaded, providers)
-        for name in {r.audio for r in config.routes if r.audio}
-    }
-    app[ENGINES] = engines
-    app.on_startup.append(lambda _: _start(engines))
-    app.on_cleanup.append(lambda _: _stop(engines))
-    used = {name for r in config.routes for name in r.tools}
-    toolbox = Toolbox({name: config.tools[name] for name in sorted(used)})
-    app[TOOLBOX] = toolbox
-    app.on_startup.append(lambda _: toolbox.start())
-    app.on_cleanup.append(lambda _: toolbox.aclose())
-    for route in config.routes:
-        call = _call(route, config, retrievers, engines, toolbox)
-        handler = ChatCompletions(route.path, call)
-        for path in _with_v1(route.path):
-            app.router.add_post(path, handler.handle)
-    for path in _with_v1("/models"):
-        app.router.add_get(path, list_models, allow_head=False)
-    app.router.add_get("/healthz", healthz)
+    app.on_startup.append(lambda app: live.current.start(app[SESSION]))
+    app.on_cleanup.append(lambda _: live.current.aclose())
+    # One route for every path: the live generation's table says what serves it.
+    app.router.add_route("*", "/{path:.*}", live.dispatch)
     return app
+
+
+async def reload(app: web.Application, loaded: Loaded) -> None:
+    """Serve `loaded` from now on; turns in flight finish on what they began with."""
+    live = app[LIVE]
+    old = live.current
+    new = Generation(loaded, old.settings.limits)  # type: ignore[arg-type]
+    await new.start(app[SESSION])
+    live.current = new
+    old.retire()
 
 
 def _keys(server: ServerConfig) -> KeyCheck:
@@ -135,26 +228,6 @@ def _retriever(name: str, kb: KbConfig, loaded: Loaded) -> Retriever | HttpRetri
         log.warning("kb.%s.embeddings: %s; retrieval is BM25 alone", name, exc)
         embedder = None
     return Retriever(name, loaded.path(kb.path), embedder)
-
-
-async def _close(retrievers: dict[str, Retriever | HttpRetriever]) -> None:
-    for retriever in retrievers.values():
-        await retriever.aclose()
-
-
-async def _start(engines: dict[str, Engine]) -> None:
-    """Each engine readied once (piper's voice loaded): one that cannot be is logged, and
-    its routes answer 503 saying why, rather than llmgate not starting at all."""
-    for name, engine in engines.items():
-        try:
-            await engine.start()
-        except EngineError as exc:
-            log.error("audio.%s: %s; its routes will answer 503", name, exc)
-
-
-async def _stop(engines: dict[str, Engine]) -> None:
-    for engine in engines.values():
-        await engine.aclose()
 
 
 def _with_v1(path: str) -> list[str]:

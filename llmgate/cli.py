@@ -7,7 +7,7 @@ import logging
 import sys
 
 from llmgate import config as configuration
-from llmgate.app import create_app
+from llmgate.app import create_app, reload
 from llmgate.obs import logging as obs_logging
 from llmgate.server import serve
 
@@ -79,7 +79,50 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_LISTEN
     _say_what_next(loaded, host, sock.getsockname()[1])
     app = create_app(loaded)
-    return serve.run(app, sock, server.uvloop, server.drain_s, server.read_timeout_s)
+    on_hup = _reloader(app, args.config, loaded, host)
+    return serve.run(app, sock, server.uvloop, server.drain_s, server.read_timeout_s, on_hup)
+
+
+# What a reload cannot change in a running process (the socket, the loop, the app's limits).
+_AT_RESTART = ("host", "port", "uvloop", "send_timeout_s", "read_timeout_s", "drain_s",
+               "max_body_mb")
+
+
+def _reloader(app, path: str, loaded: configuration.Loaded, host: str):
+    """SIGHUP: config.toml read again and served from the next turn on; a file that does
+    not load is refused with a log line naming the key, and the running config stays."""
+    current = [loaded]
+
+    async def on_hup() -> None:
+        log.info("SIGHUP: reading %s again", path)
+        try:
+            new = configuration.load(path)
+        except configuration.ConfigError as exc:
+            log.error("config not reloaded, the running one stays: %s", exc)
+            return
+        refusal = configuration.open_refusal(new.config.server, host)
+        if refusal is not None:
+            log.error("config not reloaded, the running one stays: %s", refusal)
+            return
+        old = current[0].config
+        for key in _AT_RESTART:
+            if getattr(old.server, key) != getattr(new.config.server, key):
+                log.warning("server.%s: a change takes effect at the next restart", key)
+        if new.config.log != old.log:
+            obs_logging.setup(new.config.log.format, new.config.log.level)
+        for warning in new.warnings:
+            log.warning(warning)
+        try:
+            await reload(app, new)
+        except Exception as exc:  # the type only: a message can hold what it was given
+            log.error("config not reloaded, the running one stays (%s)", type(exc).__name__)
+            return
+        current[0] = new
+        routes = ", ".join(r.path for r in new.config.routes)
+        log.info("config reloaded: providers %s; routes %s", ", ".join(new.config.providers),
+                 routes)
+
+    return on_hup
 
 
 def _say_what_next(loaded: configuration.Loaded, host: str, port: int) -> None:

@@ -14,7 +14,7 @@ import aiohttp
 import numpy as np
 import pytest
 
-from llmgate.app import ENGINES
+from llmgate.app import LIVE
 from llmgate.config import AudioConfig
 from llmgate.pipeline import Ask, Piece
 from llmgate.stages.audio import AudioStage
@@ -79,15 +79,15 @@ async def test_piper_speaks_the_answer(voice_gateway):
 
 async def test_piper_loads_its_voice_once_at_start_up(voice_gateway):
     gateway = await voice_gateway(engine="piper")
-    [engine] = gateway.app[ENGINES].values()
+    [engine] = gateway.app[LIVE].current.engines.values()
     assert isinstance(engine, PiperEngine) and engine.voice is not None  # before any request
     other = await voice_gateway(engine="piper")
-    assert other.app[ENGINES]["voice"].voice is engine.voice  # one model in memory
+    assert other.app[LIVE].current.engines["voice"].voice is engine.voice  # one model in memory
 
 
 async def test_a_barge_in_leaves_no_piper_thread_working(voice_gateway, upstream):
     gateway = await voice_gateway(engine="piper", lead_ms=0, max_words=40)
-    [engine] = gateway.app[ENGINES].values()
+    [engine] = gateway.app[LIVE].current.engines.values()
     body = {"model": "speak-then-stall", "stream": True, "messages": MESSAGES}
     async with aiohttp.ClientSession() as session:
         resp = await session.post(
@@ -272,7 +272,7 @@ async def test_tool_calls_pass_through_the_audio_route_unchanged(voice_gateway):
 
 async def test_a_newer_turn_on_the_channel_stops_the_older_ones_speech(voice_gateway, upstream):
     gateway = await voice_gateway(engine="piper", lead_ms=0)
-    [engine] = gateway.app[ENGINES].values()
+    [engine] = gateway.app[LIVE].current.engines.values()
     url = gateway.make_url("/audio/chat/completions")
     async with aiohttp.ClientSession() as session:
         old = await session.post(url, data=agora_body("speak-then-stall", 1), headers=HEADERS)

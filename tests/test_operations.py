@@ -23,11 +23,20 @@ HI = [{"role": "user", "content": "hi"}]
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 
 
+def config_text(port: int, upstream_url: str, extra: str = "", routes: str = "") -> str:
+    return (
+        f'[server]\nport = {port}\napi_keys = ["{API_KEY}"]\n{extra}\n'
+        f'[providers.fake]\nbase_url = "{upstream_url}"\n'
+        '[[routes]]\npath = "/chat/completions"\n' + routes
+    )
+
+
 class Child:
     """`python -m llmgate` in a child process, in front of a fake upstream of the test's."""
 
     def __init__(self, proc: asyncio.subprocess.Process, port: int) -> None:
         self.proc, self.port = proc, port
+        self.config = Path()
         self.url = f"http://127.0.0.1:{port}"
 
     async def ready(self) -> None:
@@ -50,18 +59,16 @@ class Child:
 async def child(tmp_path: Path, upstream):
     made: list[Child] = []
 
-    async def start(extra: str = "") -> Child:
+    async def start(extra: str = "", routes: str = "") -> Child:
         port = free_port()
         path = tmp_path / "c.toml"
-        path.write_text(
-            f'[server]\nport = {port}\napi_keys = ["{API_KEY}"]\n{extra}\n'
-            f'[providers.fake]\nbase_url = "{upstream.url}"\n'
-        )
+        path.write_text(config_text(port, upstream.url, extra, routes))
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "llmgate", "--config", str(path),
             stderr=asyncio.subprocess.PIPE, env={**os.environ},
         )
         made.append(Child(proc, port))
+        made[-1].config = path
         await made[-1].ready()
         return made[-1]
 
@@ -120,6 +127,40 @@ async def test_the_drain_ends_at_drain_s(child, upstream):
 
 def app_of(upstream, **server):
     return create_app(parse(gateway_config(upstream.url, server=server), {}))
+
+
+async def test_sighup_reloads_without_dropping_a_stream_and_refuses_a_bad_file(child, upstream):
+    gw = await child()
+    speech = '[[routes]]\npath = "/speech/chat/completions"\nspeech = true\n'
+    async with aiohttp.ClientSession() as session:
+        resp = await _post(session, gw.url, "slow-words")  # in flight across the reload
+        await resp.content.readline()
+        gw.config.write_text(config_text(gw.port, upstream.url, routes=speech))
+        gw.proc.send_signal(signal.SIGHUP)
+
+        async def speech_route() -> int:
+            body = {"model": "markdown", "messages": HI}
+            url = f"{gw.url}/v1/speech/chat/completions"
+            async with session.post(url, json=body, headers=HEADERS) as r:
+                return r.status
+
+        for _ in range(200):  # the new route appears without a restart
+            if await speech_route() == 200:
+                break
+            await asyncio.sleep(0.02)
+        assert await speech_route() == 200
+        chunks = stream_chunks((await resp.read()).lstrip(b"\n"))  # the old turn, whole
+        assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+        gw.config.write_text(config_text(gw.port, upstream.url, "bogus = 1", speech))
+        gw.proc.send_signal(signal.SIGHUP)
+        await asyncio.sleep(0.5)
+        assert await speech_route() == 200  # the running config stays
+        assert gw.proc.returncode is None
+    gw.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(gw.proc.wait(), 10) == 0
+    err = await gw.stderr()
+    assert "config reloaded" in err
+    assert "config not reloaded, the running one stays: server.bogus" in err
 
 
 async def test_headers_that_trickle_in_are_dropped(upstream):

@@ -9,7 +9,7 @@ from contextlib import aclosing
 import aiohttp
 import pytest
 
-from llmgate.app import create_app
+from llmgate.app import LIVE, create_app
 from llmgate.config import parse
 from llmgate.pipeline import OPENED, Ask, Call, Opened, Piece, compose
 from llmgate.server.handlers import ChatCompletions
@@ -45,8 +45,10 @@ async def waiting_gateway(aiohttp_server, upstream):
     raw = gateway_config(upstream.url)
     raw["providers"]["fake"]["first_token_timeout_s"] = 0.5
     app = create_app(parse(raw, {}))
-    route = ChatCompletions("/waiting", compose(provider_call, [Waiting()]))
-    app.router.add_post("/waiting/chat/completions", route.handle)
+    generation = app[LIVE].current
+    call = compose(provider_call, [Waiting()])
+    route = ChatCompletions("/waiting", call, generation.settings, generation.router)
+    generation.routes["/waiting/chat/completions"] = ("POST", route.handle)
     return await aiohttp_server(app)
 
 

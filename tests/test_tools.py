@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from llmgate.app import TOOLBOX
+from llmgate.app import LIVE
 from tests.conftest import API_KEY, eventually, stream_chunks
 from tests.fake_upstream import TOOL_ARGUMENTS, TOOL_CALL_DELTAS, USAGE
 from tests.test_mcp import ServerThread
@@ -316,7 +316,7 @@ async def test_an_mcp_servers_tool_is_listed_and_called(make_gateway, upstream, 
         tools={"crm": {"kind": "mcp", "url": mcp_server.url, "allowed": ["echo"]}},
         routes=[{"path": "/tools/chat/completions", "tools": ["crm"]}],
     )
-    crm = gateway.app[TOOLBOX].mcp["crm"]
+    crm = gateway.app[LIVE].current.toolbox.mcp["crm"]
     await eventually(lambda: bool(crm.tools()))
     status, raw = await post(gateway, "use-tools-echo")
     assert status == 200 and "echo: hi" in content(stream_chunks(raw))

@@ -21,7 +21,7 @@ from llmgate.upstream.call import UpstreamCall
 from llmgate.upstream.client import SESSION
 from llmgate.upstream.failover import complete, provider_call
 from llmgate.upstream.payload import build
-from llmgate.upstream.router import ROUTER
+from llmgate.upstream.router import Router
 
 _ROLES = "system, developer, user, assistant or tool"
 
@@ -36,18 +36,20 @@ class Settings:
     read_timeout_s: float = 30.0
 
 
-SETTINGS = web.AppKey("settings", Settings)
-
-
 class ChatCompletions:
     """POST <route>: one turn, from the caller's body to the provider's last byte.
 
     `call` is the route's composed Call when it has stages; without, the route relays.
+    Settings and router are those of the config it was built from (a reload builds anew).
     """
 
-    def __init__(self, route: str, call: Call | None = None) -> None:
+    def __init__(
+        self, route: str, call: Call | None, settings: Settings, router: Router
+    ) -> None:
         self.route = route
         self.call = call
+        self.settings = settings
+        self.router = router
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         turn = Turn(self.route, request.headers.get("X-Request-Id"))
@@ -66,7 +68,7 @@ class ChatCompletions:
             turn.log()
 
     async def _turn(self, request: web.Request, turn: Turn) -> web.StreamResponse:
-        settings = request.app[SETTINGS]
+        settings = self.settings
         caller = settings.keys(request)
         turn.key = caller.name
         await settings.limits.admit(caller)  # a 429 here, before any upstream work
@@ -80,7 +82,7 @@ class ChatCompletions:
     ) -> web.StreamResponse:
         body = await _read_body(request, settings.max_body, settings.read_timeout_s)
         chat = _decode(body)
-        plan = request.app[ROUTER].resolve(chat.model)
+        plan = self.router.resolve(chat.model)
         target = plan.first
         turn.model, turn.provider = target.model, target.provider.name
         turn.stream = bool(chat.stream)
@@ -164,16 +166,23 @@ def _decode(body: bytes) -> ChatRequest:
         raise ApiError(400, f"request body is not valid JSON ({exc})") from None
 
 
-async def list_models(request: web.Request) -> web.Response:
-    request.app[SETTINGS].keys(request)
-    now = int(time.time())
-    data = [
-        {"id": model, "object": "model", "created": now, "owned_by": owner}
-        for model, owner in request.app[ROUTER].models()
-    ]
-    return web.json_response(
-        {"object": "list", "data": data}, dumps=lambda o: encoder.encode(o).decode()
-    )
+class ModelList:
+    """GET /v1/models: aliases, then each provider's models (a key is needed, as at OpenAI)."""
+
+    def __init__(self, settings: Settings, router: Router) -> None:
+        self.settings = settings
+        self.router = router
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.settings.keys(request)
+        now = int(time.time())
+        data = [
+            {"id": model, "object": "model", "created": now, "owned_by": owner}
+            for model, owner in self.router.models()
+        ]
+        return web.json_response(
+            {"object": "list", "data": data}, dumps=lambda o: encoder.encode(o).decode()
+        )
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -13,12 +13,11 @@ import logging
 
 import aiohttp
 import msgspec
-from aiohttp import web
 
 from llmgate.errors import ApiError
-from llmgate.upstream.client import SESSION, read_bounded
+from llmgate.upstream.client import read_bounded
 from llmgate.upstream.provider import Provider
-from llmgate.upstream.router import ROUTER, Router
+from llmgate.upstream.router import Router
 
 log = logging.getLogger("llmgate.upstream")
 
@@ -56,11 +55,11 @@ async def models_of(session: aiohttp.ClientSession, provider: Provider) -> list[
     return list(dict.fromkeys(m.id for m in listed if m.id))[:MAX_MODELS]
 
 
-async def _keep_fresh(app: web.Application, router: Router, provider: Provider) -> None:
+async def _keep_fresh(session: aiohttp.ClientSession, router: Router, provider: Provider) -> None:
     failing = False
     while True:
         try:
-            router.discovered[provider.name] = await models_of(app[SESSION], provider)
+            router.discovered[provider.name] = await models_of(session, provider)
             failing = False
         except ApiError as exc:
             if not failing:  # once per outage, not once per refresh
@@ -79,13 +78,14 @@ def listed_by_themselves(router: Router) -> list[Provider]:
     ]
 
 
-async def catalog(app: web.Application):
-    """cleanup_ctx: one background task per provider to list, cancelled at shutdown."""
-    router = app[ROUTER]
-    tasks = [
-        asyncio.create_task(_keep_fresh(app, router, p)) for p in listed_by_themselves(router)
+def keep_fresh(session: aiohttp.ClientSession, router: Router) -> list[asyncio.Task]:
+    """One background task per provider to list; the caller cancels them (`stop`)."""
+    return [
+        asyncio.create_task(_keep_fresh(session, router, p)) for p in listed_by_themselves(router)
     ]
-    yield
+
+
+async def stop(tasks: list[asyncio.Task]) -> None:
     for task in tasks:
         task.cancel()
     for task in tasks:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from aiohttp import web
-
 from llmgate.config import AliasConfig
 from llmgate.errors import ApiError
 from llmgate.upstream.provider import Provider
@@ -71,5 +69,3 @@ class Router:
             out += [(f"{provider.name}/{name}", provider.name) for name in names]
         return out
 
-
-ROUTER = web.AppKey("router", Router)
