@@ -19,9 +19,10 @@ from llmgate.config import Config, KbConfig, Loaded, RouteConfig, ServerConfig
 from llmgate.kb.embeddings import EmbeddingError, embedder_for
 from llmgate.kb.remote import HttpRetriever
 from llmgate.kb.retriever import Retriever
+from llmgate.obs.metrics import Names
 from llmgate.pipeline import Call, Stage, compose
 from llmgate.server.auth import Key, KeyCheck, Rule
-from llmgate.server.handlers import ChatCompletions, ModelList, Settings, healthz
+from llmgate.server.handlers import ChatCompletions, MetricsPage, ModelList, Settings, healthz
 from llmgate.server.limits import LocalLimits
 from llmgate.server.middleware import error_envelopes
 from llmgate.stages.audio import AudioStage
@@ -59,6 +60,7 @@ class Generation:
             keepalive_s=config.server.keepalive_s,
             apology=config.server.apology if config.server.on_stream_error == "apology" else None,
             read_timeout_s=config.server.read_timeout_s,
+            metrics=_names(config) if config.server.metrics else None,
         )
         providers = {
             name: Provider(name, provider, loaded.unset_env.get(name, ()))
@@ -86,6 +88,8 @@ class Generation:
         for path in _with_v1("/models"):
             self.routes[path] = ("GET", models.handle)
         self.routes["/healthz"] = ("GET", healthz)
+        if config.server.metrics:
+            self.routes["/metrics"] = ("GET", MetricsPage(config.server.metrics_key).handle)
         self.active = 0  # turns running on this generation
         self._retired = False
         self._background: list[asyncio.Task] = []
@@ -174,6 +178,16 @@ async def reload(app: web.Application, loaded: Loaded) -> None:
     await new.start(app[SESSION])
     live.current = new
     old.retire()
+
+
+def _names(config: Config) -> Names:
+    """The model and tool names metrics may show (config.toml's own: a bounded set)."""
+    models = set(config.models)
+    for alias in config.models.values():
+        models |= {t.partition("/")[2] or t for t in alias.targets}  # type: ignore[union-attr]
+    for provider in config.providers.values():
+        models |= set(provider.models) | {provider.default_model or ""}
+    return Names(models - {""}, set(config.tools))
 
 
 def _keys(server: ServerConfig) -> KeyCheck:

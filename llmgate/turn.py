@@ -43,6 +43,7 @@ class Turn:
         "status",
         "stream",
         "superseded",
+        "upstream_first",
         "usage",
     )
 
@@ -62,6 +63,7 @@ class Turn:
         self.error: str | None = None
         self.superseded = False  # set by Channels: a newer turn on the channel took over
         self.first_token: float | None = None
+        self.upstream_first: float | None = None  # the provider's own: request -> first chunk
         self.chunks = 0
         self.rounds = 0
         self.usage: dict[str, Any] | None = None

@@ -9,10 +9,12 @@ from dataclasses import dataclass
 import msgspec
 from aiohttp import web
 
+from llmgate.config import is_loopback
 from llmgate.errors import ApiError
+from llmgate.obs import metrics
 from llmgate.pipeline import Ask, Call
 from llmgate.protocol import ChatRequest, encoder, error_path, generic_decoder, request_decoder
-from llmgate.server.auth import KeyCheck
+from llmgate.server.auth import Key, KeyCheck, Rule
 from llmgate.server.collect import collect
 from llmgate.server.limits import LimitState
 from llmgate.server.stream import Staged, require_finish, stream_answer
@@ -34,6 +36,7 @@ class Settings:
     keepalive_s: float
     apology: str | None = None  # server.on_stream_error = "apology": what is said
     read_timeout_s: float = 30.0
+    metrics: metrics.Names | None = None  # None: metrics off
 
 
 class ChatCompletions:
@@ -53,6 +56,17 @@ class ChatCompletions:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         turn = Turn(self.route, request.headers.get("X-Request-Id"))
+        names = self.settings.metrics
+        if names is None:
+            return await self._counted(request, turn)
+        metrics.ACTIVE.inc()
+        try:
+            return await self._counted(request, turn)
+        finally:
+            metrics.ACTIVE.dec()
+            metrics.observe(turn, names)
+
+    async def _counted(self, request: web.Request, turn: Turn) -> web.StreamResponse:
         try:
             return await self._turn(request, turn)
         except ApiError as exc:
@@ -183,6 +197,22 @@ class ModelList:
         return web.json_response(
             {"object": "list", "data": data}, dumps=lambda o: encoder.encode(o).decode()
         )
+
+
+class MetricsPage:
+    """GET /metrics: Prometheus' text format, for `server.metrics_key` or loopback only."""
+
+    def __init__(self, key: str | None) -> None:
+        self.key = KeyCheck([Key(key, "metrics", Rule(1, 1))], Rule(1, 1)) if key else None
+
+    async def handle(self, request: web.Request) -> web.Response:
+        if self.key is not None:
+            self.key(request)
+        elif not is_loopback(request.remote or ""):
+            message = "/metrics is served to loopback callers only; set server.metrics_key"
+            raise ApiError(403, message)
+        body = await asyncio.to_thread(metrics.render) if metrics.MULTIPROCESS else metrics.render()
+        return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -16,6 +16,7 @@ become llmgate.errors' in one place, `_translated`.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
@@ -49,6 +50,7 @@ class UpstreamCall:
         "_provider",
         "_relay_errors",
         "_resp",
+        "_sent",
         "_session",
         "_stream",
         "_tally",
@@ -78,6 +80,7 @@ class UpstreamCall:
         self._watchdog: Watchdog | None = None
         self._tally: Tally | None = None
         self._first = False
+        self._sent = 0.0
         self.ended = False
 
     @property
@@ -91,6 +94,7 @@ class UpstreamCall:
         first = provider.config.first_token_timeout_s
         what = "sent nothing" if self._stream else "did not answer"
         self._watchdog = Watchdog(first, f"provider '{provider.name}' {what} within {first:g}s")
+        self._sent = time.perf_counter()
         try:
             self._resp = resp = await self._session.post(
                 provider.url,
@@ -235,6 +239,8 @@ class UpstreamCall:
     def _first_token(self, watchdog: Watchdog) -> None:
         """From the first token on, the limit is the silence between chunks."""
         self._first = True
+        if self._turn.upstream_first is None:
+            self._turn.upstream_first = time.perf_counter() - self._sent
         idle = self._provider.config.idle_timeout_s
         watchdog.rearm(idle, f"provider '{self._provider.name}' went silent for {idle:g}s")
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from llmgate.config import BreakerConfig
 from llmgate.errors import ApiError, UpstreamError
+from llmgate.obs import metrics
 
 if TYPE_CHECKING:
     from llmgate.turn import Turn
@@ -108,6 +109,7 @@ class Health:
     def _set(self, state: str) -> None:
         log.warning("provider '%s': circuit %s -> %s", self.name, self.state, state)
         self.state = state
+        metrics.circuit(self.name, state)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,182 @@
+"""Prometheus metrics, `llmgate_*`, read from each turn's record when it ends (the same
+fields as its log line), plus a gauge of streams in flight and each provider's circuit.
+
+Label values are bounded: routes and providers come from config.toml; a model is listed
+under its name only when config.toml names it (an alias or a provider's `models`), else
+"other"; tool names are configured ones. Never a request id, never free text.
+
+With several worker processes (`--workers`), PROMETHEUS_MULTIPROC_DIR is set before this
+module is imported and `render()` adds every worker's values up.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+if TYPE_CHECKING:
+    from llmgate.turn import Turn
+
+MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+# Voice: the interesting range is a few ms (our own work) to a few s (a slow provider).
+_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30)
+_OVERHEAD = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
+_CIRCUIT = {"closed": 0, "half_open": 1, "open": 2}
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+REQUESTS = Counter(
+    "llmgate_requests", "Turns by route, model, provider and status (499: the caller left)",
+    ("route", "model", "provider", "status"), registry=REGISTRY,
+)
+SUPERSEDED = Counter(
+    "llmgate_superseded", "Turns ended by a newer turn on their channel", ("route",),
+    registry=REGISTRY,
+)
+ACTIVE = Gauge(
+    "llmgate_active_streams", "Turns in flight", registry=REGISTRY, multiprocess_mode="livesum"
+)
+TTFT = Histogram(
+    "llmgate_time_to_first_token_seconds", "Request received to first token sent",
+    ("route", "provider"), buckets=_LATENCY, registry=REGISTRY,
+)
+UPSTREAM = Histogram(
+    "llmgate_upstream_first_token_seconds",
+    "Request sent to a provider to its first chunk (the provider's own latency)",
+    ("provider",), buckets=_LATENCY, registry=REGISTRY,
+)
+OVERHEAD = Histogram(
+    "llmgate_overhead_seconds",
+    "Time to first token spent in llmgate, outside waiting on the provider",
+    ("route",), buckets=_OVERHEAD, registry=REGISTRY,
+)
+TOKENS = Counter(
+    "llmgate_tokens", "Tokens by provider and kind (prompt, completion)",
+    ("provider", "kind"), registry=REGISTRY,
+)
+FALLBACKS = Counter(
+    "llmgate_fallbacks", "Turns of an alias served by a target after the first",
+    ("alias",), registry=REGISTRY,
+)
+HEDGES = Counter(
+    "llmgate_hedges", "Second targets started because the first was slow", ("alias",),
+    registry=REGISTRY,
+)
+ATTEMPT_FAILURES = Counter(
+    "llmgate_upstream_failures", "Failed attempts at a provider, by error code",
+    ("provider", "error"), registry=REGISTRY,
+)
+CIRCUIT = Gauge(
+    "llmgate_circuit_state", "A provider's circuit: 0 closed, 1 half-open, 2 open",
+    ("provider",), registry=REGISTRY, multiprocess_mode="max",
+)
+RETRIEVAL = Histogram(
+    "llmgate_retrieval_seconds", "Knowledge-base retrieval time", ("route",),
+    buckets=_LATENCY, registry=REGISTRY,
+)
+TOOL_CALLS = Counter(
+    "llmgate_tool_calls", "Calls of llmgate's own tools by name and outcome",
+    ("tool", "outcome"), registry=REGISTRY,
+)
+FIRST_AUDIO = Histogram(
+    "llmgate_time_to_first_audio_seconds", "Request received to first audio frame sent",
+    ("engine",), buckets=_LATENCY, registry=REGISTRY,
+)
+
+
+class Names:
+    """The label values config.toml allows: everything else is "other"."""
+
+    def __init__(self, models: set[str], tools: set[str]) -> None:
+        self.models = models
+        self.tools = tools
+
+    def model(self, name: str | None) -> str:
+        return name if name in self.models else "other"
+
+    def tool(self, name: Any) -> str:
+        return name if name in self.tools else "other"
+
+
+def observe(turn: Turn, names: Names) -> None:
+    """A turn has ended: count it."""
+    route, provider = turn.route, turn.provider or "none"
+    REQUESTS.labels(route, names.model(turn.model), provider, str(turn.status)).inc()
+    if turn.superseded:
+        SUPERSEDED.labels(route).inc()
+    if turn.first_token is not None:
+        TTFT.labels(route, provider).observe(turn.first_token)
+        if turn.upstream_first is not None:
+            UPSTREAM.labels(provider).observe(turn.upstream_first)
+            OVERHEAD.labels(route).observe(max(0.0, turn.first_token - turn.upstream_first))
+    usage = turn.usage
+    if usage:
+        for kind in ("prompt", "completion"):
+            count = usage.get(f"{kind}_tokens")
+            if type(count) is int and count > 0:
+                TOKENS.labels(provider, kind).inc(count)
+    if turn.notes:
+        _notes(turn, names)
+
+
+def _notes(turn: Turn, names: Names) -> None:
+    notes = turn.notes or {}
+    upstream = notes.get("upstream")
+    if upstream and "alias" in upstream:
+        alias = names.model(upstream["alias"])
+        attempts = upstream.get("attempts") or []
+        if turn.status == 200 and len(attempts) > 1 and "error" in attempts[0]:
+            FALLBACKS.labels(alias).inc()
+        if upstream.get("hedges"):
+            HEDGES.labels(alias).inc(upstream["hedges"])
+        for attempt in attempts:
+            error = attempt.get("error")
+            if error and error != "cancelled":
+                target = str(attempt.get("target", ""))
+                ATTEMPT_FAILURES.labels(target.partition("/")[0], _code(error)).inc()
+    rag = notes.get("rag")
+    if rag and isinstance(rag.get("retrieval_ms"), int | float):
+        RETRIEVAL.labels(turn.route).observe(rag["retrieval_ms"] / 1000)
+    tools = notes.get("tools")
+    if tools:
+        for call in tools.get("calls") or ():
+            outcome = "ok" if call.get("ok") else "error"
+            TOOL_CALLS.labels(names.tool(call.get("name")), outcome).inc()
+    audio = notes.get("audio")
+    if audio and isinstance(audio.get("first_audio_ms"), int | float):
+        FIRST_AUDIO.labels(str(audio.get("engine"))).observe(audio["first_audio_ms"] / 1000)
+
+
+_CODES = {
+    "upstream_error", "upstream_timeout", "provider_unavailable", "rate_limit_exceeded",
+    "rate_limit_error", "invalid_api_key", "forbidden", "api_error",
+}
+
+
+def _code(error: str) -> str:
+    return error if error in _CODES else "other"
+
+
+def circuit(provider: str, state: str) -> None:
+    CIRCUIT.labels(provider).set(_CIRCUIT.get(state, 0))
+
+
+def render() -> bytes:
+    """The Prometheus text format: this process's values, or every worker's added up."""
+    if MULTIPROCESS:
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+    return generate_latest(REGISTRY)

@@ -1,0 +1,130 @@
+"""GET /metrics: what a known sequence of turns adds up to, and who may read it."""
+
+from __future__ import annotations
+
+import asyncio
+from unittest import mock
+
+import aiohttp
+import openai
+import pytest
+from aiohttp.test_utils import make_mocked_request
+from prometheus_client.parser import text_string_to_metric_families
+
+from llmgate.server.handlers import MetricsPage
+from tests.conftest import API_KEY, eventually
+from tests.test_resilience import backup, providers, streamed  # noqa: F401 (fixture)
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+async def scrape(gateway, key: str | None = None) -> dict[tuple, float]:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    url = gateway.make_url("/metrics")
+    async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as resp:
+        assert resp.status == 200, await resp.text()
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        text = await resp.text()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def delta(before: dict, after: dict, name: str, **labels: str) -> float:
+    key = (name, tuple(sorted(labels.items())))
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+@pytest.fixture
+async def gateway(make_gateway, upstream, backup):  # noqa: F811
+    return await make_gateway(
+        providers=providers(upstream, backup, {"models": ["text", "stall-mid"]}, None),
+        models={"voice": ["fake/status-503", "backup/text"]},
+        tools={"weather": {"kind": "http", "url": "http://127.0.0.1:9/w"}},
+    )
+
+
+async def test_metrics_after_a_known_sequence(gateway, connect, upstream):
+    client = connect(gateway)
+    before = await scrape(gateway)
+    assert await streamed(client, "voice") == ("Hello there, h\u00e9llo \U0001f44b!", "stop")
+    await client.chat.completions.create(model="fake/text", messages=HI)  # usage: 9 + 3
+    await streamed(client, "fake/markdown")  # a model config.toml does not name: "other"
+    with pytest.raises(openai.BadRequestError):
+        await client.chat.completions.create(model="text", messages=[])
+    # A hang-up: 499.
+    body = {"model": "fake/stall-mid", "messages": HI, "stream": True}
+    async with aiohttp.ClientSession() as session:
+        url = gateway.make_url("/v1/chat/completions")
+        resp = await session.post(url, json=body, headers={"Authorization": f"Bearer {API_KEY}"})
+        await resp.content.readline()
+        during = await scrape(gateway)
+        assert delta(before, during, "llmgate_active_streams") == 1
+        resp.close()
+    await eventually(lambda: upstream.open_streams == 0)
+    await asyncio.sleep(0.05)
+    after = await scrape(gateway)
+    route = "/chat/completions"
+    requests = "llmgate_requests_total"
+    assert delta(before, after, requests, route=route, model="text", provider="backup",
+                 status="200") == 1
+    assert delta(before, after, requests, route=route, model="text", provider="fake",
+                 status="200") == 1
+    assert delta(before, after, requests, route=route, model="other", provider="none",
+                 status="400") == 1
+    assert delta(before, after, requests, route=route, model="other", provider="fake",
+                 status="200") == 1
+    assert delta(before, after, requests, route=route, model="stall-mid", provider="fake",
+                 status="499") == 1
+    assert delta(before, after, "llmgate_fallbacks_total", alias="voice") == 1
+    assert delta(before, after, "llmgate_upstream_failures_total", provider="fake",
+                 error="upstream_error") == 1
+    assert delta(before, after, "llmgate_tokens_total", provider="fake", kind="prompt") == 9
+    assert delta(before, after, "llmgate_tokens_total", provider="fake", kind="completion") == 3
+    assert delta(before, after, "llmgate_active_streams") == 0
+    ttft = "llmgate_time_to_first_token_seconds_count"
+    assert delta(before, after, ttft, route=route, provider="backup") == 1
+    assert delta(before, after, "llmgate_upstream_first_token_seconds_count",
+                 provider="backup") == 1
+    assert delta(before, after, "llmgate_overhead_seconds_count", route=route) >= 2
+    # No label holds a request id or a caller's own text.
+    assert not any("req_" in str(labels) for _, labels in after)
+
+
+async def test_a_circuit_state_is_a_gauge(make_gateway, upstream, backup, connect):  # noqa: F811
+    breaker = {"breaker": {"failures": 1, "window_s": 30, "cooldown_s": 60}}
+    gw = await make_gateway(
+        providers=providers(upstream, backup, breaker, None),
+        models={"voice": ["fake/text", "backup/text"]},
+    )
+    upstream.fail_with = 503
+    await streamed(connect(gw), "voice")
+    after = await scrape(gw)
+    assert after[("llmgate_circuit_state", (("provider", "fake"),))] == 2
+
+
+async def test_a_metrics_key_is_asked_for_when_set(make_gateway):
+    gw = await make_gateway(server={"metrics_key": "scrape-me"})
+    async with aiohttp.ClientSession() as session, session.get(gw.make_url("/metrics")) as resp:
+        assert resp.status == 401
+    assert await scrape(gw, "scrape-me")
+
+
+async def test_without_a_key_only_loopback_may_read():
+    page = MetricsPage(None)
+    transport = mock.Mock()
+    transport.get_extra_info.side_effect = lambda name, default=None: (
+        ("10.1.2.3", 5555) if name == "peername" else default
+    )
+    request = make_mocked_request("GET", "/metrics", transport=transport)
+    with pytest.raises(Exception) as info:
+        await page.handle(request)
+    assert getattr(info.value, "status", None) == 403
+
+
+async def test_metrics_off(make_gateway):
+    gw = await make_gateway(server={"metrics": False})
+    async with aiohttp.ClientSession() as session, session.get(gw.make_url("/metrics")) as resp:
+        assert resp.status == 404
