@@ -19,6 +19,7 @@ from llmgate.config import Config, KbConfig, Loaded, RouteConfig, ServerConfig
 from llmgate.kb.embeddings import EmbeddingError, embedder_for
 from llmgate.kb.remote import HttpRetriever
 from llmgate.kb.retriever import Retriever
+from llmgate.obs import tracing
 from llmgate.obs.metrics import Names
 from llmgate.pipeline import Call, Stage, compose
 from llmgate.server.auth import Key, KeyCheck, Rule
@@ -165,6 +166,10 @@ def create_app(loaded: Loaded) -> web.Application:
     app.cleanup_ctx.append(client_session)
     app.on_startup.append(lambda app: live.current.start(app[SESSION]))
     app.on_cleanup.append(lambda _: live.current.aclose())
+    if loaded.config.otel is not None:
+        otel = loaded.config.otel
+        app.on_startup.append(lambda _: asyncio.to_thread(tracing.setup, otel))
+        app.on_cleanup.append(lambda _: asyncio.to_thread(tracing.shutdown))
     # One route for every path: the live generation's table says what serves it.
     app.router.add_route("*", "/{path:.*}", live.dispatch)
     return app

@@ -20,11 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 
 from llmgate.config import OtelConfig
 from llmgate.obs import tracing
+from tests.conftest import API_KEY
+from tests.fake_upstream import FakeUpstream
 
 ROOT = Path(__file__).resolve().parent.parent
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -386,3 +389,69 @@ def test_off_never_imports_opentelemetry():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+# --- through the gateway: a turn's span and its children --------------------------------
+
+
+async def test_a_turn_is_traced_with_its_attempts_and_tool_calls(
+    make_gateway, upstream, collector, aiohttp_server
+):
+    from tests.test_tools import CITY, ToolService
+
+    tools = ToolService()
+    tool_server = await aiohttp_server(tools.app)
+    second = FakeUpstream()
+    second_server = await aiohttp_server(second.app)
+    gw = await make_gateway(
+        otel={"endpoint": collector.url},
+        providers={
+            "fake": {"base_url": upstream.url, "idle_timeout_s": 30},
+            "backup": {"base_url": str(second_server.make_url("/v1"))},
+        },
+        models={"voice": ["fake/status-503", "backup/text"]},
+        tools={
+            "weather": {
+                "kind": "http",
+                "url": str(tool_server.make_url("/weather")),
+                "description": "The weather.",
+                "parameters": CITY,
+            }
+        },
+        routes=[
+            {"path": "/chat/completions"},
+            {"path": "/tools/chat/completions", "tools": ["weather"]},
+        ],
+    )
+    trace_id, parent = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+    headers = {
+        "Authorization": f"Bearer {API_KEY}",
+        "traceparent": f"00-{trace_id}-{parent}-01",
+    }
+    async with aiohttp.ClientSession() as session:
+        for path, model in (
+            ("/v1/chat/completions", "voice"),
+            ("/tools/chat/completions", "use-tools-weather"),
+        ):
+            said = [{"role": "user", "content": "my very private plan"}]
+            body = {"model": model, "stream": True, "messages": said}
+            async with session.post(gw.make_url(path), json=body, headers=headers) as resp:
+                assert resp.status == 200
+                await resp.read()
+    await flush()
+    turns = collector.named("chat.completions")
+    assert len(turns) == 2 and all(t.trace_id == trace_id for t in turns)
+    assert all(t.parent_span_id == parent and t.kind == "SERVER" for t in turns)
+    alias, tooled = sorted(turns, key=lambda t: t.attributes["http.route"])
+    attempts = [s for s in collector.named("upstream.attempt") if s.parent_span_id == alias.span_id]
+    assert [a.attributes["gen_ai.system"] for a in attempts] == ["fake", "backup"]
+    assert [a.status for a in attempts] == ["ERROR", "UNSET"]
+    assert alias.attributes["gen_ai.request.model"] == "text"
+    assert alias.attributes["http.response.status_code"] == 200
+    (call,) = collector.named("tool.call")
+    assert (
+        call.parent_span_id == tooled.span_id and call.attributes["gen_ai.tool.name"] == "weather"
+    )
+    # Nothing a caller said, and no key, reaches a span.
+    assert collector.bodies
+    assert not any(b"private plan" in b or API_KEY.encode() in b for b in collector.bodies)

@@ -11,7 +11,7 @@ from aiohttp import web
 
 from llmgate.config import is_loopback
 from llmgate.errors import ApiError
-from llmgate.obs import metrics
+from llmgate.obs import metrics, tracing
 from llmgate.pipeline import Ask, Call
 from llmgate.protocol import ChatRequest, encoder, error_path, generic_decoder, request_decoder
 from llmgate.server.auth import Key, KeyCheck, Rule
@@ -55,7 +55,16 @@ class ChatCompletions:
         self.router = router
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        turn = Turn(self.route, request.headers.get("X-Request-Id"))
+        # A span per turn with [otel] on (continuing the caller's traceparent); else free.
+        with tracing.turn_span(request.headers, route=self.route) as span:
+            turn = Turn(self.route, request.headers.get("X-Request-Id"))
+            try:
+                return await self._measured(request, turn)
+            finally:
+                if span is not None:
+                    _outcome(span, turn)
+
+    async def _measured(self, request: web.Request, turn: Turn) -> web.StreamResponse:
         names = self.settings.metrics
         if names is None:
             return await self._counted(request, turn)
@@ -127,14 +136,27 @@ class ChatCompletions:
                     turn,
                     relay_errors=apology is None,
                 )
-                return await stream_answer(
-                    request, turn, settings.keepalive_s, upstream, apology
-                )
+                with tracing.span(
+                    "upstream.attempt", provider=target.provider.name, model=target.model
+                ):
+                    return await stream_answer(
+                        request, turn, settings.keepalive_s, upstream, apology
+                    )
             answer = await complete(Ask(upstream_body, turn, plan, session, caller_key, False))
             turn.mark_first_token()
             return _json(turn, answer)
         finally:
             channels.leave(channel, turn)
+
+
+def _outcome(span, turn: Turn) -> None:
+    """A turn's span gets what its log line says of it (never text, never a key)."""
+    tracing.set_attrs(
+        span, model=turn.model, provider=turn.provider, request_id=turn.id,
+        status=turn.status, chunks=turn.chunks, key=turn.key,
+    )
+    if turn.status >= 400:
+        tracing.fail(span, turn.status, turn.error)
 
 
 async def _collected(turn: Turn, call: Call, ask: Ask) -> web.Response:

@@ -24,6 +24,7 @@ from typing import Any
 
 from llmgate.config import AudioConfig
 from llmgate.errors import ApiError
+from llmgate.obs import tracing
 from llmgate.pipeline import OPENED, Ask, Call, Opened, Piece, end_task, own_head
 from llmgate.protocol import generic_decoder
 from llmgate.tts.base import Engine, EngineError
@@ -181,9 +182,10 @@ class _Synthesis:
             await after.playing.wait()
         end: EngineError | None = None
         try:
-            async with aclosing(engine.synthesize(self.sentence)) as pieces:
-                async for piece in pieces:
-                    self._out.put_nowait(piece)
+            with tracing.span("tts.synthesize", engine=engine.name, characters=len(self.sentence)):
+                async with aclosing(engine.synthesize(self.sentence)) as pieces:
+                    async for piece in pieces:
+                        self._out.put_nowait(piece)
         except EngineError as exc:
             end = exc
         except Exception as exc:  # an engine's own bug must end the sentence, not hang it

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 from llmgate.config import RagConfig
 from llmgate.kb.store import Hit, KbError
+from llmgate.obs import tracing
 from llmgate.pipeline import Ask, Call, Opened, Piece, end_task, own_head
 
 log = logging.getLogger("llmgate.rag")
@@ -103,9 +104,10 @@ class RagStage:
         if not question:
             return []
         try:
-            return await self.retriever.search(
-                question, self.config.top_k, self.config.min_score
-            )
+            with tracing.span("rag.retrieve", kb=self.retriever.name, top_k=self.config.top_k):
+                return await self.retriever.search(
+                    question, self.config.top_k, self.config.min_score
+                )
         except Exception as exc:
             # The caller still gets an answer (one that says it does not know): a base
             # that cannot be read must not silence the agent. The log says why.

@@ -33,6 +33,7 @@ from typing import Any
 import jsonschema
 
 from llmgate.config import FillerConfig
+from llmgate.obs import tracing
 from llmgate.pipeline import OPENED, Ask, Call, Opened, Piece, end_task, own_head
 from llmgate.protocol import generic_decoder
 from llmgate.tools.base import Tool, ToolError
@@ -138,7 +139,8 @@ class ToolStage:
         error: str | None = None
         try:
             arguments = _arguments(call["function"]["arguments"], tool)
-            result = await tool.call(arguments, _headers(metadata, answer.ask.turn.metadata))
+            with tracing.span("tool.call", tool=name, round=round_no + 1):
+                result = await tool.call(arguments, _headers(metadata, answer.ask.turn.metadata))
         except ToolError as exc:
             error, result = str(exc), f"error: {exc}"
         except Exception as exc:  # a tool's own bug: the model hears a failure, never a trace

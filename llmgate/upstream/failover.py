@@ -21,6 +21,7 @@ from contextlib import aclosing
 from typing import Any
 
 from llmgate.errors import ApiError, UpstreamUnavailable
+from llmgate.obs import tracing
 from llmgate.pipeline import OPENED, Ask, Opened, Piece, apology_chunks, chunk_head
 from llmgate.protocol import encoder
 from llmgate.upstream.call import UpstreamCall
@@ -70,7 +71,10 @@ async def _attempt(ask: Ask, target: Target) -> AsyncIterator[Piece | Opened]:
     body = encoder.encode(ask.plan.body(ask.body, target))
     call = UpstreamCall(ask.session, target.provider, body, ask.caller_key, ask.turn)
     try:
-        await call.open()
+        # The span covers the request until the provider's 200 (the rest of the answer
+        # is read in whichever task wins, and a span must end in the task it began in).
+        with tracing.span("upstream.attempt", provider=target.provider.name, model=target.model):
+            await call.open()
         yield OPENED
         async with aclosing(call.pieces()) as pieces:
             async for piece in pieces:
@@ -199,8 +203,10 @@ async def complete(ask: Ask) -> bytes:
         call = UpstreamCall(ask.session, target.provider, body, ask.caller_key, ask.turn, False)
         raw = None
         try:
-            await call.open()
-            raw = await call.answer()
+            with tracing.span("upstream.attempt", provider=target.provider.name,
+                              model=target.model):
+                await call.open()
+                raw = await call.answer()
         except ApiError as exc:
             attempts.failed(target, exc)
             if not exc.fallback or len(ask.plan.targets) == 1:
