@@ -10,6 +10,7 @@ from llmgate import config as configuration
 from llmgate.app import create_app, reload
 from llmgate.obs import logging as obs_logging
 from llmgate.server import serve
+from llmgate.server import workers as workers_mod
 
 log = logging.getLogger("llmgate")
 
@@ -31,6 +32,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--check", action="store_true", help="validate the config, print what it serves, and exit"
     )
+    parser.add_argument(
+        "--workers", type=int, nargs="?", const=0, metavar="N",
+        help="N processes on one port (SO_REUSEPORT); no N: one per core (server.workers)",
+    )
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -72,12 +78,22 @@ def main(argv: list[str] | None = None) -> int:
         routes = ", ".join(r.path for r in loaded.config.routes)
         print(f"config ok: providers {providers}; routes {routes}; listen {host}:{port}")
         return 0
+    workers = server.workers if args.workers is None else (args.workers or workers_mod.cores())
+    many = workers > 1 and not args.worker
     try:
-        sock = serve.listen(host, port, server.send_timeout_s)
+        sock = serve.listen(host, port, server.send_timeout_s, reuse_port=many or args.worker)
     except OSError as exc:
         print(f"llmgate: cannot listen on {host}:{port} ({exc.strerror})", file=sys.stderr)
         return EXIT_LISTEN
-    _say_what_next(loaded, host, sock.getsockname()[1])
+    if many:
+        sock.close()  # the port is free: each worker binds its own socket to it
+        _say_what_next(loaded, host, port)
+        argv = workers_mod.worker_argv(argv)
+        return workers_mod.Supervisor(argv, workers, args.config, host).run()
+    if args.worker:
+        workers_mod.follow_parent()
+    else:
+        _say_what_next(loaded, host, sock.getsockname()[1])
     app = create_app(loaded)
     on_hup = _reloader(app, args.config, loaded, host)
     return serve.run(app, sock, server.uvloop, server.drain_s, server.read_timeout_s, on_hup)

@@ -64,6 +64,7 @@ class ServerConfig(_Strict):
     drain_s: Annotated[float, msgspec.Meta(ge=0)] = 20.0  # SIGTERM: streams in flight finish
     # no caller key: a loopback host starts open (with a warning); any other refuses unless
     allow_unauthenticated: bool = False
+    workers: Annotated[int, msgspec.Meta(ge=1, le=256)] = 1  # processes on one port
     metrics: bool = True  # GET /metrics (Prometheus) and the counting behind it
     metrics_key: str | None = None  # a bearer key for /metrics; None: loopback callers only
 
