@@ -122,8 +122,17 @@ class Proc:
         self.pid = pid
 
     def cpu_s(self) -> float:
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / TICK
+        """Its CPU seconds and its workers' (with --workers it is their supervisor)."""
+        total = 0
+        for pid in (self.pid, *self.children()):
+            with contextlib.suppress(OSError):
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])
+        return total / TICK
+
+    def children(self) -> list[int]:
+        path = Path(f"/proc/{self.pid}/task/{self.pid}/children")
+        return [int(p) for p in path.read_text().split()] if path.exists() else []
 
     def rss_mb(self, field: str = "VmRSS") -> float:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
@@ -189,9 +198,9 @@ BENCH_LIMITS = (
 def _config(port: int, mock_port: int) -> str:
     return (
         f'[server]\nport = {port}\napi_keys = ["bench"]\n'
-        f"{BENCH_LIMITS}"
-
-        f'[providers.mock]\nbase_url = "http://127.0.0.1:{mock_port}/v1"\n'
+        + ("metrics = false\n" if os.environ.get("BENCH_NO_METRICS") else "")
+        + BENCH_LIMITS
+        + f'[providers.mock]\nbase_url = "http://127.0.0.1:{mock_port}/v1"\n'
         '[models]\n"one-mock-20-0-0" = ["mock/mock-20-0-0"]\n'
         '"two-mock-20-0-0" = ["mock/mock-20-0-0", "mock/mock-20-0-0"]\n'
         '[kb.bench]\npath = "kb.sqlite"\nchunk_tokens = 60\noverlap_tokens = 0\n'
@@ -203,15 +212,20 @@ def _config(port: int, mock_port: int) -> str:
     )
 
 
-def start_llmgate(mock_port: int, workdir: Path) -> tuple[subprocess.Popen, int]:
+def start_llmgate(
+    mock_port: int, workdir: Path, workers: int = 1
+) -> tuple[subprocess.Popen, int]:
     port = free_port()
     config = workdir / "bench.toml"
     config.write_text(_config(port, mock_port))
     log = open(workdir / "llmgate.log", "w")  # noqa: SIM115 - lives as long as the process
+    extra = ["--workers", str(workers)] if workers > 1 else []
     proc = subprocess.Popen(
-        [PY, "-m", "llmgate", "--config", str(config)], stderr=log, cwd=HERE.parent
+        [PY, "-m", "llmgate", "--config", str(config), *extra], stderr=log, cwd=HERE.parent
     )
     wait_http(f"http://127.0.0.1:{port}/healthz")
+    if workers > 1:
+        time.sleep(1.0)  # every worker listening, not only the first
     return proc, port
 
 
@@ -495,6 +509,9 @@ def main() -> int:
     parser.add_argument("scenarios", nargs="*", help=f"any of {', '.join(SCENARIOS)} (all)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--quick", action="store_true", help="tiny runs (a smoke test)")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="llmgate --workers N (CPU: all of them)"
+    )
     args = parser.parse_args()
     unknown = set(args.scenarios) - set(SCENARIOS)
     if unknown:
@@ -509,7 +526,7 @@ def main() -> int:
     mock, mock_port = start_mock()
     gateway = None
     try:
-        gateway, gw_port = start_llmgate(mock_port, workdir)
+        gateway, gw_port = start_llmgate(mock_port, workdir, args.workers)
         gw = Proc(gateway.pid)
         results = {}
         for name in args.scenarios or list(SCENARIOS):

@@ -95,9 +95,8 @@ class Upstream:
 def _config(port: int, upstream_port: int, engines: list[str]) -> str:
     out = (
         f'[server]\nport = {port}\napi_keys = ["bench"]\n'
-        f"{BENCH_LIMITS}"
-
-        f'[providers.up]\nbase_url = "http://127.0.0.1:{upstream_port}/v1"\n'
+        + BENCH_LIMITS
+        + f'[providers.up]\nbase_url = "http://127.0.0.1:{upstream_port}/v1"\n'
         "idle_timeout_s = 120\n"
     )
     for engine in engines:

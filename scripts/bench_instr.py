@@ -38,7 +38,9 @@ def count(tree: Path, mock_port: int, streams: int, speech: bool) -> int:
     port = free_port()
     path = "/speech/chat/completions" if speech else "/chat/completions"
     (work / "c.toml").write_text(
-        f'[server]\nport = {port}\napi_keys = ["bench"]\n[log]\nlevel = "warning"\n'
+        f'[server]\nport = {port}\napi_keys = ["bench"]\n'
+        + ("metrics = false\n" if os.environ.get("BENCH_NO_METRICS") else "")
+        + '[log]\nlevel = "warning"\n'
         f'[providers.mock]\nbase_url = "http://127.0.0.1:{mock_port}/v1"\n'
         f'[[routes]]\npath = "{path}"\n' + ("speech = true\n" if speech else "")
     )
