@@ -122,6 +122,8 @@ class Generation:
     def retire(self) -> None:
         """A newer generation serves new turns; this one closes after its last."""
         self._retired = True
+        for task in self._background:  # its model lists are no one's now
+            task.cancel()
         if self.active == 0:
             self._close_soon()
 

@@ -108,17 +108,29 @@ class Names:
         return name if name in self.tools else "other"
 
 
+_children: dict[tuple, Any] = {}  # (metric, label values) -> its child, looked up once
+
+
+def _child(metric: Any, *values: str) -> Any:
+    key = (metric, values)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = metric.labels(*values)
+    return child
+
+
 def observe(turn: Turn, names: Names) -> None:
     """A turn has ended: count it."""
     route, provider = turn.route, turn.provider or "none"
-    REQUESTS.labels(route, names.model(turn.model), provider, str(turn.status)).inc()
+    _child(REQUESTS, route, names.model(turn.model), provider, str(turn.status)).inc()
     if turn.superseded:
         SUPERSEDED.labels(route).inc()
     if turn.first_token is not None:
-        TTFT.labels(route, provider).observe(turn.first_token)
+        _child(TTFT, route, provider).observe(turn.first_token)
         if turn.upstream_first is not None:
-            UPSTREAM.labels(provider).observe(turn.upstream_first)
-            OVERHEAD.labels(route).observe(max(0.0, turn.first_token - turn.upstream_first))
+            _child(UPSTREAM, provider).observe(turn.upstream_first)
+            overhead = max(0.0, turn.first_token - turn.upstream_first)
+            _child(OVERHEAD, route).observe(overhead)
     usage = turn.usage
     if usage:
         for kind in ("prompt", "completion"):
