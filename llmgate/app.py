@@ -19,7 +19,7 @@ from llmgate.config import Config, KbConfig, Loaded, RouteConfig, ServerConfig
 from llmgate.kb.embeddings import EmbeddingError, embedder_for
 from llmgate.kb.remote import HttpRetriever
 from llmgate.kb.retriever import Retriever
-from llmgate.obs import tracing
+from llmgate.obs import metrics, tracing
 from llmgate.obs.metrics import Names
 from llmgate.pipeline import Call, Stage, compose
 from llmgate.server.auth import Key, KeyCheck, Rule
@@ -51,7 +51,6 @@ class Generation:
     def __init__(self, loaded: Loaded, limits: LocalLimits) -> None:
         config = loaded.config
         self.loaded = loaded
-        limits.max_concurrent = config.server.limits.global_max_concurrent
         max_body = int(config.server.max_body_mb * 2**20)
         self.max_body = max_body
         self.settings = Settings(
@@ -106,6 +105,9 @@ class Generation:
                 log.error("audio.%s: %s; its routes will answer 503", name, exc)
         await self.toolbox.start()
         self._background = catalog.keep_fresh(session, self.router)
+        if self.settings.metrics is not None:
+            for name in self.router.providers:  # circuits start afresh with a config
+                metrics.circuit(name, "closed")
 
     def _counted(self, handle: Handler) -> Handler:
         async def counted(request: web.Request) -> web.StreamResponse:
@@ -145,6 +147,7 @@ class Live:
 
     def __init__(self, current: Generation) -> None:
         self.current = current
+        self.reloading = asyncio.Lock()
 
     async def dispatch(self, request: web.Request) -> web.StreamResponse:
         entry = self.current.routes.get(request.path)
@@ -178,13 +181,20 @@ def create_app(loaded: Loaded) -> web.Application:
 
 
 async def reload(app: web.Application, loaded: Loaded) -> None:
-    """Serve `loaded` from now on; turns in flight finish on what they began with."""
+    """Serve `loaded` from now on; turns in flight finish on what they began with. One
+    reload at a time: a second SIGHUP waits for the first, so the last file read wins."""
     live = app[LIVE]
-    old = live.current
-    new = Generation(loaded, old.settings.limits)  # type: ignore[arg-type]
-    await new.start(app[SESSION])
-    live.current = new
-    old.retire()
+    async with live.reloading:
+        limits = live.current.settings.limits
+        new = Generation(loaded, limits)  # type: ignore[arg-type]
+        try:
+            await new.start(app[SESSION])
+        except BaseException:
+            await new.aclose()
+            raise
+        old, live.current = live.current, new
+        limits.max_concurrent = loaded.config.server.limits.global_max_concurrent  # type: ignore[attr-defined]
+        old.retire()
 
 
 def _names(config: Config) -> Names:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from llmgate import config as configuration
@@ -59,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         from llmgate import check
 
         return check.main(argv[1:])
+    # SIGHUP (systemctl reload) before the server is up must not kill it: ignored until
+    # serving installs its own handler.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     args = parse_args(argv)
     loaded = load_config(args.config)
     if loaded is None:
@@ -101,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
 # What a reload cannot change in a running process (the socket, the loop, the app's limits).
 _AT_RESTART = ("host", "port", "uvloop", "send_timeout_s", "read_timeout_s", "drain_s",
-               "max_body_mb")
+               "max_body_mb", "workers")
 
 
 def _reloader(app, path: str, loaded: configuration.Loaded, host: str):
@@ -124,8 +128,8 @@ def _reloader(app, path: str, loaded: configuration.Loaded, host: str):
         for key in _AT_RESTART:
             if getattr(old.server, key) != getattr(new.config.server, key):
                 log.warning("server.%s: a change takes effect at the next restart", key)
-        if new.config.log != old.log:
-            obs_logging.setup(new.config.log.format, new.config.log.level)
+        if new.config.otel != old.otel:
+            log.warning("otel: a change takes effect at the next restart")
         for warning in new.warnings:
             log.warning(warning)
         try:
@@ -133,6 +137,8 @@ def _reloader(app, path: str, loaded: configuration.Loaded, host: str):
         except Exception as exc:  # the type only: a message can hold what it was given
             log.error("config not reloaded, the running one stays (%s)", type(exc).__name__)
             return
+        if new.config.log != old.log:
+            obs_logging.setup(new.config.log.format, new.config.log.level)
         current[0] = new
         routes = ", ".join(r.path for r in new.config.routes)
         log.info("config reloaded: providers %s; routes %s", ", ".join(new.config.providers),

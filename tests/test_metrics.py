@@ -128,3 +128,11 @@ async def test_metrics_off(make_gateway):
     gw = await make_gateway(server={"metrics": False})
     async with aiohttp.ClientSession() as session, session.get(gw.make_url("/metrics")) as resp:
         assert resp.status == 404
+
+
+async def test_through_a_proxy_on_this_host_metrics_need_the_key(make_gateway):
+    gw = await make_gateway()
+    headers = {"X-Forwarded-For": "203.0.113.9"}  # from 127.0.0.1, but not a local caller's
+    url = gw.make_url("/metrics")
+    async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as resp:
+        assert resp.status == 403

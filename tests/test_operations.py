@@ -231,3 +231,59 @@ async def test_a_callers_request_id_names_the_turn(gateway, caplog, sent, kept):
         assert got.startswith("req_")
     assert json.loads(raw.split(b"\n\n")[0][6:])["id"]  # chunks still carry an id
 
+
+
+class _Transport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed = False
+        self.out = b""
+
+    def get_extra_info(self, name, default=None):
+        return default
+
+    def write(self, data) -> None:
+        self.out += data
+
+    def writelines(self, data) -> None:
+        self.out += b"".join(data)
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+async def test_a_body_read_just_after_its_headers_does_not_arm_the_header_timer():
+    """Headers, then the body in the next loop turn, before the handler has run: the
+    answer that follows takes longer than read_timeout_s and is not cut off."""
+    from aiohttp import web
+
+    async def slow(request):
+        await request.read()
+        await asyncio.sleep(0.6)  # a turn being streamed, its caller silent
+        return web.Response(text="done")
+
+    app = web.Application()
+    app.router.add_post("/x", slow)
+    sock = serve.listen("127.0.0.1", 0, 30)
+    runner = await serve.start(app, sock, read_timeout_s=0.2)
+    try:
+        handler = runner.server()  # type: ignore[misc]
+        transport = _Transport()
+        handler.connection_made(transport)
+        body = b'{"a": 1}'
+        head = b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+        handler.data_received(head)
+        asyncio.get_running_loop().call_soon(handler.data_received, body)
+        await asyncio.sleep(1.0)
+        assert not transport.closed and b"done" in transport.out
+    finally:
+        await runner.cleanup()

@@ -78,7 +78,7 @@ ATTEMPT_FAILURES = Counter(
 )
 CIRCUIT = Gauge(
     "llmgate_circuit_state", "A provider's circuit: 0 closed, 1 half-open, 2 open",
-    ("provider",), registry=REGISTRY, multiprocess_mode="max",
+    ("provider",), registry=REGISTRY, multiprocess_mode="livemax",
 )
 RETRIEVAL = Histogram(
     "llmgate_retrieval_seconds", "Knowledge-base retrieval time", ("route",),

@@ -230,11 +230,16 @@ class MetricsPage:
     async def handle(self, request: web.Request) -> web.Response:
         if self.key is not None:
             self.key(request)
-        elif not is_loopback(request.remote or ""):
+        elif not is_loopback(request.remote or "") or _proxied(request):
             message = "/metrics is served to loopback callers only; set server.metrics_key"
             raise ApiError(403, message)
         body = await asyncio.to_thread(metrics.render) if metrics.MULTIPROCESS else metrics.render()
         return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})
+
+
+def _proxied(request: web.Request) -> bool:
+    """Came through a proxy on this host: from loopback, but not a loopback caller's."""
+    return any(h in request.headers for h in ("Forwarded", "X-Forwarded-For", "X-Real-IP"))
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -67,6 +67,8 @@ class _GuardedHandler(RequestHandler):
 
     def _too_slow(self) -> None:
         self._read_timer = None
+        if self._request_in_progress or self._current_request is not None or self._messages:
+            return  # a request is being handled (armed on its body in the turn before)
         if self._request_count == self._armed_at_count and self.transport is not None:
             log.info("a client's request headers did not arrive within %gs: dropped",
                      self.read_timeout_s)

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 from llmgate import config as configuration
 
@@ -42,6 +43,8 @@ class Supervisor:
         metrics_dir = os.environ.setdefault(
             "PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="llmgate-metrics-")
         )
+        for old in Path(metrics_dir).glob("*.db"):  # a previous run's values are not ours
+            old.unlink(missing_ok=True)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._stop)
         signal.signal(signal.SIGHUP, self._reload)
@@ -52,6 +55,9 @@ class Supervisor:
             while self.workers:
                 self._reap()
                 time.sleep(0.05)
+            if not self.stopping:
+                log.error("no worker is left running")
+                return 1
         finally:
             for proc in self.workers.values():
                 proc.kill()
@@ -65,7 +71,12 @@ class Supervisor:
         last = self._started.get(slot)
         if last is not None and now - last < RESTART_S:
             time.sleep(RESTART_S - (now - last))
-        self.workers[slot] = subprocess.Popen([sys.executable, "-m", "llmgate", *self.argv])
+        if self.stopping:
+            return  # a SIGTERM came while waiting: no new worker to stop
+        # A session of its own: Ctrl-C reaches the supervisor alone, which drains each.
+        self.workers[slot] = subprocess.Popen(
+            [sys.executable, "-m", "llmgate", *self.argv], start_new_session=True
+        )
         self._started[slot] = time.monotonic()
 
     def _reap(self) -> None:
