@@ -244,9 +244,11 @@ def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        address = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         return False
+    mapped = getattr(address, "ipv4_mapped", None)  # an IPv4 peer on an IPv6 socket
+    return (mapped or address).is_loopback
 
 
 def load(path: str) -> Loaded:

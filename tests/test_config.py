@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from llmgate.config import ConfigError, load, open_refusal, parse
+from llmgate.config import ConfigError, is_loopback, load, open_refusal, parse
 
 PROVIDER = {"base_url": "https://api.example.com/v1", "api_key": "${KEY}"}
 
@@ -52,6 +52,7 @@ def test_all_api_keys_unset_is_open_on_loopback_only():
     assert open_refusal(loaded.config.server, "127.0.0.1") is None
     refusal = open_refusal(loaded.config.server, "0.0.0.0")
     assert refusal is not None and "server.allow_unauthenticated" in refusal
+    assert is_loopback("::ffff:127.0.0.1") and is_loopback("::1") and not is_loopback("::")
     loaded = parse(with_provider(server={"api_keys": [], "allow_unauthenticated": True}), {})
     assert open_refusal(loaded.config.server, "0.0.0.0") is None
 
