@@ -26,8 +26,8 @@ from llmgate.kb.remote import HttpRetriever
 from llmgate.kb.store import KbError, search
 from llmgate.tts.base import EngineError
 from llmgate.tts.engines import engine_for
-from llmgate.upstream.catalog import models_of
-from llmgate.upstream.client import SESSION, client_session, read_bounded
+from llmgate.upstream.catalog import ask, models_of
+from llmgate.upstream.client import SESSION, client_session
 from llmgate.upstream.provider import Provider
 
 OK, FAIL, SKIP = "ok", "FAIL", "skip"
@@ -215,18 +215,8 @@ async def _one_token(
 ) -> None:
     body = {"model": model, "messages": [{"role": "user", "content": "Say ok."}]}
     data = msgspec.json.encode({**body, "max_tokens": 1, "stream": False})
-    try:
-        async with session.post(
-            provider.url,
-            data=data,
-            headers=provider.headers(False, None),  # passthrough: no key at all
-            timeout=aiohttp.ClientTimeout(total=timeout),
-        ) as resp:
-            raw = await read_bounded(resp.content, MAX_ANSWER)
-            if resp.status >= 300:
-                raise provider.status_error(resp.status, resp.headers, raw)
-    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-        raise provider.error_for(exc) from None
+    limit = aiohttp.ClientTimeout(total=timeout)  # (passthrough: no key at all)
+    raw = await ask(session, provider, "POST", provider.url, MAX_ANSWER, limit, data)
     if (error := provider.answer_error(raw)) is not None:
         raise error
     try:

@@ -116,13 +116,9 @@ def _reloader(app, path: str, loaded: configuration.Loaded, host: str):
     async def on_hup() -> None:
         log.info("SIGHUP: reading %s again", path)
         try:
-            new = configuration.load(path)
+            new = configuration.load_to_serve(path, host)
         except configuration.ConfigError as exc:
             log.error("config not reloaded, the running one stays: %s", exc)
-            return
-        refusal = configuration.open_refusal(new.config.server, host)
-        if refusal is not None:
-            log.error("config not reloaded, the running one stays: %s", refusal)
             return
         old = current[0].config
         for key in _AT_RESTART:

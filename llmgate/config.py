@@ -240,6 +240,15 @@ def open_refusal(server: ServerConfig, host: str) -> str | None:
     )
 
 
+def load_to_serve(path: str, host: str) -> Loaded:
+    """`load`, and the first-run rule for `host`: a ConfigError says what is wrong."""
+    loaded = load(path)
+    refusal = open_refusal(loaded.config.server, host)
+    if refusal is not None:
+        raise ConfigError(refusal)
+    return loaded
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True

@@ -107,13 +107,9 @@ class Supervisor:
 
     def _reload(self, _signum: int, _frame: object) -> None:
         try:
-            loaded = configuration.load(self.config_path)
+            configuration.load_to_serve(self.config_path, self.host)
         except configuration.ConfigError as exc:
             log.error("config not reloaded, the running one stays: %s", exc)
-            return
-        refusal = configuration.open_refusal(loaded.config.server, self.host)
-        if refusal is not None:
-            log.error("config not reloaded, the running one stays: %s", refusal)
             return
         for proc in self.workers.values():
             if proc.poll() is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Any
 
 import aiohttp
 import msgspec
@@ -37,17 +38,32 @@ class _ModelList(msgspec.Struct):
 _decoder = msgspec.json.Decoder(_ModelList)
 
 
-async def models_of(session: aiohttp.ClientSession, provider: Provider) -> list[str]:
-    """A provider's model ids; ApiError (its message safe to log) when it cannot say."""
+async def ask(
+    session: aiohttp.ClientSession,
+    provider: Provider,
+    method: str,
+    url: Any,
+    limit: int,
+    timeout: aiohttp.ClientTimeout = _TIMEOUT,
+    data: bytes | None = None,
+) -> bytes:
+    """A JSON request to a provider outside a turn (its model list, a probe): the body,
+    bounded; a non-2xx answer or a failed connection as the provider's ApiError."""
     try:
-        async with session.get(
-            provider.models_url, headers=provider.headers(False, None), timeout=_TIMEOUT
+        async with session.request(
+            method, url, data=data, headers=provider.headers(False, None), timeout=timeout
         ) as resp:
-            raw = await read_bounded(resp.content, MAX_BODY)
+            raw = await read_bounded(resp.content, limit)
             if resp.status >= 300:
                 raise provider.status_error(resp.status, resp.headers, raw)
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         raise provider.error_for(exc) from None
+    return raw
+
+
+async def models_of(session: aiohttp.ClientSession, provider: Provider) -> list[str]:
+    """A provider's model ids; ApiError (its message safe to log) when it cannot say."""
+    raw = await ask(session, provider, "GET", provider.models_url, MAX_BODY)
     try:
         listed = _decoder.decode(raw).data
     except msgspec.DecodeError:
