@@ -53,20 +53,21 @@ class Generation:
         self.loaded = loaded
         max_body = int(config.server.max_body_mb * 2**20)
         self.max_body = max_body
-        self.settings = Settings(
-            keys=_keys(config.server),
-            limits=limits,
-            max_body=max_body,
-            keepalive_s=config.server.keepalive_s,
-            apology=config.server.apology if config.server.on_stream_error == "apology" else None,
-            read_timeout_s=config.server.read_timeout_s,
-            metrics=_names(config) if config.server.metrics else None,
-        )
         providers = {
             name: Provider(name, provider, loaded.unset_env.get(name, ()))
             for name, provider in config.providers.items()
         }
         self.router = Router(providers, config.models)  # type: ignore[arg-type]
+        self.settings = Settings(
+            keys=_keys(config.server, self.router),
+            limits=limits,
+            max_body=max_body,
+            keepalive_s=config.server.keepalive_s,
+            apology=config.server.apology if config.server.on_stream_error == "apology" else None,
+            read_timeout_s=config.server.read_timeout_s,
+            answer_timeout_s=config.server.answer_timeout_s,
+            metrics=_names(config) if config.server.metrics else None,
+        )
         self.retrievers = {
             name: _retriever(name, config.kb[name], loaded)
             for name in {config.rag[r.rag].kb for r in config.routes if r.rag}
@@ -207,8 +208,9 @@ def _names(config: Config) -> Names:
     return Names(models - {""}, set(config.tools))
 
 
-def _keys(server: ServerConfig) -> KeyCheck:
-    """`api_keys` (named by their place) and `[[server.keys]]`, each with its limits."""
+def _keys(server: ServerConfig, router: Router) -> KeyCheck:
+    """`api_keys` (named by their place) and `[[server.keys]]`, each with its limits and
+    the models it may use (a bare model name is the first provider's, as in a request)."""
     limits = server.limits
     default = Rule(limits.max_concurrent, limits.requests_per_minute)
     keys = [Key(key, f"api_keys[{i}]", default) for i, key in enumerate(server.api_keys)]
@@ -217,8 +219,19 @@ def _keys(server: ServerConfig) -> KeyCheck:
             entry.max_concurrent or default.max_concurrent,
             entry.requests_per_minute or default.requests_per_minute,
         )
-        keys.append(Key(entry.key, entry.name, rule))
+        allowed = None
+        if entry.allowed_models is not None:
+            allowed = frozenset(_model_id(router, m) for m in entry.allowed_models)
+        keys.append(Key(entry.key, entry.name, rule, allowed))
     return KeyCheck(keys, default)
+
+
+def _model_id(router: Router, model: str) -> str:
+    """An alias as it is; a model as `provider/model` (`provider/*`: all of its models)."""
+    if model in router.aliases or model.endswith("/*"):
+        return model
+    target = router.resolve(model).first
+    return f"{target.provider.name}/{target.model}"
 
 
 def _call(

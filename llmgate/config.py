@@ -44,6 +44,8 @@ class KeyConfig(_Strict):
     name: str  # what the log line names (never the key)
     max_concurrent: _Count | None = None  # None: [server.limits]'
     requests_per_minute: _Count | None = None
+    # None: any model; else aliases, `provider/model` or `provider/*` this key may ask for
+    allowed_models: list[str] | None = None
 
 
 class ServerConfig(_Strict):
@@ -61,6 +63,7 @@ class ServerConfig(_Strict):
     uvloop: bool = True
     # a request's headers (from its first byte) and its body must each arrive this soon
     read_timeout_s: _Positive = 30.0
+    answer_timeout_s: _Positive = 300.0  # a non-streamed answer must be whole within this
     drain_s: Annotated[float, msgspec.Meta(ge=0)] = 20.0  # SIGTERM: streams in flight finish
     # no caller key: a loopback host starts open (with a warning); any other refuses unless
     allow_unauthenticated: bool = False

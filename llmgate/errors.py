@@ -28,6 +28,7 @@ _DEFAULTS: dict[int, tuple[str, str | None]] = {
     405: ("invalid_request_error", "method_not_allowed"),
     408: ("invalid_request_error", "request_timeout"),
     413: ("invalid_request_error", "request_too_large"),
+    415: ("invalid_request_error", "unsupported_media_type"),
     429: ("rate_limit_error", "rate_limit_exceeded"),
     499: ("invalid_request_error", "client_closed_request"),
     500: ("api_error", "internal_error"),
@@ -35,6 +36,31 @@ _DEFAULTS: dict[int, tuple[str, str | None]] = {
     503: ("api_error", "provider_unavailable"),
     504: ("api_error", "upstream_timeout"),
 }
+
+
+# What a turn's log line may say as its `error`: llmgate's own codes and types, and the
+# codes and types OpenAI-compatible providers document. Anything else a provider sends is
+# logged as `provider_error` (its text could be anything, a key or a forged line included).
+LOGGED_ERRORS = frozenset(
+    {c for pair in _DEFAULTS.values() for c in pair if c}
+    | {
+        "superseded", "server_error", "authentication_error", "permission_error",
+        "not_found_error", "overloaded_error", "request_too_large", "insufficient_quota",
+        "context_length_exceeded", "model_not_found", "content_filter", "content_policy_violation",
+        "invalid_value", "invalid_type", "missing_required_parameter", "unknown_parameter",
+        "unsupported_parameter", "unsupported_value", "string_above_max_length",
+        "invalid_image", "invalid_image_url", "model_overloaded", "engine_overloaded",
+        "tokens_exceeded", "quota_exceeded", "billing_hard_limit_reached", "timeout",
+        "invalid_prompt", "tool_use_failed", "json_validate_failed", "model_decommissioned",
+        "bad_request", "unprocessable_entity", "service_unavailable", "model_not_allowed",
+    }
+)
+PROVIDER_ERROR = "provider_error"
+
+
+def logged_error(code: str | None) -> str | None:
+    """`code` if the log may carry it as it is, else `provider_error`."""
+    return code if code is None or code in LOGGED_ERRORS else PROVIDER_ERROR
 
 
 def default_type(status: int) -> tuple[str, str | None]:

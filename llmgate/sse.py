@@ -15,7 +15,7 @@ MAX_LINE = 8 * 1024 * 1024
 
 
 class SSEError(Exception):
-    """The byte stream is not SSE we can use (a line over MAX_LINE)."""
+    """The byte stream is not SSE we can use (a line, or an event's data, over MAX_LINE)."""
 
 
 class Event:
@@ -48,15 +48,18 @@ class SSEDecoder:
 
     A line still open at the end of a read waits as a list of its pieces, joined once when
     its end arrives: a long line over many small reads costs its length, not its square.
+    What one event may hold is bounded like a line: `data:` lines without the blank line
+    that ends their event cannot pile up.
     """
 
-    __slots__ = ("_event", "_lines", "_open", "_open_size", "_skip_lf")
+    __slots__ = ("_event", "_lines", "_lines_size", "_open", "_open_size", "_skip_lf")
 
     def __init__(self) -> None:
         self._open: list[bytes] = []  # pieces of the line not yet ended
         self._open_size = 0
         self._skip_lf = False
         self._lines: list[bytes] = []
+        self._lines_size = 0
         self._event = b""
 
     @property
@@ -100,6 +103,7 @@ class SSEDecoder:
                 if self._lines:
                     events.append(Event(self._lines, self._event))
                     self._lines = []
+                    self._lines_size = 0
                 self._event = b""
                 continue
             if line[0] == 58:  # b":" starts a comment
@@ -109,6 +113,9 @@ class SSEDecoder:
                 value = value[1:]
             if name == b"data":
                 self._lines.append(value)
+                self._lines_size += len(value) + 1
+                if self._lines_size > MAX_LINE:
+                    raise SSEError(f"an SSE event exceeds {MAX_LINE} bytes")
             elif name == b"event":
                 self._event = value
             # `id:` and `retry:` concern reconnecting clients; a relay has no use for them.

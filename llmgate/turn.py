@@ -12,6 +12,8 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from llmgate.errors import logged_error
+
 log = logging.getLogger("llmgate.turn")
 
 CLIENT_CLOSED = 499
@@ -74,7 +76,10 @@ class Turn:
     def end(self, status: int, error: str | None = None) -> None:
         """The one place a turn's outcome is recorded (200 until something else is)."""
         self.status = status
-        self.error = SUPERSEDED if status == CLIENT_CLOSED and self.superseded else error
+        if status == CLIENT_CLOSED and self.superseded:
+            self.error = SUPERSEDED
+        else:
+            self.error = logged_error(error)
 
     def mark_first_token(self) -> None:
         if self.first_token is None:
@@ -181,17 +186,19 @@ class Channels:
     Agora's engine numbers turns per channel (`turn_id`, vendor "custom"); a request with a
     higher number means the user has moved on, so the older turn's upstream request is
     cancelled even if its connection is still open. Requests without a channel or a
-    turn_id are left alone.
+    turn_id are left alone. A channel is one caller key's: a tenant who knows another's
+    channel name cannot silence its agent.
     """
 
     def __init__(self) -> None:
         self._live: dict[str, tuple[int, Turn, asyncio.Task]] = {}
 
     def enter(self, turn: Turn) -> str | None:
-        key, number = channel_key(turn.metadata), turn.metadata.get("turn_id")
+        channel, number = channel_key(turn.metadata), turn.metadata.get("turn_id")
         task = asyncio.current_task()
-        if key is None or type(number) is not int or task is None:
+        if channel is None or type(number) is not int or task is None:
             return None
+        key = f"{turn.key}|{channel}"
         live = self._live.get(key)
         if live is not None:
             if live[0] > number:

@@ -7,7 +7,17 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmgate.upstream.relay import Relay, Tally, UpstreamErrorFrame
+from llmgate.config import ProviderConfig
+from llmgate.upstream.provider import Provider
+from llmgate.upstream.relay import Relay, Tally
+
+SECRET = "sk-upstream-Secret-1234"
+PROVIDER = Provider(  # what the relay says of a failure is its provider's
+    "p",
+    ProviderConfig(
+        base_url="http://127.0.0.1:9/v1", api_key=SECRET, headers={"api-key": "azure-Secret-99"}
+    ),
+)
 
 
 class EventsOnly(Relay):
@@ -33,7 +43,7 @@ def frames(*payloads: bytes) -> bytes:
 
 
 def run(relay_class: type[Relay], *reads: bytes) -> tuple[bytes, Relay, Tally]:
-    relay = relay_class("p")
+    relay = relay_class(PROVIDER)
     out = b""
     for read in reads:
         out += relay.feed(read)
@@ -46,16 +56,30 @@ def test_whole_frames_pass_through_and_are_peeked():
     body = frames(chunk("a"), chunk("b"), chunk(finish="stop"), chunk(usage=True))
     out, relay, turn = run(Relay, body + b"data: [DONE]\n\n")
     assert out == body
-    assert Relay("p")._whole_frames(body) == body  # the fast path
+    assert Relay(PROVIDER)._whole_frames(body) == body  # the fast path
     assert relay.done and relay.failure is None
     assert (turn.chunks, turn.finish_reason, turn.usage) == (4, "stop", {"total_tokens": 7})
 
 
-def test_error_frame_is_relayed_then_ends_the_stream():
-    error = b'{"error": {"message": "overloaded"}}'
-    out, relay, _ = run(Relay, frames(chunk("a"), error, chunk("never")))
-    assert out == frames(chunk("a"), error)
-    assert isinstance(relay.failure, UpstreamErrorFrame)
+def test_error_frame_ends_the_stream_as_our_own_error_redacted():
+    # the provider echoes its key (in another case), the Azure header's, and a Bearer token
+    message = f"overloaded for {SECRET.upper()} / AZURE-SECRET-99 / bearer abcdefgh1234"
+    error = json.dumps({"error": {"message": message, "type": "server_error"}}).encode()
+    for relay_class in (Relay, EventsOnly):
+        out, relay, _ = run(relay_class, frames(chunk("a"), error, chunk("never")))
+        assert out == frames(chunk("a"))  # the provider's frame is not passed on as it came
+        failure = relay.failure
+        assert failure is not None and failure.status == 502 and failure.code == "upstream_error"
+        assert "overloaded" in failure.message and "[redacted]" in failure.message
+        assert "secret" not in failure.message.lower() and "abcdefgh" not in failure.message
+
+
+def test_invalid_utf8_inside_a_string_is_refused_on_both_paths():
+    bad = b'{"choices": [{"delta": {"content": "a\xff\xfe"}, "finish_reason": null}]}'
+    for relay_class in (Relay, EventsOnly):
+        out, relay, _ = run(relay_class, frames(chunk("a"), bad, chunk(finish="stop")))
+        assert out == frames(chunk("a"))
+        assert relay.failure is not None and "malformed" in relay.failure.message
 
 
 def test_garbage_frame_stops_before_it():

@@ -1,7 +1,9 @@
 """Log lines to stderr (journald under systemd), as text or JSON, one line per record.
 
 A record's exception is shown by its class name only: a traceback or an exception's text
-can carry internals or secrets, and neither belongs in a log line.
+can carry internals or secrets, and neither belongs in a log line. A line cannot be forged:
+every control character in a message or a value is escaped (a caller's `model` with a
+newline stays on its line) and a long value is clipped to MAX_VALUE characters.
 
 Info lines written from the event loop are gathered for up to FLUSH_S and written together:
 one write per turn cost ~50 us of CPU on this VM, 8% of a 20-chunk stream. Warnings and
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import sys
 import time
 from typing import Any
@@ -20,6 +23,13 @@ import msgspec
 
 _encode = msgspec.json.Encoder().encode
 FLUSH_S = 0.05
+MAX_VALUE = 512  # characters of one string value
+# shown as it is: printable ASCII without space or quote; anything else is quoted JSON
+_BARE = re.compile(f"[!#-~]{{1,{MAX_VALUE}}}")
+# what JSON leaves raw but a terminal or a log reader may act on (C1 controls, DEL, the
+# Unicode line and paragraph separators)
+_UNSAFE = re.compile("[\x7f-\x9f\u2028\u2029]")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 class _BatchingHandler(logging.StreamHandler):
@@ -69,12 +79,12 @@ class _Formatter(logging.Formatter):
         ts += f".{int(record.msecs):03d}Z"
         if self.json:
             line: dict[str, Any] = {"ts": ts, "level": record.levelname.lower()}
-            line["msg"] = record.getMessage()
-            line.update(fields)
+            line["msg"] = _clip(record.getMessage())
+            line.update({k: _clip(v) for k, v in fields.items()})
             if record.exc_info and record.exc_info[0]:
                 line["exc"] = record.exc_info[0].__name__
-            return _encode(line).decode()
-        parts = [ts, record.levelname.lower(), record.getMessage()]
+            return _escaped(_encode(line).decode())
+        parts = [ts, record.levelname.lower(), _message(record.getMessage())]
         parts += [f"{k}={_text(v)}" for k, v in fields.items()]
         if record.exc_info and record.exc_info[0]:
             parts.append(f"exc={record.exc_info[0].__name__}")
@@ -82,9 +92,26 @@ class _Formatter(logging.Formatter):
 
 
 def _text(value: Any) -> str:
-    if isinstance(value, str) and value and " " not in value and '"' not in value:
+    if isinstance(value, str) and _BARE.fullmatch(value):
         return value
-    return _encode(value).decode()
+    return _escaped(_encode(_clip(value)).decode())
+
+
+def _clip(value: Any) -> Any:
+    if isinstance(value, str) and len(value) > MAX_VALUE:
+        return f"{value[:MAX_VALUE]}... ({len(value)} chars)"
+    return value
+
+
+def _escaped(text: str) -> str:
+    return _UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def _message(text: str) -> str:
+    """A message on one line: its control characters as escapes, clipped."""
+    if _CONTROL.search(text):
+        text = _CONTROL.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    return _clip(text)
 
 
 def setup(fmt: str = "text", level: str = "info") -> None:

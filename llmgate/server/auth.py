@@ -25,6 +25,15 @@ class Caller:
     key: str | None  # the bearer key as sent (a passthrough provider forwards it)
     name: str
     rule: Rule
+    # None: any model; else the aliases and `provider/model` (or `provider/*`) it may use
+    allowed: frozenset[str] | None = None
+
+    def may_use(self, model_id: str, alias: bool) -> bool:
+        """Whether this caller may ask for an alias, or for `provider/model`."""
+        allowed = self.allowed
+        if allowed is None or model_id in allowed:
+            return True
+        return not alias and f"{model_id.partition('/')[0]}/*" in allowed
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,13 +41,15 @@ class Key:
     key: str
     name: str
     rule: Rule
+    allowed: frozenset[str] | None = None
 
 
 class KeyCheck:
     def __init__(self, keys: list[Key], open_rule: Rule) -> None:
         # Digests make every comparison the same length, so timing says nothing of a key.
         self._known = tuple(
-            (hashlib.sha256(k.key.encode()).digest(), Caller(k.key, k.name, k.rule)) for k in keys
+            (hashlib.sha256(k.key.encode()).digest(), Caller(k.key, k.name, k.rule, k.allowed))
+            for k in keys
         )
         self._open_rule = open_rule
 
@@ -56,7 +67,8 @@ class KeyCheck:
             raise ApiError(401, "missing API key: send the header 'Authorization: Bearer <key>'")
         if self.open:
             return Caller(token, OPEN, self._open_rule)
-        digest = hashlib.sha256(token.encode()).digest()
+        # A header that is not UTF-8 arrives with its bytes as surrogates: hashed as sent.
+        digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
         found: Caller | None = None
         for known, caller in self._known:  # every key compared, whichever matches
             if hmac.compare_digest(digest, known):

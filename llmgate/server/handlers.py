@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import msgspec
 from aiohttp import web
 
 from llmgate.config import is_loopback
-from llmgate.errors import ApiError
+from llmgate.errors import ApiError, UpstreamTimeout
 from llmgate.obs import metrics, tracing
 from llmgate.pipeline import Ask, Call
 from llmgate.protocol import ChatRequest, encoder, error_path, generic_decoder, request_decoder
-from llmgate.server.auth import Key, KeyCheck, Rule
+from llmgate.server.auth import Caller, Key, KeyCheck, Rule
 from llmgate.server.collect import collect
 from llmgate.server.limits import LimitState
 from llmgate.server.stream import Staged, require_finish, stream_answer
@@ -24,7 +27,9 @@ from llmgate.upstream.client import SESSION
 from llmgate.upstream.failover import complete, provider_call
 from llmgate.upstream.payload import build
 from llmgate.upstream.router import Router
+from llmgate.upstream.targets import Plan
 
+log = logging.getLogger("llmgate.server")
 _ROLES = "system, developer, user, assistant or tool"
 
 
@@ -37,6 +42,7 @@ class Settings:
     apology: str | None = None  # server.on_stream_error = "apology": what is said
     read_timeout_s: float = 30.0
     metrics: metrics.Names | None = None  # None: metrics off
+    answer_timeout_s: float = 300.0  # a non-streamed answer, whole
 
 
 class ChatCompletions:
@@ -85,8 +91,11 @@ class ChatCompletions:
             turn.end(CLIENT_CLOSED)
             raise
         except Exception:
-            turn.end(500, "internal_error")  # the middleware answers it
-            raise
+            # The class name only: an exception's text or traceback can hold internals.
+            log.error("unhandled error in turn %s", turn.id, exc_info=True)
+            error = ApiError(500, "internal error in llmgate")
+            turn.end(error.status, error.code)
+            return error.for_request(turn.id).response(turn.id)
         finally:
             turn.log()
 
@@ -96,20 +105,23 @@ class ChatCompletions:
         turn.key = caller.name
         await settings.limits.admit(caller)  # a 429 here, before any upstream work
         try:
-            return await self._admitted(request, turn, settings, caller.key)
+            return await self._admitted(request, turn, settings, caller)
         finally:
             settings.limits.release(caller)
 
     async def _admitted(
-        self, request: web.Request, turn: Turn, settings: Settings, caller_key: str | None
+        self, request: web.Request, turn: Turn, settings: Settings, caller: Caller
     ) -> web.StreamResponse:
         body = await _read_body(request, settings.max_body, settings.read_timeout_s)
-        chat = _decode(body)
+        chat, raw = _decode(body)
         plan = self.router.resolve(chat.model)
         target = plan.first
         turn.model, turn.provider = target.model, target.provider.name
+        if caller.allowed is not None and not caller.may_use(*_model_id(plan)):
+            message = f"model '{chat.model}' is not one this key may use"
+            raise ApiError(403, message, param="$.model", code="model_not_allowed")
+        caller_key = caller.key
         turn.stream = bool(chat.stream)
-        raw = generic_decoder.decode(body)
         upstream_body, turn.metadata = build(raw, target.model, plan.forward)
         session = request.app[SESSION]
         channels = request.app[CHANNELS]
@@ -126,7 +138,8 @@ class ChatCompletions:
                     return await stream_answer(
                         request, turn, settings.keepalive_s, source, apology
                     )
-                return await _collected(turn, call, ask)
+                async with _deadline(settings.answer_timeout_s):
+                    return await _collected(turn, call, ask)
             if chat.stream:
                 upstream = UpstreamCall(
                     session,
@@ -134,7 +147,6 @@ class ChatCompletions:
                     encoder.encode(upstream_body),
                     caller_key,
                     turn,
-                    relay_errors=apology is None,
                 )
                 with tracing.span(
                     "upstream.attempt", provider=target.provider.name, model=target.model
@@ -142,11 +154,34 @@ class ChatCompletions:
                     return await stream_answer(
                         request, turn, settings.keepalive_s, upstream, apology
                     )
-            answer = await complete(Ask(upstream_body, turn, plan, session, caller_key, False))
+            async with _deadline(settings.answer_timeout_s):
+                answer = await complete(
+                    Ask(upstream_body, turn, plan, session, caller_key, False)
+                )
             turn.mark_first_token()
             return _json(turn, answer)
         finally:
             channels.leave(channel, turn)
+
+
+@contextlib.asynccontextmanager
+async def _deadline(seconds: float) -> AsyncIterator[None]:
+    """A non-streamed answer is whole within `seconds`, or the caller gets a 504: a provider
+    that trickles bytes must not hold a caller waiting for a status."""
+    try:
+        async with asyncio.timeout(seconds):
+            yield
+    except TimeoutError:
+        message = f"the answer was not whole within {seconds:g}s (server.answer_timeout_s)"
+        raise UpstreamTimeout(message) from None
+
+
+def _model_id(plan: Plan) -> tuple[str, bool]:
+    """What `allowed_models` names: an alias, or `provider/model`."""
+    if plan.alias:
+        return plan.name, True
+    target = plan.first
+    return f"{target.provider.name}/{target.model}", False
 
 
 def _outcome(span, turn: Turn) -> None:
@@ -190,9 +225,12 @@ def _too_large(limit: int) -> ApiError:
     return ApiError(413, f"request body is larger than {limit / 2**20:g} MB (server.max_body_mb)")
 
 
-def _decode(body: bytes) -> ChatRequest:
+def _decode(body: bytes) -> tuple[ChatRequest, dict]:
+    """The request, checked, and the body as sent (what goes upstream, less our fields)."""
     try:
-        return request_decoder.decode(body)
+        return request_decoder.decode(body), generic_decoder.decode(body)
+    except RecursionError:
+        raise ApiError(400, "request body is nested too deeply") from None
     except msgspec.ValidationError as exc:
         what, path = error_path(exc)
         if path.endswith(".role") and what.startswith("Invalid value"):
@@ -210,11 +248,12 @@ class ModelList:
         self.router = router
 
     async def handle(self, request: web.Request) -> web.Response:
-        self.settings.keys(request)
+        caller = self.settings.keys(request)
         now = int(time.time())
         data = [
             {"id": model, "object": "model", "created": now, "owned_by": owner}
             for model, owner in self.router.models()
+            if caller.may_use(model, owner == "llmgate")
         ]
         return web.json_response(
             {"object": "list", "data": data}, dumps=lambda o: encoder.encode(o).decode()

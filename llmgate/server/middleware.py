@@ -1,8 +1,10 @@
-"""Every error a caller sees, whatever raised it, leaves as an OpenAI error envelope."""
+"""Every error a caller sees, whatever raised it, leaves as an OpenAI error envelope; and
+a compressed request body is refused before anything reads it."""
 
 from __future__ import annotations
 
 import logging
+import os
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -20,6 +22,12 @@ _MESSAGES = {
 
 @web.middleware
 async def error_envelopes(request: web.Request, handler: Handler) -> web.StreamResponse:
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("identity", ""):
+        # Agora never compresses; inflating a caller's body (before any key is checked)
+        # would let a 1 MB body stall the loop for a second. Nothing of it is read.
+        message = "a compressed request body is not accepted: send it without Content-Encoding"
+        return ApiError(415, message, headers={"Connection": "close"}).response()
     try:
         return await handler(request)
     except ApiError as exc:
@@ -33,5 +41,8 @@ async def error_envelopes(request: web.Request, handler: Handler) -> web.StreamR
         return ApiError(exc.status, message, headers=headers).response()
     except Exception:
         # The class name only: an exception's text or traceback can hold internals.
-        log.error("unhandled error on %s %s", request.method, request.path, exc_info=True)
-        return ApiError(500, "internal error in llmgate").response()
+        request_id = "req_" + os.urandom(12).hex()
+        log.error("unhandled error on %s %s (request %s)", request.method, request.path,
+                  request_id, exc_info=True)
+        error = ApiError(500, "internal error in llmgate").for_request(request_id)
+        return error.response(request_id)

@@ -9,6 +9,11 @@ dropped by us (aiohttp has no such limit; the body's own limit is the handler's)
 Signals: SIGTERM (or SIGINT) stops accepting and lets streams in flight finish for up to
 `drain_s`, then the process exits 0; a second one exits at once. SIGHUP calls `on_hup`
 (the config is read again).
+
+What a caller sends is never inflated: a request body with a `Content-Encoding` is refused
+(415, by the middleware) and aiohttp's decompression is off, so a small gzip body cannot
+grow into a gigabyte on the loop. A body the handler did not read (a 401, 404, 413, 415
+before it) is not drained either: the connection is closed.
 """
 
 from __future__ import annotations
@@ -28,7 +33,13 @@ from aiohttp.web_protocol import RequestHandler
 log = logging.getLogger("llmgate")
 
 # A caller hanging up cancels its turn (barge-in); the turn line replaces the access log.
-RUNNER_OPTIONS: dict[str, Any] = {"handler_cancellation": True, "access_log": None}
+RUNNER_OPTIONS: dict[str, Any] = {
+    "handler_cancellation": True,
+    "access_log": None,
+    "auto_decompress": False,  # nothing a caller sends is inflated (the middleware's 415)
+    "lingering_time": 0,  # an unread body is not drained: its connection is closed
+}
+IDLE_S = 75.0  # a connection with no request in flight is closed after this (nginx's default)
 
 
 def listen(host: str, port: int, send_timeout_s: float, reuse_port: bool = False):
@@ -48,13 +59,19 @@ def listen(host: str, port: int, send_timeout_s: float, reuse_port: bool = False
 
 
 class _GuardedHandler(RequestHandler):
-    """A connection whose next request's headers must arrive within `read_timeout_s` of
-    its first byte: a slow client (slowloris) cannot hold a connection with a trickle.
-    Body bytes of a request being handled do not arm it (the handler bounds those)."""
+    """A connection whose first request's headers must arrive within `read_timeout_s` of
+    its opening, and each next request's within `read_timeout_s` of its first byte: a
+    client that sends nothing, or a trickle (slowloris), cannot hold a connection. Body
+    bytes of a request being handled do not arm it (the handler bounds those); between
+    requests, aiohttp's keep-alive timeout (`IDLE_S`) closes an idle connection."""
 
     read_timeout_s = 30.0
     _read_timer: asyncio.TimerHandle | None = None
     _armed_at_count = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._read_timer = self._loop.call_later(self.read_timeout_s, self._too_slow)
 
     def data_received(self, data: bytes) -> None:
         count = self._request_count
@@ -71,7 +88,7 @@ class _GuardedHandler(RequestHandler):
             return  # a request is being handled (armed on its body in the turn before)
         if self._request_count == self._armed_at_count and self.transport is not None:
             log.info("a client's request headers did not arrive within %gs: dropped",
-                     self.read_timeout_s)
+                     self.read_timeout_s)  # (nothing at all, or a trickle)
             self.transport.close()
 
     def _disarm(self) -> None:
@@ -98,7 +115,9 @@ async def start(
 ) -> web.AppRunner:
     """Serve `app` on `sock` in the running loop; `await runner.cleanup()` stops it, letting
     requests in flight finish for up to `drain_s`."""
-    runner = web.AppRunner(app, shutdown_timeout=drain_s, **RUNNER_OPTIONS)
+    runner = web.AppRunner(
+        app, shutdown_timeout=drain_s, keepalive_timeout=IDLE_S, **RUNNER_OPTIONS
+    )
     await runner.setup()
     # aiohttp makes its own Server; ours differs only in the handler it makes per
     # connection (tests/test_serve.py fails should an aiohttp release change that).

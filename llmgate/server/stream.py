@@ -22,7 +22,6 @@ from llmgate.pipeline import Opened, Piece, apology_chunks, turn_head
 from llmgate.protocol import encoder
 from llmgate.sse import DONE_FRAME, PING_FRAME
 from llmgate.turn import CLIENT_CLOSED, Turn
-from llmgate.upstream.relay import UpstreamErrorFrame
 
 log = logging.getLogger("llmgate.server")
 
@@ -190,8 +189,6 @@ async def _fail(
     [DONE]; or, with `apology`, the caller hears it and the answer ends as a normal one
     (once the answer had finished, with [DONE] alone)."""
     turn.end(exc.status, exc.code or exc.type)
-    if isinstance(exc, UpstreamErrorFrame):
-        return  # the provider's own error frame has been relayed already
     if apology is not None:
         turn.note("upstream", apology=not finished)
         chunks = [] if finished else apology_chunks(turn_head(turn, turn.model or ""), apology)

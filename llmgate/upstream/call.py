@@ -48,7 +48,6 @@ class UpstreamCall:
         "_caller_key",
         "_first",
         "_provider",
-        "_relay_errors",
         "_resp",
         "_sent",
         "_session",
@@ -67,10 +66,8 @@ class UpstreamCall:
         caller_key: str | None,
         turn: Turn,
         stream: bool = True,
-        relay_errors: bool = True,
     ) -> None:
         self._session = session
-        self._relay_errors = relay_errors  # relay(): pass a provider's error frame on
         self._provider = provider
         self._body = body
         self._caller_key = caller_key
@@ -102,10 +99,18 @@ class UpstreamCall:
                 headers=provider.headers(self._stream, self._caller_key),
                 timeout=provider.timeout,
                 allow_redirects=False,
+                # llmgate asks for identity; a compressed answer is refused, never inflated
+                # (a small gzip of data lines would grow to gigabytes on the loop).
+                auto_decompress=False,
             )
             if resp.status >= 300:
                 raw = await _read_bounded(resp, MAX_ERROR_BODY)
                 raise provider.status_error(resp.status, resp.headers, raw)
+            if resp.headers.get("Content-Encoding", "identity").lower() not in ("identity", ""):
+                raise UpstreamUnavailable(
+                    f"provider '{provider.name}' sent a compressed answer (llmgate asks for "
+                    "Accept-Encoding: identity)"
+                )
             if self._stream and resp.content_type != "text/event-stream":
                 raise await self._not_a_stream(resp)
         except BaseException as exc:
@@ -130,7 +135,7 @@ class UpstreamCall:
         read. Once the answer is whole, the last read's frames are returned unwritten (the
         writer sends them with its end of the stream). Raises ApiError on failure, after
         writing the good frames that came before it."""
-        relay = Relay(self._provider.name, self._relay_errors)
+        relay = Relay(self._provider)
         self._tally = relay.tally
         watchdog = self._watchdog
         assert watchdog is not None and self._resp is not None
@@ -203,9 +208,7 @@ class UpstreamCall:
         except msgspec.DecodeError:
             raise UpstreamUnavailable(f"provider '{name}' sent a malformed chunk") from None
         if view.error is not None:
-            raise self._provider.answer_error(payload) or UpstreamUnavailable(
-                f"provider '{name}' sent an error frame"
-            )
+            raise self._provider.frame_error(payload)
         return view
 
     async def answer(self) -> bytes:
@@ -223,8 +226,9 @@ class UpstreamCall:
         if not whole:
             raise UpstreamUnavailable(f"provider '{provider.name}' sent an oversized answer")
         try:
+            raw.decode()  # invalid UTF-8 is refused on every path (upstream/relay)
             peek = chunk_decoder.decode(raw)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, UnicodeDecodeError):
             message = f"provider '{provider.name}' sent a malformed answer"
             raise UpstreamUnavailable(message) from None
         if peek.error is not None:
@@ -258,7 +262,9 @@ class UpstreamCall:
             assert self._watchdog is not None
             return self._watchdog.timeout_error()
         if isinstance(exc, SSEError):
-            return UpstreamUnavailable(f"provider '{self._provider.name}' sent an oversized line")
+            return UpstreamUnavailable(
+                f"provider '{self._provider.name}' sent an oversized line or event"
+            )
         return self._provider.error_for(exc)
 
     async def aclose(self) -> None:

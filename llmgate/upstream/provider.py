@@ -20,7 +20,9 @@ from llmgate.errors import (
 )
 from llmgate.protocol import OPENAI_PARAMS, UpstreamErrorBody
 
-_KEYLIKE = re.compile(r"(sk-|Bearer\s+|gsk_|AIza)[A-Za-z0-9_\-*.]{4,}")
+_KEYLIKE = re.compile(r"(sk-|Bearer\s+|gsk_|AIza)[A-Za-z0-9_\-*.]{4,}", re.IGNORECASE)
+_SECRET_HEADER = re.compile(r"key|token|auth|secret|signature", re.IGNORECASE)
+MAX_FIELD = 200  # characters of a provider's `param`, `type` or `code` passed on
 _KEPT_HEADERS = ("Retry-After", "Retry-After-Ms")
 _error_decoder = msgspec.json.Decoder(UpstreamErrorBody)
 
@@ -41,10 +43,20 @@ class Provider:
         headers = {"Content-Type": "application/json", **config.headers}
         if config.api_key and not self.passthrough:
             headers["Authorization"] = f"Bearer {config.api_key}"
+        headers["Accept-Encoding"] = "identity"  # an answer is never inflated (upstream/call)
         self._headers = {
-            True: {**headers, "Accept": "text/event-stream", "Accept-Encoding": "identity"},
+            True: {**headers, "Accept": "text/event-stream"},
             False: {**headers, "Accept": "application/json"},
         }
+        # What a provider might echo back: its key, and any header of ours that holds one
+        # (Azure's `api-key`, Anthropic's `x-api-key`), matched whatever their case.
+        secrets = [v for h, v in config.headers.items() if _SECRET_HEADER.search(h)]
+        if config.api_key and not self.passthrough:
+            secrets.append(config.api_key)
+        secrets = sorted({s for s in secrets if len(s) >= 6}, key=len, reverse=True)
+        self._secrets = (
+            re.compile("|".join(map(re.escape, secrets)), re.IGNORECASE) if secrets else None
+        )
 
     def check_ready(self) -> None:
         if self.unset_env:
@@ -94,9 +106,9 @@ class Provider:
                 status,
                 f"provider '{self.name}': {message}",
                 fallback=status == 429,
-                param=_str_or_none(detail.get("param")),
-                type=_str_or_none(detail.get("type")),
-                code=_str_or_none(detail.get("code")),
+                param=self._field(detail.get("param")),
+                type=self._field(detail.get("type")),
+                code=self._field(detail.get("code")),
                 headers=kept,
             )
         return UpstreamStatus(
@@ -110,11 +122,23 @@ class Provider:
             return None
         return UpstreamStatus(502, f"provider '{self.name}': {self.redact(str(message))}")
 
+    def frame_error(self, payload: bytes) -> UpstreamError:
+        """A `{"error": ...}` the provider sent inside its stream. Every path says it the
+        same way: llmgate's envelope (502, `upstream_error`, the request id added by the
+        writer) with the provider's message, redacted; never the provider's frame as sent."""
+        return self.answer_error(payload) or UpstreamUnavailable(
+            f"provider '{self.name}' sent an error frame"
+        )
+
     def redact(self, text: str) -> str:
-        key = self.config.api_key
-        if key and not self.passthrough:
-            text = text.replace(key, "[redacted]")
+        """`text` without this provider's secrets or anything shaped like a key."""
+        if self._secrets is not None:
+            text = self._secrets.sub("[redacted]", text)
         return _KEYLIKE.sub("[redacted]", text)[:2000]
+
+    def _field(self, value: object) -> str | None:
+        text = _str_or_none(value)
+        return None if text is None else self.redact(text)[:MAX_FIELD]
 
 
 def error_detail(raw: bytes) -> dict:

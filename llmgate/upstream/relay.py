@@ -17,6 +17,7 @@ import msgspec
 from llmgate.errors import ApiError, UpstreamUnavailable
 from llmgate.protocol import ChunkPeek, ChunkView, chunk_decoder
 from llmgate.sse import DONE, DONE_FRAME, SSEDecoder
+from llmgate.upstream.provider import Provider
 
 _DONE_TAIL = len(DONE_FRAME)
 _peeks_decoder = msgspec.json.Decoder(list[ChunkPeek])
@@ -45,28 +46,20 @@ class Tally:
                 self.usage = peek.usage
 
 
-class UpstreamErrorFrame(ApiError):
-    """The provider sent `{"error": ...}` mid-stream; it has been relayed as it came."""
-
-    def __init__(self) -> None:
-        super().__init__(502, "provider sent an error frame")
-
-
 class Relay:
     """Feed it upstream reads; it returns what to send and keeps the turn's peeks.
 
     After a read, `done` says `[DONE]` came (it is not in the output: the writer adds its
-    own), and `failure` holds the error to report once the returned bytes are sent.
+    own), and `failure` holds the error to report once the returned bytes are sent. A
+    provider's error frame is never passed on as it came: it is the failure
+    (`Provider.frame_error`), said by the writer as on every other path.
     """
 
-    __slots__ = ("_decoder", "_provider", "_relay_errors", "done", "failure", "tally")
+    __slots__ = ("_decoder", "_provider", "done", "failure", "tally")
 
-    def __init__(self, provider: str, relay_errors: bool = True) -> None:
+    def __init__(self, provider: Provider) -> None:
         self._decoder = SSEDecoder()
         self._provider = provider
-        # False: a provider's error frame is not passed on (the writer ends the answer its
-        # own way, with an apology)
-        self._relay_errors = relay_errors
         self.done = False
         self.failure: ApiError | None = None
         self.tally = Tally()
@@ -103,8 +96,11 @@ class Relay:
             return None
         if payloads:
             try:
+                # msgspec skips the fields a peek does not name without checking them:
+                # invalid UTF-8 is refused here, as the staged routes' full decode does.
+                data.decode()
                 peeks = _peeks_decoder.decode(b"[" + b",".join(payloads) + b"]")
-            except msgspec.DecodeError:
+            except (msgspec.DecodeError, UnicodeDecodeError):
                 return None  # the event path finds the bad frame and sends what came before
             # One value per payload, else a payload held two values or none.
             if len(peeks) != len(payloads) or any(p.error is not None for p in peeks):
@@ -121,20 +117,15 @@ class Relay:
                 self.done = True
                 break
             try:
+                payload.decode()  # (see _whole_frames)
                 peek = chunk_decoder.decode(payload)
-            except msgspec.DecodeError:
+            except (msgspec.DecodeError, UnicodeDecodeError):
                 self.failure = UpstreamUnavailable(
-                    f"provider '{self._provider}' sent a malformed chunk"
+                    f"provider '{self._provider.name}' sent a malformed chunk"
                 )
                 break
             if peek.error is not None:
-                if self._relay_errors:
-                    out.append(event.frame())
-                    self.failure = UpstreamErrorFrame()
-                else:
-                    self.failure = UpstreamUnavailable(
-                        f"provider '{self._provider}' sent an error frame"
-                    )
+                self.failure = self._provider.frame_error(payload)
                 break
             out.append(event.frame())
             self.tally.note((peek,))

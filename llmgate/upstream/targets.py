@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from llmgate.config import BreakerConfig
-from llmgate.errors import ApiError, UpstreamError
+from llmgate.errors import ApiError, UpstreamError, logged_error
 from llmgate.obs import metrics
 
 if TYPE_CHECKING:
@@ -32,6 +32,7 @@ log = logging.getLogger("llmgate.upstream")
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 _MESSAGE_CHARS = 300  # of each attempt's failure, in the message of a turn whose all failed
+MAX_RETRY_AFTER_S = 600.0  # the longest a Retry-After may cool a provider down
 
 
 class Health:
@@ -197,7 +198,7 @@ class Attempts:
                 target.health.abandoned()
         wait = retry_after_s(exc, 1.0) if exc.status == 429 else None
         self.failures.append((target, exc.status, exc.message, wait))
-        self._record(target, error=exc.code or exc.type)
+        self._record(target, error=logged_error(exc.code or exc.type))
         self.note()
 
     def won(self, target: Target) -> None:
@@ -272,8 +273,12 @@ def _order(targets: tuple[Target, ...]) -> list[Target]:
 
 
 def retry_after_s(exc: ApiError, default: float) -> float:
-    """Seconds from an error's Retry-After-Ms or Retry-After (seconds or an HTTP date)."""
-    headers = exc.headers
+    """Seconds from an error's Retry-After-Ms or Retry-After (seconds or an HTTP date),
+    at most MAX_RETRY_AFTER_S: a provider's 400-digit wait must not cool it forever."""
+    return min(_retry_after_s(exc.headers, default), MAX_RETRY_AFTER_S)
+
+
+def _retry_after_s(headers: dict[str, str], default: float) -> float:
     try:
         if "Retry-After-Ms" in headers:
             return max(0.0, float(headers["Retry-After-Ms"]) / 1000)
