@@ -21,6 +21,14 @@ def children(pid: int) -> list[int]:
     return [int(p) for p in path.read_text().split()] if path.exists() else []
 
 
+def running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan waits for whoever reaps it here)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def cpu_ticks(pid: int) -> int:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return int(fields[11]) + int(fields[12])
@@ -118,3 +126,37 @@ async def test_two_workers_serve_reload_restart_and_drain(tmp_path, upstream):
                 os.kill(pid, signal.SIGKILL)
             proc.kill()
             await proc.wait()
+
+
+async def test_a_killed_supervisors_metrics_folder_is_removed_by_the_next(tmp_path, upstream):
+    port = free_port()
+    config = tmp_path / "c.toml"
+    config.write_text(config_text(port, upstream.url, "drain_s = 1"))
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    env["TMPDIR"] = str(tmp)
+
+    async def supervisor() -> asyncio.subprocess.Process:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "llmgate", "--config", str(config), "--workers", "2",
+            stderr=asyncio.subprocess.DEVNULL, env=env,
+        )
+        await eventually(lambda: len(children(proc.pid)) == 2, timeout=20)
+        return proc
+
+    first = await supervisor()
+    workers = children(first.pid)
+    first.kill()  # SIGKILL: no clean-up of its own
+    await first.wait()
+    await eventually(lambda: not any(running(w) for w in workers), timeout=20)
+    left = [p.name for p in tmp.iterdir()]
+    assert left == [f"llmgate-metrics-{first.pid}-" + left[0].rsplit("-", 1)[1]]
+    second = await supervisor()
+    try:
+        await eventually(lambda: all(str(first.pid) not in p.name for p in tmp.iterdir()))
+        assert [p.name.split("-")[2] for p in tmp.iterdir()] == [str(second.pid)]
+    finally:
+        second.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(second.wait(), 20) == 0
+    assert list(tmp.iterdir()) == []

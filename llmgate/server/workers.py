@@ -25,6 +25,8 @@ from llmgate import config as configuration
 
 log = logging.getLogger("llmgate")
 
+METRICS_PREFIX = "llmgate-metrics-"
+SUPERVISOR_ENV = "LLMGATE_SUPERVISOR_PID"  # a worker's: whose death it follows
 RESTART_S = 1.0  # a worker that keeps dying is started again at most this often
 
 
@@ -40,8 +42,10 @@ class Supervisor:
 
     def run(self) -> int:
         own_dir = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+        if own_dir:
+            sweep_metrics_dirs()
         metrics_dir = os.environ.setdefault(
-            "PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="llmgate-metrics-")
+            "PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix=f"{METRICS_PREFIX}{os.getpid()}-")
         )
         for old in Path(metrics_dir).glob("*.db"):  # a previous run's values are not ours
             old.unlink(missing_ok=True)
@@ -75,9 +79,13 @@ class Supervisor:
             return  # a SIGTERM came while waiting: no new worker to stop
         # A session of its own: Ctrl-C reaches the supervisor alone, which drains each.
         self.workers[slot] = subprocess.Popen(
-            [sys.executable, "-m", "llmgate", *self.argv], start_new_session=True
+            [sys.executable, "-m", "llmgate", *self.argv],
+            start_new_session=True,
+            env={**os.environ, SUPERVISOR_ENV: str(os.getpid())},
         )
         self._started[slot] = time.monotonic()
+        if self.stopping:  # a SIGTERM came while it started: the handler did not see it
+            self.workers[slot].send_signal(signal.SIGTERM)
 
     def _reap(self) -> None:
         for slot, proc in list(self.workers.items()):
@@ -119,6 +127,24 @@ class Supervisor:
         return ", ".join(str(p.pid) for p in self.workers.values())
 
 
+def sweep_metrics_dirs() -> None:
+    """Remove the metrics folders of supervisors that died without cleaning up (SIGKILL,
+    OOM): each is named by its supervisor's pid, and only a dead one's is taken."""
+    for path in Path(tempfile.gettempdir()).glob(f"{METRICS_PREFIX}*-*"):
+        pid = path.name.removeprefix(METRICS_PREFIX).partition("-")[0]
+        if not pid.isdigit() or not path.is_dir() or path.is_symlink():
+            continue
+        try:
+            if path.stat().st_uid != os.getuid():
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            log.info("removing a metrics folder left by a supervisor that died: %s", path)
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:  # alive under another user, or gone meanwhile
+            continue
+
+
 def configuration_exit() -> int:
     from llmgate.cli import EXIT_CONFIG
 
@@ -143,6 +169,11 @@ def follow_parent() -> None:
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+    # A supervisor that died before the line above leaves no signal to come: look.
+    supervisor = os.environ.get(SUPERVISOR_ENV, "")
+    if supervisor.isdigit() and os.getppid() != int(supervisor):
+        log.warning("the supervisor (pid %s) is gone: this worker exits", supervisor)
+        sys.exit(0)
 
 
 def worker_argv(argv: list[str]) -> list[str]:
