@@ -151,12 +151,15 @@ class Live:
         self.reloading = asyncio.Lock()
 
     async def dispatch(self, request: web.Request) -> web.StreamResponse:
-        entry = self.current.routes.get(request.path)
+        # The path as sent, not percent-decoded: `/chat%2Fcompletions` is no route, and
+        # `/%6Detrics` is not /metrics behind a proxy that guards `/metrics` alone.
+        entry = self.current.routes.get(request.rel_url.raw_path)
         if entry is None:
             raise web.HTTPNotFound()
         method, handler = entry
         if request.method != method and not (method == "GET" and request.method == "HEAD"):
-            raise web.HTTPMethodNotAllowed(request.method, [method])
+            allowed = [method, "HEAD"] if method == "GET" else [method]
+            raise web.HTTPMethodNotAllowed(request.method, allowed)
         return await handler(request)
 
 

@@ -300,3 +300,16 @@ async def test_a_key_uses_only_its_allowed_models(make_gateway, upstream):
     ):
         listed = {m["id"] for m in (await resp.json())["data"]}
     assert listed == {"fake/text"}
+
+
+async def test_a_percent_encoded_path_is_no_route(gateway, upstream):
+    async with aiohttp.ClientSession() as s:
+        for path in ("/v1/chat%2Fcompletions", "/%6Detrics", "/v1%2Fmodels"):
+            url = gateway.make_url("/").with_path(path, encoded=True)
+            async with s.post(url, json={"model": "text", "messages": HI}, headers=AUTH) as r:
+                assert r.status == 404, path
+            async with s.get(url, headers=AUTH) as r:
+                assert r.status == 404, path
+        async with s.put(gateway.make_url("/v1/models"), headers=AUTH) as r:
+            assert r.status == 405 and set(r.headers["Allow"].split(",")) == {"GET", "HEAD"}
+    assert upstream.requests == []
