@@ -24,8 +24,6 @@ import msgspec
 _encode = msgspec.json.Encoder().encode
 FLUSH_S = 0.05
 MAX_VALUE = 512  # characters of one string value
-# shown as it is: printable ASCII without space or quote; anything else is quoted JSON
-_BARE = re.compile(f"[!#-~]{{1,{MAX_VALUE}}}")
 # what JSON leaves raw but a terminal or a log reader may act on (C1 controls, DEL, the
 # Unicode line and paragraph separators)
 _UNSAFE = re.compile("[\x7f-\x9f\u2028\u2029]")
@@ -92,9 +90,18 @@ class _Formatter(logging.Formatter):
 
 
 def _text(value: Any) -> str:
-    if isinstance(value, str) and _BARE.fullmatch(value):
-        return value
-    return _escaped(_encode(_clip(value)).decode())
+    if type(value) is str:
+        if (
+            value
+            and len(value) <= MAX_VALUE
+            and value.isascii()
+            and value.isprintable()  # (no control character, DEL included)
+            and " " not in value
+            and '"' not in value
+        ):
+            return value
+        value = _clip(value)
+    return _escaped(_encode(value).decode())
 
 
 def _clip(value: Any) -> Any:
@@ -104,12 +111,15 @@ def _clip(value: Any) -> Any:
 
 
 def _escaped(text: str) -> str:
+    """JSON text with what JSON leaves raw (DEL, C1 controls, U+2028/9) escaped too."""
+    if text.isascii() and "\x7f" not in text:
+        return text
     return _UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def _message(text: str) -> str:
     """A message on one line: its control characters as escapes, clipped."""
-    if _CONTROL.search(text):
+    if not text.isprintable():  # (control characters, U+2028/9 among what is not)
         text = _CONTROL.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
     return _clip(text)
 
