@@ -123,7 +123,10 @@ async def stream_answer(
     try:
         await source.open()
         sse = SSEResponse(turn.id, keepalive_s)
-        await sse.prepare(request)
+        try:
+            await sse.prepare(request)  # our headers: the first write the caller can miss
+        except ConnectionResetError:
+            raise CallerGone from None
         await _pump(sse, turn, source)
     except ApiError as exc:
         if sse is None:
