@@ -26,6 +26,7 @@ from llmgate.server.auth import Key, KeyCheck, Rule
 from llmgate.server.handlers import ChatCompletions, MetricsPage, ModelList, Settings, healthz
 from llmgate.server.limits import LocalLimits
 from llmgate.server.middleware import error_envelopes
+from llmgate.server.serve import IN_FLIGHT
 from llmgate.stages.audio import AudioStage
 from llmgate.stages.rag import RagStage
 from llmgate.stages.speech import SpeechStage, options_from
@@ -48,11 +49,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class Generation:
     """What one reading of the config serves, from its start to its last turn's end."""
 
-    def __init__(self, loaded: Loaded, limits: LocalLimits) -> None:
+    def __init__(self, loaded: Loaded, limits: LocalLimits, in_flight: set) -> None:
         config = loaded.config
+        self.in_flight = in_flight  # every generation's turns' tasks (server.serve's drain)
         self.loaded = loaded
         max_body = int(config.server.max_body_mb * 2**20)
-        self.max_body = max_body
         providers = {
             name: Provider(name, provider, loaded.unset_env.get(name, ()))
             for name, provider in config.providers.items()
@@ -113,10 +114,13 @@ class Generation:
     def _counted(self, handle: Handler) -> Handler:
         async def counted(request: web.Request) -> web.StreamResponse:
             self.active += 1
+            task = asyncio.current_task()
+            self.in_flight.add(task)
             try:
                 return await handle(request)
             finally:
                 self.active -= 1
+                self.in_flight.discard(task)
                 if self._retired and self.active == 0:
                     self._close_soon()
 
@@ -168,10 +172,13 @@ LIVE = web.AppKey("live", Live)
 
 def create_app(loaded: Loaded) -> web.Application:
     limits = LocalLimits(loaded.config.server.limits.global_max_concurrent)
-    generation = Generation(loaded, limits)
-    app = web.Application(middlewares=[error_envelopes], client_max_size=generation.max_body)
+    in_flight: set[asyncio.Task] = set()
+    generation = Generation(loaded, limits, in_flight)
+    # The handler reads a body itself, bounded by its generation's server.max_body_mb.
+    app = web.Application(middlewares=[error_envelopes])
     live = app[LIVE] = Live(generation)
     app[CHANNELS] = Channels()
+    app[IN_FLIGHT] = in_flight
     app.cleanup_ctx.append(client_session)
     app.on_startup.append(lambda app: live.current.start(app[SESSION]))
     app.on_cleanup.append(lambda _: live.current.aclose())
@@ -190,7 +197,7 @@ async def reload(app: web.Application, loaded: Loaded) -> None:
     live = app[LIVE]
     async with live.reloading:
         limits = live.current.settings.limits
-        new = Generation(loaded, limits)  # type: ignore[arg-type]
+        new = Generation(loaded, limits, app[IN_FLIGHT])  # type: ignore[arg-type]
         try:
             await new.start(app[SESSION])
         except BaseException:

@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
 # What a reload cannot change in a running process (the socket, the loop, the app's limits).
 _AT_RESTART = ("host", "port", "uvloop", "send_timeout_s", "read_timeout_s", "drain_s",
-               "max_body_mb", "workers")
+               "workers")
 
 
 def _reloader(app, path: str, loaded: configuration.Loaded, host: str):
@@ -150,10 +150,30 @@ def _say_what_next(loaded: configuration.Loaded, host: str, port: int) -> None:
         log.warning("provider '%s' needs %s: set it and restart to use it", name, names)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     base = f"http://{shown}:{port}" if ":" not in shown else f"http://[{shown}]:{port}"
+    routes = loaded.config.routes
     log.info(
-        "listening on %s: an OpenAI client's base_url is %s/v1; Agora's llm.url is "
-        "https://<your host>%s (behind TLS)",
+        "starting on %s (\"ready\" follows once it serves): an OpenAI client's base_url is "
+        "%s/v1; Agora's llm.url is https://<your host>%s (behind TLS)",
         base,
         base,
-        loaded.config.routes[0].path,
+        routes[0].path,
     )
+    for route in routes[1:]:  # each route's own base_url: the SDK adds /chat/completions
+        path = route.path.removeprefix("/v1")
+        stages = ", ".join(_stages(route)) or "relay"
+        if path.endswith("/chat/completions"):
+            where = f"base_url {base}/v1{path.removesuffix('/chat/completions')}"
+        else:
+            where = "POST it directly (an SDK's base_url needs a path ending /chat/completions)"
+        log.info("route %s (%s): %s", route.path, stages, where)
+
+
+def _stages(route: configuration.RouteConfig) -> list[str]:
+    return [
+        name
+        for name, on in (
+            ("rag", route.rag), ("tools", route.tools), ("speech", route.speech),
+            ("audio", route.audio),
+        )
+        if on
+    ]

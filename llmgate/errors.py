@@ -44,7 +44,7 @@ _DEFAULTS: dict[int, tuple[str, str | None]] = {
 LOGGED_ERRORS = frozenset(
     {c for pair in _DEFAULTS.values() for c in pair if c}
     | {
-        "superseded", "server_error", "authentication_error", "permission_error",
+        "superseded", "shutdown", "server_error", "authentication_error", "permission_error",
         "not_found_error", "overloaded_error", "request_too_large", "insufficient_quota",
         "context_length_exceeded", "model_not_found", "content_filter", "content_policy_violation",
         "invalid_value", "invalid_type", "missing_required_parameter", "unknown_parameter",

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 
-from llmgate.app import create_app
+from llmgate.app import create_app, reload
 from llmgate.config import parse
 from llmgate.server import serve
 from tests.conftest import API_KEY, gateway_config, stream_chunks
@@ -114,15 +115,25 @@ async def test_a_second_sigterm_exits_at_once(child, upstream):
         resp.close()
 
 
-async def test_the_drain_ends_at_drain_s(child, upstream):
-    gw = await child("drain_s = 0.5")
+async def test_the_drain_ends_at_drain_s_not_twice_that(child, upstream):
+    speech = '[[routes]]\npath = "/speech/chat/completions"\nspeech = true\n'
+    gw = await child("drain_s = 1.5", speech)
+    loop = asyncio.get_running_loop()
     async with aiohttp.ClientSession() as session:
         resp = await _post(session, gw.url, "stall-mid")
         await resp.content.readline()
         gw.proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(gw.proc.wait(), 5) == 0
+        started = loop.time()
+        assert await asyncio.wait_for(gw.proc.wait(), 10) == 0
+        took = loop.time() - started
         resp.close()
-    assert "499" in await gw.stderr()  # the cut-off turn is logged as its caller's loss
+    assert 1.4 < took < 2.6, took  # aiohttp's own shutdown took 2 x drain_s (3.0 s)
+    err = await gw.stderr()
+    # the cut-off turn has its line, saying why it ended
+    assert "status=503" in err and "error=shutdown" in err, err
+    assert err.index("ready: serving on") > err.index("starting on")
+    # the start-up lines name every route, with the base_url an SDK needs for it
+    assert f"route /speech/chat/completions (speech): base_url {gw.url}/v1/speech" in err
 
 
 def app_of(upstream, **server):
@@ -209,6 +220,55 @@ async def test_a_body_that_trickles_in_is_408(upstream):
         writer.close()
     finally:
         await runner.cleanup()
+
+
+async def test_a_slow_but_steady_body_is_read_and_a_stalled_one_is_408(upstream):
+    sock = serve.listen("127.0.0.1", 0, 30)
+    runner = await serve.start(app_of(upstream, read_timeout_s=0.3), sock, read_timeout_s=5)
+    body = json.dumps({"model": "text", "messages": HI}).encode()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            b"Authorization: Bearer " + API_KEY.encode() + b"\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+        )
+        for i in range(0, len(body), 8):  # 1.5 s in all, 0.15 s apart: never a stall
+            writer.write(body[i : i + 8])
+            await asyncio.sleep(1.5 * 8 / len(body))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        writer.close()
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_reload_applies_max_body_mb_at_once(upstream):
+    app = app_of(upstream, max_body_mb=0.01)
+    client = TestClient(TestServer(app))
+    await client.start_server()
+    big = {"model": "text", "messages": [{"role": "user", "content": "x" * 20_000}]}
+    try:
+        resp = await client.post("/v1/chat/completions", json=big, headers=HEADERS)
+        assert resp.status == 413
+        raw = gateway_config(upstream.url, server={"max_body_mb": 1})
+        await reload(app, parse(raw, {}))
+        resp = await client.post("/v1/chat/completions", json=big, headers=HEADERS)
+        assert resp.status == 200
+        raw = gateway_config(upstream.url, server={"max_body_mb": 0.01})
+        await reload(app, parse(raw, {}))
+        chunked = b"x" * 30_000
+        resp = await client.post(  # no Content-Length to refuse it by
+            "/v1/chat/completions", data=_pieces(chunked), headers=HEADERS
+        )
+        assert resp.status == 413
+    finally:
+        await client.close()
+
+
+async def _pieces(data: bytes):
+    for i in range(0, len(data), 4096):
+        yield data[i : i + 4096]
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ from llmgate.protocol import ChatRequest, encoder, error_path, generic_decoder, 
 from llmgate.server.auth import Caller, Key, KeyCheck, Rule
 from llmgate.server.collect import collect
 from llmgate.server.limits import LimitState
+from llmgate.server.serve import SHUTDOWN
 from llmgate.server.stream import Staged, require_finish, stream_answer
 from llmgate.turn import CHANNELS, CLIENT_CLOSED, Turn
 from llmgate.upstream.call import UpstreamCall
@@ -30,6 +31,7 @@ from llmgate.upstream.router import Router
 from llmgate.upstream.targets import Plan
 
 log = logging.getLogger("llmgate.server")
+BODY_TOTAL_GAPS = 10  # a body's whole read may take this many read_timeout_s
 _ROLES = "system, developer, user, assistant or tool"
 
 
@@ -87,8 +89,11 @@ class ChatCompletions:
         except ApiError as exc:
             turn.end(exc.status, exc.code or exc.type)
             return exc.for_request(turn.id).response(turn.id)
-        except asyncio.CancelledError:
-            turn.end(CLIENT_CLOSED)
+        except asyncio.CancelledError as exc:
+            if exc.args == (SHUTDOWN,):  # cut by the drain, not its caller's going
+                turn.end(503, "shutdown")
+            else:
+                turn.end(CLIENT_CLOSED)
             raise
         except Exception:
             # The class name only: an exception's text or traceback can hold internals.
@@ -207,22 +212,38 @@ def _json(turn: Turn, raw: bytes) -> web.Response:
     )
 
 
-async def _read_body(request: web.Request, limit: int, timeout_s: float) -> bytes:
+async def _read_body(request: web.Request, limit: int, gap_s: float) -> bytes:
+    """The body, read as it comes: each piece must follow the last within `gap_s` (a slow
+    but steady link may take its time), the whole within BODY_TOTAL_GAPS gaps, and at most
+    `limit` bytes (this generation's: a reload applies server.max_body_mb at once)."""
     if request.content_length is not None and request.content_length > limit:
         raise _too_large(limit)
+    content = request.content
+    parts: list[bytes] = []
+    size = 0
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + gap_s * BODY_TOTAL_GAPS
     try:
-        async with asyncio.timeout(timeout_s):
-            return await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise _too_large(limit) from None
+        while not content.at_eof():
+            async with asyncio.timeout(min(gap_s, deadline - loop.time())):
+                data = await content.readany()
+            size += len(data)
+            if size > limit:  # (chunked: no Content-Length to refuse it by)
+                raise _too_large(limit)
+            parts.append(data)
     except TimeoutError:
-        message = f"the request body did not arrive within {timeout_s:g}s (server.read_timeout_s)"
+        message = (
+            f"the request body stalled for {gap_s:g}s, or took over {gap_s * BODY_TOTAL_GAPS:g}s"
+            " in all (server.read_timeout_s)"
+        )
         # the rest of the body would be read as the next request: the connection ends here
         raise ApiError(408, message, headers={"Connection": "close"}) from None
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _too_large(limit: int) -> ApiError:
-    return ApiError(413, f"request body is larger than {limit / 2**20:g} MB (server.max_body_mb)")
+    message = f"request body is larger than {limit / 2**20:g} MB (server.max_body_mb)"
+    return ApiError(413, message, headers={"Connection": "close"})  # the rest is unread
 
 
 def _decode(body: bytes) -> tuple[ChatRequest, dict]:

@@ -39,6 +39,10 @@ RUNNER_OPTIONS: dict[str, Any] = {
     "auto_decompress": False,  # nothing a caller sends is inflated (the middleware's 415)
     "lingering_time": 0,  # an unread body is not drained: its connection is closed
 }
+SHUTDOWN = "llmgate is shutting down"  # the cancel message of a request cut by the drain
+CUT_S = 1.0  # after drain_s, how long the requests cut have to log their end
+# the tasks of the turns being handled (app.py keeps it), for the drain to wait for or cut
+IN_FLIGHT = web.AppKey("in_flight", set)
 IDLE_S = 75.0  # a connection with no request in flight is closed after this (nginx's default)
 
 
@@ -117,7 +121,7 @@ async def start(
     requests in flight finish for up to `drain_s`."""
     runner = web.AppRunner(
         app, shutdown_timeout=drain_s, keepalive_timeout=IDLE_S, **RUNNER_OPTIONS
-    )
+    )  # (`drain` waits itself first: once it has, this timeout finds nothing left to wait)
     await runner.setup()
     # aiohttp makes its own Server; ours differs only in the handler it makes per
     # connection (tests/test_serve.py fails should an aiohttp release change that).
@@ -169,6 +173,7 @@ async def _serve(
         stopping.set()
 
     runner = await start(app, sock, drain_s, read_timeout_s)
+    log.info("ready: serving on %s", _where(sock))
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop, sig.name)
     reloading: set[asyncio.Task] = set()
@@ -182,12 +187,35 @@ async def _serve(
         loop.add_signal_handler(signal.SIGHUP, hup)
     try:
         await stopping.wait()
-        await runner.cleanup()
+        await drain(runner, app, drain_s)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
     log.info("drained: exiting")
     return 0
+
+
+async def drain(runner: web.AppRunner, app: web.Application, drain_s: float) -> None:
+    """Stop accepting; let requests in flight finish for up to `drain_s`; then cut those
+    left (each logs its turn as 503 `shutdown`) and close. aiohttp's own shutdown waits
+    its timeout, cancels, then may wait it again: twice `drain_s`, past a systemd stop."""
+    for site in list(runner.sites):
+        await site.stop()
+    tasks = app.get(IN_FLIGHT, set())
+    if tasks:
+        await asyncio.wait(set(tasks), timeout=drain_s)
+    left = set(tasks)
+    if left:
+        log.warning("drain_s passed: cutting %d requests in flight", len(left))
+        for task in left:
+            task.cancel(SHUTDOWN)
+        await asyncio.wait(left, timeout=CUT_S)
+    await runner.cleanup()
+
+
+def _where(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
 
 def _event_loop(want_uvloop: bool) -> asyncio.AbstractEventLoop:
