@@ -24,7 +24,7 @@ from llmgate.obs.metrics import Names
 from llmgate.pipeline import Call, Stage, compose
 from llmgate.server.auth import Key, KeyCheck, Rule
 from llmgate.server.handlers import ChatCompletions, MetricsPage, ModelList, Settings, healthz
-from llmgate.server.limits import LocalLimits
+from llmgate.server.limits import LocalLimits, default_global_max
 from llmgate.server.middleware import error_envelopes
 from llmgate.server.serve import IN_FLIGHT
 from llmgate.stages.audio import AudioStage
@@ -171,7 +171,7 @@ LIVE = web.AppKey("live", Live)
 
 
 def create_app(loaded: Loaded) -> web.Application:
-    limits = LocalLimits(loaded.config.server.limits.global_max_concurrent)
+    limits = LocalLimits(_global_max(loaded.config))
     in_flight: set[asyncio.Task] = set()
     generation = Generation(loaded, limits, in_flight)
     # The handler reads a body itself, bounded by its generation's server.max_body_mb.
@@ -204,8 +204,12 @@ async def reload(app: web.Application, loaded: Loaded) -> None:
             await new.aclose()
             raise
         old, live.current = live.current, new
-        limits.max_concurrent = loaded.config.server.limits.global_max_concurrent  # type: ignore[attr-defined]
+        limits.max_concurrent = _global_max(loaded.config)  # type: ignore[attr-defined]
         old.retire()
+
+
+def _global_max(config: Config) -> int:
+    return config.server.limits.global_max_concurrent or default_global_max()
 
 
 def _names(config: Config) -> Names:
@@ -226,7 +230,7 @@ def _keys(server: ServerConfig, router: Router) -> KeyCheck:
     keys = [Key(key, f"api_keys[{i}]", default) for i, key in enumerate(server.api_keys)]
     for entry in server.keys:
         rule = Rule(
-            entry.max_concurrent or default.max_concurrent,
+            entry.max_concurrent or default.max_concurrent,  # (None: no limit)
             entry.requests_per_minute or default.requests_per_minute,
         )
         allowed = None

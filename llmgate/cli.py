@@ -12,6 +12,7 @@ from llmgate.app import create_app, reload
 from llmgate.obs import logging as obs_logging
 from llmgate.server import serve
 from llmgate.server import workers as workers_mod
+from llmgate.server.limits import raise_open_files
 
 log = logging.getLogger("llmgate")
 
@@ -98,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         workers_mod.follow_parent()
     else:
         _say_what_next(loaded, host, sock.getsockname()[1])
+    raise_open_files()  # before the limits are sized from it
     app = create_app(loaded)
     on_hup = _reloader(app, args.config, loaded, host)
     return serve.run(app, sock, server.uvloop, server.drain_s, server.read_timeout_s, on_hup)

@@ -34,9 +34,11 @@ APOLOGY = "Sorry, I lost my connection. Could you say that again?"
 
 
 class LimitsConfig(_Strict):
-    max_concurrent: _Count = 100  # streams in flight per caller key
-    requests_per_minute: _Count = 600  # per caller key
-    global_max_concurrent: _Count = 1000  # streams in flight in all
+    # Per caller key, none by default: one Agora key carries every call of a deployment.
+    max_concurrent: _Count | None = None  # streams in flight per caller key
+    requests_per_minute: _Count | None = None  # per caller key
+    # streams in flight in all; None: sized from the process's open-file limit
+    global_max_concurrent: _Count | None = None
 
 
 class KeyConfig(_Strict):

@@ -11,7 +11,7 @@ import pytest
 
 from llmgate.config import ConfigError, parse
 from llmgate.server.auth import Caller, Rule
-from llmgate.server.limits import LocalLimits
+from llmgate.server.limits import LocalLimits, default_global_max
 from tests.conftest import API_KEY, eventually
 
 HI = [{"role": "user", "content": "hi"}]
@@ -36,7 +36,7 @@ async def test_requests_per_minute_per_key(make_gateway, upstream, connect, capl
     assert info.value.body["type"] == "rate_limit_error"
     assert "agora-prod" in info.value.body["message"]
     retry = int(info.value.response.headers["Retry-After"])
-    assert 1 <= retry <= 120  # this minute, and part of the next while it still weighs
+    assert 1 <= retry <= 30  # a request every 60 / 2 s once the burst is spent
     assert len(upstream.requests) == 2  # the third did no upstream work
     await other.chat.completions.create(model="text", messages=HI)  # another key's budget
     lines = [r.turn for r in caplog.records if r.name == "llmgate.turn"]
@@ -82,8 +82,8 @@ async def test_global_max_concurrent_across_keys(make_gateway, upstream, connect
     await connect(gw, AGORA).chat.completions.create(model="text", messages=HI)
 
 
-def test_sliding_minute_on_a_clock():
-    now = [600.0]  # minute 10, at its start
+def test_requests_per_minute_on_a_clock():
+    now = [600.0]
     limits = LocalLimits(100, lambda: now[0])
     caller = Caller("k", "k", Rule(max_concurrent=100, requests_per_minute=4))
 
@@ -95,16 +95,33 @@ def test_sliding_minute_on_a_clock():
         limits.release(caller)
         return None
 
-    assert [admit() for _ in range(4)] == [None] * 4
-    # This minute is full, and in the next one it still weighs: 4 * (1 - f) + 1 <= 4 once
-    # a quarter of it has gone by, 75 s from now (said rounded up, past the boundary).
-    assert admit() == 76
-    now[0] += 74
+    assert [admit() for _ in range(4)] == [None] * 4  # a minute's budget at once
+    # then one request every 15 s: the next in 15 s, not past the minute's end
+    assert admit() == 15
+    now[0] += 14
     assert admit() is not None
-    now[0] += 2
+    now[0] += 1
     assert admit() is None
-    now[0] = 720.0 + 61  # two minutes on: nothing counts
-    assert [admit() for _ in range(4)] == [None] * 4
+    assert admit() == 15
+    now[0] += 120  # two idle minutes: the whole budget again, and no more
+    assert [admit() for _ in range(5)] == [None] * 4 + [15]
+
+
+def test_no_per_key_limit_unless_one_is_set(monkeypatch):
+    raw = {"server": {"api_keys": ["k"]}, "providers": {"p": {"base_url": "http://x/v1"}}}
+    limits = parse(raw, {}).config.server.limits
+    assert (limits.max_concurrent, limits.requests_per_minute) == (None, None)
+    state = LocalLimits(100_000, lambda: 0.0)
+    caller = Caller("k", "k", Rule(limits.max_concurrent, limits.requests_per_minute))
+    for _ in range(5000):  # one Agora key carrying every call: never refused for its own
+        asyncio.run(state.admit(caller))
+    assert limits.global_max_concurrent is None  # sized from the open-file limit
+    monkeypatch.setattr(
+        "llmgate.server.limits.resource.getrlimit", lambda _: (65536, 65536)
+    )
+    assert default_global_max() == (65536 - 128) // 2
+    monkeypatch.setattr("llmgate.server.limits.resource.getrlimit", lambda _: (1024, 4096))
+    assert default_global_max() == (1024 - 128) // 2
 
 
 @pytest.mark.parametrize("limit", [1, 2, 10, 60])
@@ -119,7 +136,7 @@ def test_retry_after_is_enough(limit, start):
             asyncio.run(limits.admit(caller))
         except Exception as exc:
             wait = int(exc.headers["Retry-After"])  # type: ignore[attr-defined]
-            assert 1 <= wait <= 121
+            assert 1 <= wait <= max(1, 60 // limit)  # never past the minute's own share
             now[0] += wait
             asyncio.run(limits.admit(caller))  # raises if the advice was too short
 

@@ -16,8 +16,8 @@ OPEN = "open"  # the name of every caller of a server with no keys
 
 @dataclass(frozen=True, slots=True)
 class Rule:
-    max_concurrent: int
-    requests_per_minute: int
+    max_concurrent: int | None  # None: no limit
+    requests_per_minute: int | None
 
 
 @dataclass(frozen=True, slots=True)

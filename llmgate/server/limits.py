@@ -3,11 +3,18 @@ in all; over a limit, a 429 with Retry-After before any upstream work.
 
 The state lives behind `LimitState` (two calls: `admit` and `release`), kept in this process
 by `LocalLimits`; several replicas would share one kept elsewhere (Redis, say).
+
+Requests per minute are a GCRA (the generic cell rate algorithm, as in redis-cell): each
+key keeps one time, when its budget is next whole; a burst of N is let through at once,
+then one request every 60/N s. A 429's Retry-After is then at most 60/N s and always enough,
+and the state is one number a key (one value for a shared store to check and set at once).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import resource
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -27,37 +34,32 @@ class LimitState(Protocol):
 
 
 class LocalLimits:
-    """In-process limits. Requests per minute are counted over a sliding minute (this
-    minute's count plus the last one's, weighted by how much of it the window still
-    covers), which spreads a caller's budget without a timestamp per request."""
+    """In-process limits."""
 
     def __init__(self, max_concurrent: int, clock: Callable[[], float] = time.monotonic):
         self.max_concurrent = max_concurrent
         self.active = 0
         self._clock = clock
         self._in_flight: dict[str, int] = {}
-        self._minutes: dict[str, tuple[int, int, int]] = {}  # name -> (minute, last, this)
+        self._full_at: dict[str, float] = {}  # name -> when its budget is whole again (GCRA)
 
     async def admit(self, caller: Caller) -> None:
         name, rule = caller.name, caller.rule
         if self.active >= self.max_concurrent:
             raise _limited(f"llmgate has {self.active} streams in flight, its most", 1)
-        if self._in_flight.get(name, 0) >= rule.max_concurrent:
-            raise _limited(
-                f"key '{name}' has {rule.max_concurrent} streams in flight, its most", 1
-            )
-        now = self._clock() / WINDOW_S
-        minute = int(now)
-        seen, last, this = self._minutes.get(name, (minute, 0, 0))
-        if seen != minute:
-            last, this = (this if seen == minute - 1 else 0), 0
-        weight = 1.0 - (now - minute)
-        if last * weight + this + 1 > rule.requests_per_minute:
-            raise _limited(
-                f"key '{name}' is over its {rule.requests_per_minute} requests a minute",
-                _wait_s(now, minute, last, this, rule.requests_per_minute),
-            )
-        self._minutes[name] = (minute, last, this + 1)
+        most = rule.max_concurrent
+        if most is not None and self._in_flight.get(name, 0) >= most:
+            raise _limited(f"key '{name}' has {most} streams in flight, its most", 1)
+        rate = rule.requests_per_minute
+        if rate is not None:
+            now = self._clock()
+            step = WINDOW_S / rate
+            full_at = max(self._full_at.get(name, now), now) + step
+            if full_at - now > WINDOW_S + 1e-9:  # more than a minute's budget in use
+                raise _limited(
+                    f"key '{name}' is over its {rate} requests a minute", full_at - WINDOW_S - now
+                )
+            self._full_at[name] = full_at
         self._in_flight[name] = self._in_flight.get(name, 0) + 1
         self.active += 1
 
@@ -70,16 +72,22 @@ class LocalLimits:
             del self._in_flight[caller.name]
 
 
-def _wait_s(now: float, minute: int, last: int, this: int, limit: int) -> float:
-    """Seconds until one more request fits the sliding minute (`now` in minutes)."""
-    if this + 1 > limit:
-        # Not this minute; in the next, this minute's count is the one that fades:
-        # this * (1 - f) + 1 <= limit once f of it has gone by.
-        fades = max(0.0, 1.0 - (limit - 1) / this)
-        return (minute + 1 + fades - now) * WINDOW_S + 0.01
-    # last * (1 - (now' - minute)) + this + 1 <= limit, solved for now'
-    fits = minute + 1 - (limit - this - 1) / last
-    return max(0.0, fits - now) * WINDOW_S + 0.01  # past the boundary, not on it
+def default_global_max() -> int:
+    """Streams in flight in all when config.toml sets none: what the open-file limit holds
+    (a stream holds two descriptors, the caller's and the provider's), some kept back."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 100_000
+    return max(16, (soft - 128) // 2)
+
+
+def raise_open_files() -> None:
+    """Lift the soft open-file limit to the hard one (1,024 by default on many systems,
+    while the hard limit allows far more): every stream holds two descriptors."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _limited(message: str, wait_s: float) -> ApiError:
