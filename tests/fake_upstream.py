@@ -333,6 +333,15 @@ class FakeUpstream:
             await resp.write(b"\ndata:" + first[cut:] + b"\n\n")
             for f in frames[1:]:
                 await resp.write(f)
+        elif model in ("error-mid", "garbage"):  # the failure in a read of its own, later
+            for f in frames[:-1]:
+                await resp.write(f)
+            await asyncio.sleep(0.05)
+            await resp.write(frames[-1])
+        elif model == "truncated":  # the end in a read of its own, later
+            for f in frames:
+                await resp.write(f)
+            await asyncio.sleep(0.05)
         else:
             for f in frames:
                 await resp.write(f)

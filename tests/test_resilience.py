@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import logging
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
+from aiohttp import web
 
 from llmgate.app import create_app
 from llmgate.config import BreakerConfig, parse
 from llmgate.errors import UpstreamStatus, UpstreamUnavailable
-from tests.conftest import API_KEY, eventually
+from tests.conftest import API_KEY, eventually, gateway_config
 from tests.fake_upstream import WORDS, FakeUpstream
 from tests.test_upstream_failures import free_port
 
 HI = [{"role": "user", "content": "hi"}]
+HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 TEXT = "".join(WORDS)
 
 
@@ -367,3 +371,62 @@ async def test_apology_not_used_before_the_first_token(resilient):
     with pytest.raises(openai.APIStatusError) as info:
         await streamed(client, "fake/status-503")
     assert info.value.status_code == 502
+
+
+# --- the fallback rule: whether a byte has reached the caller, not how the bytes came -----
+
+
+def _sse(text: str, finish: str | None = None) -> bytes:
+    choice = {"index": 0, "delta": {"content": text}, "finish_reason": finish}
+    return b"data: " + json.dumps({"id": "x", "choices": [choice]}).encode() + b"\n\n"
+
+
+@pytest.mark.parametrize("together", [True, False])
+@pytest.mark.parametrize("death", ["end", "error", "drop"])
+async def test_three_chunks_then_death_by_a_rule(aiohttp_server, together, death):
+    """Chunks and their failure in one read: nothing has reached the caller, the turn
+    moves on to the next target. Apart: the chunks were heard, so the answer ends with an
+    error. `end`: the stream ends unfinished; `error`: an error frame; `drop`: the
+    connection breaks mid-body."""
+    words = _sse("one ") + _sse("two ") + _sse("three ")
+    tail = b'data: {"error": {"message": "boom"}}\n\n' if death == "error" else b""
+    end = b"" if death == "drop" else b"0\r\n\r\n"  # a chunked body's end, or none
+
+    async def provider(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        # (not pooled: the body is written by hand below, the connection closed after it)
+        headers = {"Content-Type": "text/event-stream", "Connection": "close"}
+        resp = web.StreamResponse(headers=headers)
+        await resp.prepare(request)
+        if body["model"] == "b":
+            await resp.write(_sse("Whole answer.", "stop") + b"data: [DONE]\n\n")
+            return resp
+        transport = request.transport
+        assert transport is not None
+        if together:  # one write, so one read at llmgate's end
+            data = words + tail
+            transport.write(b"%x\r\n%s\r\n" % (len(data), data) + end)
+        else:
+            await resp.write(words)
+            await asyncio.sleep(0.1)
+            transport.write((b"%x\r\n%s\r\n" % (len(tail), tail) if tail else b"") + end)
+        if death != "drop":
+            await asyncio.sleep(0.05)
+        transport.close()  # "drop": with the data, or after it, and no end of the body
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", provider)
+    server = await aiohttp_server(app)
+    raw = gateway_config(str(server.make_url("/v1")), models={"voice": ["fake/a", "fake/b"]})
+    gateway = await aiohttp_server(create_app(parse(raw, {})))
+    body = {"model": "voice", "stream": True, "messages": HI}
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(gateway.make_url("/v1/chat/completions"), json=body, headers=HEADERS) as resp,
+    ):
+        got = await resp.read()
+    if together:
+        assert b"one" not in got and b"Whole answer." in got and got.endswith(b"[DONE]\n\n")
+    else:
+        assert b"three" in got and b"Whole answer." not in got and b'"error"' in got

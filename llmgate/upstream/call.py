@@ -189,17 +189,34 @@ class UpstreamCall:
                 watchdog.progress()
                 if not self._first:
                     self._first_token(watchdog)
+            # A read is judged whole before any of it goes on: a failure that came in the
+            # same read as chunks is seen before those chunks reach the caller, so an
+            # alias falls back the same way whether the provider's bytes came together
+            # or apart (after the first byte reaches the caller nothing moves).
+            ready: list[Piece] = []
+            done = False
             for event in events:
                 payload = event.data
                 if payload == DONE:
-                    self.ended = True
-                    return
+                    done = True
+                    break
                 view = self._view(payload)
-                tally.note((view,))
+                ready.append(Piece(event.frame(), payload, view))
+            tally.note([p.view for p in ready])
+            if not done and tally.finish_reason is None and self._resp.content.at_eof():
+                # The stream's end came in this read too, unfinished: the same failure
+                # the writer would find one read later, before these chunks go on.
+                raise UpstreamUnavailable(
+                    f"provider '{self._provider.name}' ended the stream before finishing"
+                )
+            for piece in ready:
                 watchdog.paused = True  # a stage or the caller has it now
-                yield Piece(event.frame(), payload, view)
+                yield piece
                 watchdog.paused = False
                 watchdog.progress()
+            if done:
+                self.ended = True
+                return
 
     def _view(self, payload: bytes) -> ChunkView:
         name = self._provider.name
