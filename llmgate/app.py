@@ -10,6 +10,7 @@ upstream client's pool, the channels (barge-in by turn_id), the limits' counts.
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -181,6 +182,8 @@ def create_app(loaded: Loaded) -> web.Application:
     app[IN_FLIGHT] = in_flight
     app.cleanup_ctx.append(client_session)
     app.on_startup.append(lambda app: live.current.start(app[SESSION]))
+    if loaded.config.server.metrics:
+        app.on_startup.append(_count_start)
     app.on_cleanup.append(lambda _: live.current.aclose())
     if loaded.config.otel is not None:
         otel = loaded.config.otel
@@ -206,6 +209,14 @@ async def reload(app: web.Application, loaded: Loaded) -> None:
         old, live.current = live.current, new
         limits.max_concurrent = _global_max(loaded.config)  # type: ignore[attr-defined]
         old.retire()
+
+
+async def _count_start(_: web.Application) -> None:
+    try:
+        version = importlib.metadata.version("llmgate")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    metrics.started(version)
 
 
 def _global_max(config: Config) -> int:

@@ -10,6 +10,7 @@ import sys
 from llmgate import config as configuration
 from llmgate.app import create_app, reload
 from llmgate.obs import logging as obs_logging
+from llmgate.obs import metrics
 from llmgate.server import serve
 from llmgate.server import workers as workers_mod
 from llmgate.server.limits import raise_open_files
@@ -121,6 +122,7 @@ def _reloader(app, path: str, loaded: configuration.Loaded, host: str):
             new = configuration.load_to_serve(path, host)
         except configuration.ConfigError as exc:
             log.error("config not reloaded, the running one stays: %s", exc)
+            metrics.reloaded(False)
             return
         old = current[0].config
         for key in _AT_RESTART:
@@ -134,7 +136,9 @@ def _reloader(app, path: str, loaded: configuration.Loaded, host: str):
             await reload(app, new)
         except Exception as exc:  # the type only: a message can hold what it was given
             log.error("config not reloaded, the running one stays (%s)", type(exc).__name__)
+            metrics.reloaded(False)
             return
+        metrics.reloaded(True)
         if new.config.log != old.log:
             obs_logging.setup(new.config.log.format, new.config.log.level)
         current[0] = new

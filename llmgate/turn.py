@@ -37,10 +37,12 @@ class Turn:
         "key",
         "metadata",
         "model",
+        "model_first",
         "notes",
         "provider",
         "rounds",
         "route",
+        "staged",
         "started",
         "status",
         "stream",
@@ -66,6 +68,8 @@ class Turn:
         self.superseded = False  # set by Channels: a newer turn on the channel took over
         self.first_token: float | None = None
         self.upstream_first: float | None = None  # the provider's own: request -> first chunk
+        self.model_first: float | None = None  # turn start -> the provider's first chunk
+        self.staged = False  # on a route with stages (one may speak before the model)
         self.chunks = 0
         self.rounds = 0
         self.usage: dict[str, Any] | None = None

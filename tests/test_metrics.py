@@ -136,3 +136,43 @@ async def test_through_a_proxy_on_this_host_metrics_need_the_key(make_gateway):
     url = gw.make_url("/metrics")
     async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as resp:
         assert resp.status == 403
+
+
+async def test_process_build_and_reload_metrics_no_created_twins(gateway, upstream):
+    from llmgate.app import reload
+    from llmgate.config import parse
+    from tests.conftest import gateway_config
+
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(gateway.make_url("/metrics")) as resp,
+    ):
+        text = await resp.text()
+    assert "_created" not in text  # no twin of every counter
+    before = await scrape(gateway)
+    names = {name for name, _ in before}
+    assert {"process_cpu_seconds_total", "process_resident_memory_bytes"} <= names
+    build = [labels for name, labels in before if name == "llmgate_build_info"]
+    assert build and dict(build[0])["version"]
+    assert before[("llmgate_config_last_reload_success_timestamp_seconds", ())] > 0
+    await reload(gateway.app, parse(gateway_config(upstream.url), {}))
+    from llmgate.obs import metrics
+
+    metrics.reloaded(True)  # what the SIGHUP handler says once a reload took
+    after = await scrape(gateway)
+    assert delta(before, after, "llmgate_config_reloads_total", outcome="ok") == 1
+
+
+async def test_model_first_token_apart_from_a_waiting_phrase(make_gateway, connect, upstream):
+    gateway = await make_gateway(
+        routes=[{"path": "/chat/completions"}, {"path": "/speech/chat/completions", "speech": True}]
+    )
+    before = await scrape(gateway)
+    client = connect(gateway).with_options(base_url=str(gateway.make_url("/v1/speech")))
+    await streamed(client, "slow-first")  # the provider's first token 300 ms after its 200
+    after = await scrape(gateway)
+    key = ("provider", "fake"), ("route", "/speech/chat/completions")
+    count = "llmgate_time_to_model_first_token_seconds_count"
+    assert after.get((count, key), 0) - before.get((count, key), 0) == 1
+    total = "llmgate_time_to_model_first_token_seconds_sum"
+    assert after[(total, key)] - before.get((total, key), 0) >= 0.3

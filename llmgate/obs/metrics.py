@@ -12,6 +12,8 @@ module is imported and `render()` adds every worker's values up.
 from __future__ import annotations
 
 import os
+import platform
+import time
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
@@ -20,6 +22,8 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
+    disable_created_metrics,
     generate_latest,
 )
 
@@ -33,7 +37,12 @@ _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10
 _OVERHEAD = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
 _CIRCUIT = {"closed": 0, "half_open": 1, "open": 2}
 
+# A `_created` twin of every counter and histogram doubles the page and says nothing a
+# scraper uses (process start time is below).
+disable_created_metrics()
 REGISTRY = CollectorRegistry(auto_describe=True)
+if not MULTIPROCESS:  # with workers, each is a process of its own: no one process to show
+    ProcessCollector(registry=REGISTRY)  # process_cpu_seconds_total, _resident_memory_bytes...
 
 REQUESTS = Counter(
     "llmgate_requests", "Turns by route, model, provider and status (499: the caller left)",
@@ -88,6 +97,25 @@ TOOL_CALLS = Counter(
     "llmgate_tool_calls", "Calls of llmgate's own tools by name and outcome",
     ("tool", "outcome"), registry=REGISTRY,
 )
+MODEL_FIRST = Histogram(
+    "llmgate_time_to_model_first_token_seconds",
+    "Request received to the provider's first chunk, on a route with stages (after retrieval "
+    "and tool rounds; a waiting phrase or filler the caller heard first is the first token)",
+    ("route", "provider"), buckets=_LATENCY, registry=REGISTRY,
+)
+BUILD = Gauge(
+    "llmgate_build_info", "Always 1: the running llmgate's version and Python",
+    ("version", "python"), registry=REGISTRY, multiprocess_mode="max",
+)
+RELOADS = Counter(
+    "llmgate_config_reloads", "SIGHUP reloads by outcome (ok, failed)", ("outcome",),
+    registry=REGISTRY,
+)
+LAST_RELOAD = Gauge(
+    "llmgate_config_last_reload_success_timestamp_seconds",
+    "When the running config was loaded (start-up or the last reload that took)",
+    registry=REGISTRY, multiprocess_mode="max",
+)
 FIRST_AUDIO = Histogram(
     "llmgate_time_to_first_audio_seconds", "Request received to first audio frame sent",
     ("engine",), buckets=_LATENCY, registry=REGISTRY,
@@ -131,6 +159,8 @@ def observe(turn: Turn, names: Names) -> None:
             _child(UPSTREAM, provider).observe(turn.upstream_first)
             overhead = max(0.0, turn.first_token - turn.upstream_first)
             _child(OVERHEAD, route).observe(overhead)
+    if turn.model_first is not None and turn.staged:
+        _child(MODEL_FIRST, route, provider).observe(turn.model_first)
     usage = turn.usage
     if usage:
         for kind in ("prompt", "completion"):
@@ -177,6 +207,20 @@ _CODES = {
 
 def _code(error: str) -> str:
     return error if error in _CODES else "other"
+
+
+def started(version: str) -> None:
+    """The process serves: its build, and its config's load time."""
+    BUILD.labels(version, platform.python_version()).set(1)
+    LAST_RELOAD.set(time.time())
+    for outcome in ("ok", "failed"):
+        RELOADS.labels(outcome)  # both series exist from the start, at 0
+
+
+def reloaded(ok: bool) -> None:
+    RELOADS.labels("ok" if ok else "failed").inc()
+    if ok:
+        LAST_RELOAD.set(time.time())
 
 
 def circuit(provider: str, state: str) -> None:

@@ -136,6 +136,7 @@ class ChatCompletions:
             # A plain route relays one target's bytes; several targets (an alias) are read
             # chunk by chunk, so that the turn can move before the first one.
             call = self.call or (provider_call if len(plan.targets) > 1 else None)
+            turn.staged = self.call is not None
             if call is not None:
                 ask = Ask(upstream_body, turn, plan, session, caller_key, turn.stream, apology)
                 if chat.stream:

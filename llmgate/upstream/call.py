@@ -260,8 +260,11 @@ class UpstreamCall:
     def _first_token(self, watchdog: Watchdog) -> None:
         """From the first token on, the limit is the silence between chunks."""
         self._first = True
-        if self._turn.upstream_first is None:
-            self._turn.upstream_first = time.perf_counter() - self._sent
+        turn = self._turn
+        if turn.upstream_first is None:
+            now = time.perf_counter()
+            turn.upstream_first = now - self._sent
+            turn.model_first = now - turn.started
         idle = self._provider.config.idle_timeout_s
         watchdog.rearm(idle, f"provider '{self._provider.name}' went silent for {idle:g}s")
 
