@@ -26,6 +26,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m llmgate",
         description="OpenAI-compatible streaming gateway for Agora's Conversational AI Engine. "
         "Point the agent's llm.url at http://HOST:PORT/chat/completions.",
+        epilog="commands: 'python -m llmgate check [--config F]' probes every provider, tool, "
+        "knowledge base and speech engine the config names; 'python -m llmgate kb --help' "
+        "ingests, lists and searches knowledge bases.",
     )
     parser.add_argument(
         "--config", default="config.toml", help="TOML config (default: %(default)s)"

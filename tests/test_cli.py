@@ -28,6 +28,7 @@ def run(*args: str, env: dict[str, str] | None = None, **kw) -> subprocess.Compl
 def test_help_is_useful():
     out = run("--help").stdout
     assert "--config" in out and "--port" in out and "llm.url" in out
+    assert "llmgate check" in out and "llmgate kb" in out  # the other commands are named
 
 
 def test_bad_config_exits_2_naming_the_key(tmp_path):
@@ -124,5 +125,13 @@ def test_listening_socket_drops_callers_that_acknowledge_nothing():
     try:
         # Accepted connections inherit TCP_USER_TIMEOUT (send_timeout_s) from the listener.
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 12500
+    finally:
+        sock.close()
+
+
+def test_a_bracketed_ipv6_host_listens():
+    sock = listen("[::1]", 0, 5)
+    try:
+        assert sock.family == socket.AF_INET6 and sock.getsockname()[0] == "::1"
     finally:
         sock.close()

@@ -163,3 +163,11 @@ async def test_default_model_fills_a_missing_model(make_gateway, upstream):
     status, _, _ = await post(gw, {"messages": HI})
     assert status == 200
     assert upstream.requests[0]["model"] == "text"
+
+
+async def test_a_stream_request_that_fails_validation_is_logged_as_one(gateway, caplog):
+    caplog.set_level(logging.INFO, logger="llmgate.turn")
+    status, _, _ = await post(gateway, {"model": "text", "stream": True, "messages": []})
+    assert status == 400
+    (turn,) = [r.turn for r in caplog.records if r.name == "llmgate.turn"]
+    assert turn["stream"] is True and turn["status"] == 400

@@ -118,7 +118,11 @@ class ChatCompletions:
         self, request: web.Request, turn: Turn, settings: Settings, caller: Caller
     ) -> web.StreamResponse:
         body = await _read_body(request, settings.max_body, settings.read_timeout_s)
-        chat, raw = _decode(body)
+        try:
+            chat, raw = _decode(body)
+        except ApiError:
+            turn.stream = _asked_to_stream(body)  # the log line says what was asked
+            raise
         plan = self.router.resolve(chat.model)
         target = plan.first
         turn.model, turn.provider = target.model, target.provider.name
@@ -245,6 +249,20 @@ async def _read_body(request: web.Request, limit: int, gap_s: float) -> bytes:
 def _too_large(limit: int) -> ApiError:
     message = f"request body is larger than {limit / 2**20:g} MB (server.max_body_mb)"
     return ApiError(413, message, headers={"Connection": "close"})  # the rest is unread
+
+
+class _StreamPeek(msgspec.Struct):
+    stream: object = None
+
+
+_stream_peek = msgspec.json.Decoder(_StreamPeek)
+
+
+def _asked_to_stream(body: bytes) -> bool:
+    try:
+        return _stream_peek.decode(body).stream is True
+    except (msgspec.DecodeError, RecursionError):
+        return False
 
 
 def _decode(body: bytes) -> tuple[ChatRequest, dict]:

@@ -47,6 +47,7 @@ IDLE_S = 75.0  # a connection with no request in flight is closed after this (ng
 
 
 def listen(host: str, port: int, send_timeout_s: float, reuse_port: bool = False):
+    host = host.strip("[]")  # "[::1]", as a URL spells it, is ::1
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
