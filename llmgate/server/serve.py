@@ -202,6 +202,11 @@ async def drain(runner: web.AppRunner, app: web.Application, drain_s: float) -> 
     its timeout, cancels, then may wait it again: twice `drain_s`, past a systemd stop."""
     for site in list(runner.sites):
         await site.stop()
+    if runner.server is not None:
+        # Kept-alive connections take no new request: each closes once its answer is out
+        # (an idle one at once).
+        await asyncio.sleep(0)  # requests already read are handled first
+        runner.server.pre_shutdown()
     tasks = app.get(IN_FLIGHT, set())
     if tasks:
         await asyncio.wait(set(tasks), timeout=drain_s)
