@@ -5,6 +5,10 @@ kept for reuse. A turn cancelled mid-search (the caller hung up) interrupts its 
 With embeddings, the question's vector comes from the provider (on the loop: it is a
 network call), BM25 and the dense index each rank `CANDIDATES` chunks, and reciprocal
 rank fusion orders them; if the embeddings call fails, BM25 answers alone.
+
+The base is in WAL mode (`Store` makes it so), so a search never waits on `kb ingest`; the
+busy timeout is short all the same (`BUSY_TIMEOUT_S`): a turn is never held by the base.
+A base that cannot be read is a KbError that says what to do about it.
 """
 
 from __future__ import annotations
@@ -20,10 +24,11 @@ import numpy as np
 
 from llmgate.kb.embeddings import Embedder, EmbeddingError, fuse, nearest
 from llmgate.kb.service import OwnSession
-from llmgate.kb.store import Hit, KbError, bm25_ranked, hits, vectors
+from llmgate.kb.store import Hit, KbError, bm25_ranked, distinct, hits, vectors
 
 log = logging.getLogger("llmgate.kb")
 CANDIDATES = 50
+BUSY_TIMEOUT_S = 0.1
 
 
 class Retriever:
@@ -38,13 +43,27 @@ class Retriever:
         self._idle: list[sqlite3.Connection] = []  # touched on the event loop only
         self._client = OwnSession()  # the question's vector, if there is an embedder
         # the dense index: (chunk ids, their unit vectors as one matrix, the file's mtime)
-        self._dense: tuple[np.ndarray, np.ndarray, float] | None = None
+        self._dense: tuple[np.ndarray, np.ndarray, tuple[int, ...]] | None = None
         self._dense_lock = threading.Lock()
 
     def _connect(self) -> sqlite3.Connection:
         if not self.path.exists():
             raise KbError(f"kb '{self.name}': {self.path} does not exist (run `kb ingest`)")
-        return sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+        return sqlite3.connect(
+            self.path.resolve().as_uri() + "?mode=ro",
+            uri=True,
+            check_same_thread=False,
+            timeout=BUSY_TIMEOUT_S,
+        )
+
+    def _unreadable(self, exc: sqlite3.Error) -> KbError:
+        if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+            fix = "a writer holds it (a base made before WAL mode? any `kb` command converts it)"
+        elif isinstance(exc, sqlite3.OperationalError) and "readonly" in str(exc):
+            fix = "an interrupted write left a journal: run `kb stats` once to roll it back"
+        else:
+            fix = "build it again with `kb ingest` (or restore it)"
+        return KbError(f"kb '{self.name}': {self.path} cannot be read ({exc}): {fix}")
 
     def _run(
         self,
@@ -54,24 +73,26 @@ class Retriever:
         min_score: float,
         query: np.ndarray | None,
     ) -> list[Hit]:
-        """On a pool thread: BM25, or BM25 and the vectors fused."""
+        """On a pool thread: BM25, or BM25 and the vectors fused; twice `k` fetched so
+        that near-duplicates (a page ingested as .md and .html) leave room for others."""
         lexical = [(c, s) for c, s in bm25_ranked(conn, question, CANDIDATES) if s >= min_score]
         if query is not None:
             ids, matrix = self._index(conn)
             if matrix.shape[0] and matrix.shape[1] == query.shape[0]:
                 dense = [int(ids[row]) for row in nearest(matrix, query, CANDIDATES)]
-                return hits(conn, fuse([c for c, _ in lexical], dense)[:k])
+                return distinct(hits(conn, fuse([c for c, _ in lexical], dense)[: 2 * k]), k)
             if matrix.shape[0]:
                 log.warning(
                     "kb '%s': its vectors have %d dimensions, the question's %d (another "
                     "embedding model?): BM25 alone; ingest again", self.name,
                     matrix.shape[1], query.shape[0],
                 )
-        return hits(conn, lexical[:k])
+        return distinct(hits(conn, lexical[: 2 * k]), k)
 
     def _index(self, conn: sqlite3.Connection) -> tuple[np.ndarray, np.ndarray]:
-        """The vectors as one matrix, read again when the base changed on disk."""
-        mtime = self.path.stat().st_mtime
+        """The vectors as one matrix, read again when the base changed on disk (in WAL
+        mode a commit changes the -wal file; a checkpoint, the base itself)."""
+        mtime = _stamp(self.path) + _stamp(self.path.with_name(self.path.name + "-wal"))
         with self._dense_lock:
             dense = self._dense
             if dense is None or dense[2] != mtime:
@@ -89,10 +110,18 @@ class Retriever:
 
     async def search(self, question: str, k: int, min_score: float = 0.0) -> list[Hit]:
         query = await self._query_vector(question)
-        conn = self._idle.pop() if self._idle else self._connect()
+        try:
+            conn = self._idle.pop() if self._idle else self._connect()
+        except sqlite3.Error as exc:
+            raise self._unreadable(exc) from None
         job = self._pool.submit(self._run, conn, question, k, min_score, query)
         try:
             found = await asyncio.wrap_future(job)
+        except sqlite3.Error as exc:
+            self._release(conn)
+            if isinstance(exc, sqlite3.OperationalError) and str(exc) == "interrupted":
+                raise
+            raise self._unreadable(exc) from None
         except asyncio.CancelledError:
             # The caller left: stop this search's own query (not one that took the
             # connection after it), and take the connection back once the thread is done.
@@ -127,3 +156,11 @@ class Retriever:
         self._pool.shutdown(wait=False, cancel_futures=True)
         while self._idle:
             self._idle.pop().close()
+
+
+def _stamp(path: Path) -> tuple[int, ...]:
+    try:
+        st = path.stat()
+    except OSError:
+        return (0, 0)
+    return (st.st_mtime_ns, st.st_size)
