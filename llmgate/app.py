@@ -13,13 +13,11 @@ import asyncio
 import importlib.metadata
 import logging
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from llmgate.config import Config, KbConfig, Loaded, RouteConfig, ServerConfig
-from llmgate.kb.embeddings import EmbeddingError, embedder_for
-from llmgate.kb.remote import HttpRetriever
-from llmgate.kb.retriever import Retriever
 from llmgate.obs import metrics, tracing
 from llmgate.obs.metrics import Names
 from llmgate.pipeline import Call, Stage, compose
@@ -28,20 +26,18 @@ from llmgate.server.handlers import ChatCompletions, MetricsPage, ModelList, Set
 from llmgate.server.limits import LocalLimits, default_global_max
 from llmgate.server.middleware import error_envelopes
 from llmgate.server.serve import IN_FLIGHT
-from llmgate.stages.audio import AudioStage
-from llmgate.stages.rag import RagStage
-from llmgate.stages.speech import SpeechStage, options_from
-from llmgate.stages.tools import ToolStage
-from llmgate.text.speakable import SpeechOptions
-from llmgate.tools.registry import Toolbox
-from llmgate.tts.base import Engine, EngineError
-from llmgate.tts.engines import engine_for
 from llmgate.turn import CHANNELS, Channels
 from llmgate.upstream import catalog
 from llmgate.upstream.client import SESSION, client_session
 from llmgate.upstream.failover import provider_call
 from llmgate.upstream.provider import Provider
 from llmgate.upstream.router import Router
+
+if TYPE_CHECKING:
+    from llmgate.kb.remote import HttpRetriever
+    from llmgate.kb.retriever import Retriever
+    from llmgate.tools.registry import Toolbox
+    from llmgate.tts.base import Engine
 
 log = logging.getLogger("llmgate")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -74,12 +70,22 @@ class Generation:
             name: _retriever(name, config.kb[name], loaded)
             for name in {config.rag[r.rag].kb for r in config.routes if r.rag}
         }
-        self.engines = {
-            name: engine_for(config.audio[name], loaded, providers)
-            for name in {r.audio for r in config.routes if r.audio}
-        }
+        # A stage's module (and what it needs: numpy, soxr, jsonschema, piper, mcp) is
+        # imported only when a route uses it: a plain relay carries none of them.
+        self.engines: dict[str, Engine] = {}
+        if any(r.audio for r in config.routes):
+            from llmgate.tts.engines import engine_for
+
+            self.engines = {
+                name: engine_for(config.audio[name], loaded, providers)
+                for name in {r.audio for r in config.routes if r.audio}
+            }
         used = {name for r in config.routes for name in r.tools}
-        self.toolbox = Toolbox({name: config.tools[name] for name in sorted(used)})
+        self.toolbox: Toolbox | None = None
+        if used:
+            from llmgate.tools.registry import Toolbox
+
+            self.toolbox = Toolbox({name: config.tools[name] for name in sorted(used)})
         # path -> (method, handler); each route is also served under /v1
         self.routes: dict[str, tuple[str, Handler]] = {}
         for route in config.routes:
@@ -101,12 +107,16 @@ class Generation:
     async def start(self, session) -> None:
         """Engines readied (piper's voice loaded), MCP servers connected, model lists read.
         An engine that cannot start is logged, and its routes answer 503 saying why."""
-        for name, engine in self.engines.items():
-            try:
-                await engine.start()
-            except EngineError as exc:
-                log.error("audio.%s: %s; its routes will answer 503", name, exc)
-        await self.toolbox.start()
+        if self.engines:
+            from llmgate.tts.base import EngineError
+
+            for name, engine in self.engines.items():
+                try:
+                    await engine.start()
+                except EngineError as exc:
+                    log.error("audio.%s: %s; its routes will answer 503", name, exc)
+        if self.toolbox is not None:
+            await self.toolbox.start()
         self._background = catalog.keep_fresh(session, self.router)
         if self.settings.metrics is not None:
             for name in self.router.providers:  # circuits start afresh with a config
@@ -145,7 +155,8 @@ class Generation:
             await retriever.aclose()
         for engine in self.engines.values():
             await engine.aclose()
-        await self.toolbox.aclose()
+        if self.toolbox is not None:
+            await self.toolbox.aclose()
 
 
 class Live:
@@ -264,21 +275,31 @@ def _call(
     config: Config,
     retrievers: dict[str, Retriever | HttpRetriever],
     engines: dict[str, Engine],
-    toolbox: Toolbox,
+    toolbox: Toolbox | None,
 ) -> Call | None:
-    """The route's stages, outermost first, around the provider; None for a plain relay."""
+    """The route's stages, outermost first, around the provider; None for a plain relay.
+    Each stage's module is imported here, by the first route that uses it."""
     stages: list[Stage] = []
     if route.audio is not None:
+        from llmgate.stages.audio import AudioStage
+
         stages.append(AudioStage(config.audio[route.audio], engines[route.audio]))
-    speech = options_from(route.speech)
-    if speech is None and route.audio is not None:
-        speech = SpeechOptions()  # nothing unspeakable reaches the voice
-    if speech is not None:
+    if route.speech or route.audio is not None:
+        from llmgate.stages.speech import SpeechStage, options_from
+        from llmgate.text.speakable import SpeechOptions
+
+        # on an audio route nothing unspeakable reaches the voice, speech asked for or not
+        speech = options_from(route.speech) or SpeechOptions()
         stages.append(SpeechStage(speech))
     if route.rag is not None:
+        from llmgate.stages.rag import RagStage
+
         rag = config.rag[route.rag]
         stages.append(RagStage(rag, retrievers[rag.kb]))
     if route.tools:  # innermost: every round of tools is one answer to the stages above
+        from llmgate.stages.tools import ToolStage
+
+        assert toolbox is not None
         stages.append(
             ToolStage(toolbox, route.tools, route.max_tool_rounds, route.tool_filler)
         )
@@ -287,8 +308,13 @@ def _call(
 
 def _retriever(name: str, kb: KbConfig, loaded: Loaded) -> Retriever | HttpRetriever:
     if kb.kind == "http":
+        from llmgate.kb.remote import HttpRetriever
+
         assert kb.url is not None
         return HttpRetriever(name, kb.url, kb.headers, kb.timeout_s)
+    from llmgate.kb.embeddings import EmbeddingError, embedder_for
+    from llmgate.kb.retriever import Retriever
+
     assert kb.path is not None
     try:
         # A question's vector is on the voice path: a dead endpoint costs at most this.

@@ -135,3 +135,25 @@ def test_a_bracketed_ipv6_host_listens():
         assert sock.family == socket.AF_INET6 and sock.getsockname()[0] == "::1"
     finally:
         sock.close()
+
+
+def test_a_plain_route_process_carries_no_stage_dependencies(tmp_path):
+    """A config with plain routes only imports none of what the stages need."""
+    config = tmp_path / "c.toml"
+    config.write_text(
+        '[server]\napi_keys = ["k"]\n[providers.p]\nbase_url = "http://127.0.0.1:9/v1"\n'
+        '[[routes]]\npath = "/chat/completions"\n'
+    )
+    code = (
+        "import sys\n"
+        "from llmgate import cli, config\n"
+        "from llmgate.app import create_app\n"
+        f"create_app(config.load({str(config)!r}))\n"
+        "heavy = ('numpy', 'soxr', 'jsonschema', 'piper', 'mcp', 'onnxruntime', 'pypdf',\n"
+        "         'opentelemetry', 'llmgate.stages.tools', 'llmgate.stages.audio')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -12,7 +12,6 @@ from typing import Any
 
 from llmgate.pipeline import Ask, Call, Piece
 from llmgate.protocol import ChunkView, encoder
-from llmgate.tts.pcm import model_audio
 
 
 class _Choice:
@@ -55,6 +54,8 @@ class _Audio:
             if key == "transcript" and isinstance(value, str):
                 self.transcript.append(value)
             elif key == "data" and isinstance(value, str):
+                from llmgate.tts.pcm import model_audio  # (numpy: only when audio comes)
+
                 self.data += model_audio(value)
             else:
                 self.fields[key] = value
