@@ -213,12 +213,14 @@ class DeltaView(msgspec.Struct):
     refusal: Any = None
     tool_calls: list[ToolCallDeltaView] | None = None
     audio: Any = None
+    annotations: Any = None  # url_citation and the like: a non-streamed answer keeps them
 
 
 class ChoiceView(msgspec.Struct):
     index: int = 0
     delta: DeltaView | None = None
     finish_reason: str | None = None
+    logprobs: Any = None
 
 
 class ChunkView(msgspec.Struct):
@@ -228,6 +230,7 @@ class ChunkView(msgspec.Struct):
     created: Any = None
     model: Any = None
     system_fingerprint: Any = None
+    service_tier: Any = None
     choices: list[ChoiceView] = []
     usage: dict[str, Any] | None = None
     error: Any = None

@@ -2,6 +2,10 @@
 chat.completion assembled from the pieces the route's stages let through.
 
 The provider is asked to stream (with usage), so every stage works on one shape of answer.
+The assembled answer carries what the provider's own non-streamed answer would: id,
+created, model, system_fingerprint, service_tier, usage (details and all); per choice the
+message's content, refusal, tool calls, audio and annotations, its logprobs, its
+finish_reason.
 """
 
 from __future__ import annotations
@@ -15,7 +19,10 @@ from llmgate.protocol import ChunkView, encoder
 
 
 class _Choice:
-    __slots__ = ("audio", "content", "finish_reason", "refusal", "role", "tool_calls")
+    __slots__ = (
+        "annotations", "audio", "content", "finish_reason", "logprobs", "refusal", "role",
+        "tool_calls",
+    )
 
     def __init__(self) -> None:
         self.role = "assistant"
@@ -24,6 +31,20 @@ class _Choice:
         self.tool_calls: dict[int, dict[str, Any]] = {}
         self.finish_reason: str | None = None
         self.audio: _Audio | None = None  # a model's own audio (modalities with "audio")
+        self.annotations: list[Any] | None = None
+        self.logprobs: dict[str, Any] | None = None  # {"content": [...], "refusal": [...]}
+
+    def add_logprobs(self, logprobs: Any) -> None:
+        """A chunk's logprobs: each list (content, refusal) goes on where the last ended."""
+        if not isinstance(logprobs, dict):
+            return
+        if self.logprobs is None:
+            self.logprobs = {}
+        for key, value in logprobs.items():
+            if isinstance(value, list) and isinstance(self.logprobs.get(key), list):
+                self.logprobs[key] = self.logprobs[key] + value
+            elif value is not None or key not in self.logprobs:
+                self.logprobs[key] = value
 
     def message(self) -> dict[str, Any]:
         calls = [self.tool_calls[i] for i in sorted(self.tool_calls)]
@@ -35,6 +56,8 @@ class _Choice:
             message["tool_calls"] = calls
         if self.audio is not None:
             message["audio"] = self.audio.message()
+        if self.annotations is not None:
+            message["annotations"] = self.annotations
         return message
 
 
@@ -81,6 +104,8 @@ class Completion:
             self.head = {"id": view.id, "created": view.created, "model": view.model}
             if view.system_fingerprint is not None:
                 self.head["system_fingerprint"] = view.system_fingerprint
+        if view.service_tier is not None:
+            self.head["service_tier"] = view.service_tier
         if view.usage:
             self.usage = view.usage
         for c in view.choices:
@@ -89,6 +114,8 @@ class Completion:
                 choice = self.choices[c.index] = _Choice()
             if c.finish_reason:
                 choice.finish_reason = c.finish_reason
+            if c.logprobs is not None:
+                choice.add_logprobs(c.logprobs)
             delta = c.delta
             if delta is None:
                 continue
@@ -104,6 +131,8 @@ class Completion:
                 if choice.audio is None:
                     choice.audio = _Audio()
                 choice.audio.add(delta.audio)
+            if isinstance(delta.annotations, list):
+                choice.annotations = (choice.annotations or []) + delta.annotations
 
     @property
     def finish_reason(self) -> str | None:
@@ -120,13 +149,14 @@ class Completion:
                     "index": i,
                     "message": self.choices[i].message(),
                     "finish_reason": self.choices[i].finish_reason,
-                    "logprobs": None,
+                    "logprobs": self.choices[i].logprobs,
                 }
                 for i in sorted(self.choices)
             ],
         }
-        if "system_fingerprint" in self.head:
-            body["system_fingerprint"] = self.head["system_fingerprint"]
+        for key in ("system_fingerprint", "service_tier"):
+            if key in self.head:
+                body[key] = self.head[key]
         if self.usage is not None:
             body["usage"] = self.usage
         return encoder.encode(body)
