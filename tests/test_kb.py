@@ -84,8 +84,8 @@ def test_jsonl_strings_may_hold_line_separators(tmp_path):
 
 def test_new_chunk_settings_make_a_file_changed(tmp_path, docs):
     store = Store(tmp_path / "kb.sqlite")
-    ingest(store, files_under([str(docs)]), 200, 30)
-    again = ingest(store, files_under([str(docs)]), 100, 10)
+    ingest(store, files_under([str(docs)]).files, 200, 30)
+    again = ingest(store, files_under([str(docs)]).files, 100, 10)
     assert (again.files, again.unchanged) == (5, 0)
 
 
@@ -135,7 +135,7 @@ def docs(tmp_path) -> Path:
 
 def test_every_format_goes_in_and_is_found(tmp_path, docs):
     store = Store(tmp_path / "kb.sqlite")
-    summary = ingest(store, files_under([str(docs)]), 200, 30)
+    summary = ingest(store, files_under([str(docs)]).files, 200, 30)
     assert (summary.files, summary.chunks) == (5, 6)
     assert len(store.sources()) == 5
     for question, source, heading in [
@@ -154,11 +154,11 @@ def test_every_format_goes_in_and_is_found(tmp_path, docs):
 
 def test_re_ingest_skips_unchanged_and_replaces_changed(tmp_path, docs):
     store = Store(tmp_path / "kb.sqlite")
-    ingest(store, files_under([str(docs)]), 200, 30)
-    again = ingest(store, files_under([str(docs)]), 200, 30)
+    ingest(store, files_under([str(docs)]).files, 200, 30)
+    again = ingest(store, files_under([str(docs)]).files, 200, 30)
     assert (again.files, again.unchanged) == (0, 5)
     (docs / "b.md").write_text("# Boats\n\nThe ferry now leaves at midnight.\n")
-    changed = ingest(store, files_under([str(docs)]), 200, 30)
+    changed = ingest(store, files_under([str(docs)]).files, 200, 30)
     assert (changed.files, changed.unchanged) == (1, 4)
     assert not store.search("dawn", 3)
     assert "midnight" in store.search("ferry", 1)[0].text
@@ -178,7 +178,7 @@ def test_a_base_indexed_by_a_trigger_is_not_indexed_twice(tmp_path, docs):
         "(rowid, text, heading) VALUES (new.id, new.text, new.heading); END"
     )
     store = Store(path)
-    ingest(store, files_under([str(docs)]), 200, 30)
+    ingest(store, files_under([str(docs)]).files, 200, 30)
     integrity(store)
     assert len(store.search("ferry", 5)) == 1
 
@@ -229,7 +229,7 @@ def test_the_kb_commands(kb_config, docs):
     ("make", "message"),
     [
         (lambda d: d / "missing.txt", "missing.txt: no such file or folder"),
-        (lambda d: d / "skip.bin", "skip.bin: unknown format .bin"),
+        (lambda d: d / "skip.bin", "skip.bin: unsupported format .bin"),
         (lambda d: (d / "bad.pdf").write_bytes(b"%PDF-1.4 garbage") and d / "bad.pdf",
          "bad.pdf: not a readable PDF"),
         (lambda d: (d / "bad.jsonl").write_text('{"text": "ok"}\n{nope\n') and d / "bad.jsonl",
@@ -239,16 +239,26 @@ def test_the_kb_commands(kb_config, docs):
     ],
 )
 def test_bad_input_names_the_file_and_changes_nothing(kb_config, docs, make, message):
+    """With --strict (a missing file always): the whole command is undone. Without, what
+    cannot be read is named and skipped, and the rest goes in."""
     run_kb("ingest", "--config", "c.toml", "--kb", "docs", str(docs / "a.txt"), cwd=kb_config)
     before = kb_state(kb_config)
     bad = make(docs)
     # the good file named first would have gone in: the whole command is undone
-    result = run_kb("ingest", "--config", "c.toml", "--kb", "docs", str(docs / "b.md"),
-                    str(bad), cwd=kb_config)
+    result = run_kb("ingest", "--config", "c.toml", "--kb", "docs", "--strict",
+                    str(docs / "b.md"), str(bad), cwd=kb_config)
     assert result.returncode == 1
     assert message in result.stderr and "unchanged" in result.stderr
     assert "Traceback" not in result.stderr
     assert kb_state(kb_config) == before
+    lenient = run_kb("ingest", "--config", "c.toml", "--kb", "docs", str(docs / "b.md"),
+                     str(bad), cwd=kb_config)
+    assert message in lenient.stderr and "Traceback" not in lenient.stderr
+    if "no such file" in message:
+        assert lenient.returncode == 1 and kb_state(kb_config) == before
+    else:
+        assert lenient.returncode == 0
+        assert any(path.endswith("b.md") for path, *_ in kb_state(kb_config)[0])
 
 
 def test_an_unknown_kb_is_refused(kb_config):

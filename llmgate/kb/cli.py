@@ -1,23 +1,49 @@
-"""`python -m llmgate kb ingest|search|stats|list|remove --config config.toml --kb NAME`."""
+"""`python -m llmgate kb ingest|search|stats|list|remove --config config.toml --kb NAME`.
+
+What a document holds reaches the terminal escaped (control characters, bidi overrides):
+a hostile file cannot move the cursor or retitle the window. Ctrl-C is one line and leaves
+the base as it was; output cut short (`kb list | head`) ends quietly.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
+import re
+import signal
 import sqlite3
 import sys
-from collections.abc import Iterable
+import threading
 from pathlib import Path
+from typing import Any
 
 from llmgate import config as configuration
 from llmgate.cli import load_config
 from llmgate.kb.embeddings import EmbeddingError, embedder_for
-from llmgate.kb.ingest import FORMATS, IngestError, files_under, ingest
+from llmgate.kb.ingest import FORMATS, MAX_FILE_MB, IngestError, files_under, ingest
 from llmgate.kb.retriever import Retriever
 from llmgate.kb.store import Hit, KbError, Store
 
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
+EXIT_PIPE = 141  # 128 + SIGPIPE
+
+# C0 and C1 controls, DEL, and the bidi controls that reorder what is shown
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_UNSAFE_LINES = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape(char: re.Match[str]) -> str:
+    code = ord(char.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def safe(text: str, lines: bool = False) -> str:
+    """`text` with every control character escaped (`lines`: newlines and tabs too)."""
+    return (_UNSAFE_LINES if lines else _UNSAFE).sub(_escape, text)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -29,13 +55,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     common.add_argument("--kb", required=True, help="the [kb.NAME] to use")
     commands = parser.add_subparsers(dest="command", required=True)
     add = commands.add_parser(
-        "ingest", parents=[common], help=f"add files or folders ({', '.join(FORMATS)})"
+        "ingest", parents=[common],
+        help=f"add files or folders ({', '.join(FORMATS)}, text without an extension)",
     )
     add.add_argument("paths", nargs="+", metavar="PATH")
     add.add_argument("--text-field", default="text", help=".jsonl: the text's field (text)")
+    add.add_argument("--follow-symlinks", action="store_true",
+                     help="follow symlinks, even out of the folder (never into /proc, /sys, /dev)")
+    add.add_argument("--max-file-mb", type=float, default=MAX_FILE_MB,
+                     help="skip files larger than this (%(default)g)")
+    add.add_argument("--strict", action="store_true",
+                     help="a file or .jsonl line that cannot be read fails the command")
     find = commands.add_parser("search", parents=[common], help="the best chunks for a question")
     find.add_argument("question")
     find.add_argument("--k", type=int, default=5, help="how many (%(default)s)")
+    shown = find.add_mutually_exclusive_group()
+    shown.add_argument("--full", action="store_true", help="whole passages, not a preview")
+    shown.add_argument("--json", action="store_true", help="one JSON object a line")
     commands.add_parser("stats", parents=[common], help="files, chunks and size")
     commands.add_parser("list", parents=[common], help="the files in the base")
     remove = commands.add_parser("remove", parents=[common], help="take files out")
@@ -44,6 +80,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> int:
+    stop = threading.Event()
+
+    def interrupted(signum: int, frame: Any) -> None:
+        stop.set()  # the ingest's worker and SQLite's statement see it at once
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, interrupted)
+    try:
+        return _main(argv, stop)
+    except KeyboardInterrupt:
+        print("llmgate: interrupted; the knowledge base is unchanged", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # the reader left (`kb list | head`): no traceback, and none at exit's flush
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_PIPE
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _main(argv: list[str], stop: threading.Event) -> int:
     args = parse_args(argv)
     loaded = load_config(args.config)
     if loaded is None:
@@ -60,18 +117,22 @@ def main(argv: list[str]) -> int:
     try:
         store = Store(loaded.path(kb.path))
     except KbError as exc:
-        print(f"llmgate: {exc}", file=sys.stderr)
+        print(f"llmgate: {safe(str(exc))}", file=sys.stderr)
         return EXIT_ERROR
     try:
-        return _run(args, store, kb, loaded)
+        return _run(args, store, kb, loaded, stop)
     except (IngestError, KbError, sqlite3.Error) as exc:
         what = f"{store.path}: {type(exc).__name__}: {exc}" if isinstance(
             exc, sqlite3.Error
         ) else str(exc)
-        print(f"llmgate: {what}; the knowledge base is unchanged", file=sys.stderr)
+        print(f"llmgate: {safe(what)}; the knowledge base is unchanged", file=sys.stderr)
         return EXIT_ERROR
     finally:
         store.close()
+
+
+def _warn(message: str) -> None:
+    print(f"llmgate: {safe(message)}", file=sys.stderr)
 
 
 def _run(
@@ -79,29 +140,26 @@ def _run(
     store: Store,
     kb: configuration.KbConfig,
     loaded: configuration.Loaded,
+    stop: threading.Event,
 ) -> int:
     if args.command == "ingest":
-        files = files_under(args.paths)
-        try:
-            embedder = embedder_for(kb, loaded, timeout_s=60.0)
-        except EmbeddingError as exc:
-            raise IngestError(f"kb.{args.kb}.embeddings: {exc}") from None
-        summary = ingest(
-            store, files, kb.chunk_tokens, kb.overlap_tokens, args.text_field, _progress,
-            embedder,
-        )
-        print(summary.line())
-    elif args.command == "search":
-        for hit in asyncio.run(_search(store, kb, loaded, args.question, args.k)):
-            where = hit.source + (f" > {hit.heading}" if hit.heading else "")
-            print(f"{hit.score:7.3f}  {where}\n         {_preview(hit.text)}")
+        return _ingest(args, store, kb, loaded, stop)
+    if args.command == "search":
+        found = asyncio.run(_search(store, kb, loaded, args.question, args.k))
+        for hit in found:
+            if args.json:
+                print(_json(hit))
+                continue
+            where = safe(hit.source + (f" > {hit.heading}" if hit.heading else ""))
+            text = safe(hit.text.strip(), lines=True) if args.full else _preview(hit.text)
+            print(f"{hit.score:7.3f}  {where}\n         {text}" + ("\n" if args.full else ""))
     elif args.command == "stats":
         s = store.stats()
         print(f"{s['files']} files, {s['chunks']} chunks, {s['bytes'] / 2**20:.2f} MB of text, "
-              f"{s['file_bytes'] / 2**20:.2f} MB on disk ({store.path})")
+              f"{s['file_bytes'] / 2**20:.2f} MB on disk ({safe(str(store.path))})")
     elif args.command == "list":
         for path, size, chunks in store.sources():
-            print(f"{path}  ({chunks} chunks, {size} bytes)")
+            print(f"{safe(path)}  ({chunks} chunks, {size} bytes)")
     elif args.command == "remove":
         with store.transaction():
             missing = [p for p in args.paths if not store.remove(str(Path(p).resolve()))]
@@ -109,6 +167,50 @@ def _run(
                 raise KbError(f"not in the knowledge base: {', '.join(missing)}")
         print(f"{len(args.paths)} removed")
     return 0
+
+
+def _ingest(
+    args: argparse.Namespace,
+    store: Store,
+    kb: configuration.KbConfig,
+    loaded: configuration.Loaded,
+    stop: threading.Event,
+) -> int:
+    max_bytes = int(args.max_file_mb * 2**20)
+    scan = files_under(args.paths, args.follow_symlinks, max_bytes)
+    for _, message in scan.skipped:
+        if args.strict:
+            raise IngestError(f"{message} (--strict)")
+        _warn(message)
+    try:
+        embedder = embedder_for(kb, loaded, timeout_s=60.0)
+    except EmbeddingError as exc:
+        raise IngestError(f"kb.{args.kb}.embeddings: {exc}") from None
+    bar = _progress(sum(f.size for f in scan.files))
+    try:
+        summary = ingest(
+            store, scan.files, kb.chunk_tokens, kb.overlap_tokens, args.text_field,
+            bar.update if bar is not None else None, embedder,
+            warn=_warn, stop=stop, strict=args.strict, follow_symlinks=args.follow_symlinks,
+            max_bytes=max_bytes,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    for reason, _ in scan.skipped:
+        summary.skipped[reason] += 1
+    print(summary.line())
+    return 0
+
+
+def _json(hit: Hit) -> str:
+    """One hit as JSON; C1 controls and DEL escaped too (JSON leaves them raw)."""
+    line = json.dumps(
+        {"score": hit.score, "source": hit.source, "heading": hit.heading, "text": hit.text,
+         "meta": hit.meta},
+        ensure_ascii=False,
+    )
+    return _UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", line)
 
 
 async def _search(
@@ -126,15 +228,16 @@ async def _search(
         await retriever.aclose()
 
 
-def _progress(files: list[Path]) -> Iterable[Path]:
-    """A progress bar on a terminal; nothing when the output goes elsewhere."""
+def _progress(total: int) -> Any:
+    """A progress bar in bytes on a terminal; None when the output goes elsewhere."""
     if not sys.stderr.isatty():
-        return files
+        return None
     from tqdm import tqdm
 
-    return tqdm(files, unit="file", file=sys.stderr)
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr)
 
 
 def _preview(text: str, width: int = 160) -> str:
-    text = " ".join(text.split())
+    text = safe(" ".join(text.split()))
     return text if len(text) <= width else text[: width - 3] + "..."
+

@@ -231,7 +231,8 @@ class Store:
             yield
             self.conn.execute("COMMIT")
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            if self.conn.in_transaction:  # an interrupted statement rolled it back itself
+                self.conn.execute("ROLLBACK")
             raise
 
     def hashes(self) -> dict[str, str]:
