@@ -138,6 +138,8 @@ class RagConfig(_Strict):
     query_turns: Annotated[int, msgspec.Meta(ge=1, le=20)] = 2
     template: str | None = None  # None: llmgate's own (README)
     waiting: WaitingConfig = msgspec.field(default_factory=WaitingConfig)  # phrases = []: none
+    # the passages' budget, estimated as characters / 4: a small context is not overflowed
+    max_context_tokens: Annotated[int, msgspec.Meta(ge=50, le=1_000_000)] = 2000
 
 
 class AudioConfig(_Strict):

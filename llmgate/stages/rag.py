@@ -1,7 +1,8 @@
 """The RAG stage: retrieve from a knowledge base, put the passages in the conversation, and
 say "one moment" while the caller would otherwise hear nothing.
 
-    [[routes]] rag = "docs"   ->   [rag.docs] kb, top_k, min_score, query_turns, template
+    [[routes]] rag = "docs"   ->   [rag.docs] kb, top_k, min_score, query_turns, template,
+                                              max_context_tokens
                                    [rag.docs.waiting] phrases, after_ms
 
 The query is the last `query_turns` user messages (so "and on weekends?" still finds the
@@ -9,6 +10,10 @@ opening hours). The passages go in as a system message after the caller's own sy
 messages. With `after_ms = 0` a waiting phrase goes out at once, before retrieval; with
 N > 0 only if no answer token has come N ms after the request, and never when the answer
 is quicker. Non-streamed requests get no waiting phrase.
+
+The passages are held to `max_context_tokens`, estimated as characters / 4 (English text
+runs about 4 characters a token; no tokenizer on the voice path): the passages that fit go
+in whole, the first that does not is cut at a word, the rest are left out.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ TEMPLATE = (
     "them when they are relevant, in plain spoken sentences; if they do not hold the answer, "
     "say you do not know rather than guess.\n\n{passages}"
 )
+CHARS_PER_TOKEN = 4  # the estimate max_context_tokens is held to
+LABEL_CHARS = 120  # at most this much of a passage's source, and of its heading
 NOTHING_FOUND = (
     "The knowledge base has nothing on the user's last question. Say you do not know rather "
     "than guess, and offer what you can help with."
@@ -112,7 +119,7 @@ class RagStage:
             # The caller still gets an answer (one that says it does not know): a base
             # that cannot be read must not silence the agent. The log says why.
             if isinstance(exc, KbError | sqlite3.Error):
-                log.warning("rag: kb '%s' cannot be searched: %s", self.retriever.name, exc)
+                log.error("rag: kb '%s' cannot be searched: %s", self.retriever.name, exc)
             else:
                 log.error("rag: kb '%s' search failed", self.retriever.name, exc_info=True)
             ask.turn.note("rag", error=type(exc).__name__)
@@ -121,10 +128,21 @@ class RagStage:
     def _system_message(self, hits: list[Hit]) -> dict[str, Any]:
         if not hits:
             return {"role": "system", "content": NOTHING_FOUND}
-        passages = "\n\n".join(
-            f"[{i}] ({hit.source}{' - ' + hit.heading if hit.heading else ''})\n{hit.text}"
-            for i, hit in enumerate(hits, 1)
-        )
+        room = self.config.max_context_tokens * CHARS_PER_TOKEN
+        parts: list[str] = []
+        for i, hit in enumerate(hits, 1):
+            source = hit.source[:LABEL_CHARS]
+            label = f"[{i}] ({source}{' - ' + hit.heading[:LABEL_CHARS] if hit.heading else ''})"
+            room -= len(label) + 3  # and the newline after it, the blank line before
+            if len(hit.text) <= room:
+                parts.append(f"{label}\n{hit.text}")
+                room -= len(hit.text)
+                continue
+            if room > 0:  # the first passage that does not fit is cut at a word
+                cut = hit.text[:room].rpartition(" ")[0] or hit.text[:room]
+                parts.append(f"{label}\n{cut} ...")
+            break
+        passages = "\n\n".join(parts)
         template = self.config.template or TEMPLATE
         return {"role": "system", "content": template.replace("{passages}", passages)}
 
