@@ -253,6 +253,8 @@ class FakeUpstream:
             assert request.transport is not None
             request.transport.abort()
             return resp
+        if not body.get("stream") and model in ("error-mid", "truncated"):
+            return await self.failed_answer(request, model)
         if not body.get("stream") or model in ("json-when-streamed", "error-200"):
             return self.complete(model)
         return await self.stream(request, model, body)
@@ -271,7 +273,29 @@ class FakeUpstream:
             error["message"] = "Incorrect API key provided: sk-proj-abcdef1234"
         return web.json_response({"error": error}, status=status, headers=headers)
 
+    async def failed_answer(self, request: web.Request, model: str) -> web.StreamResponse:
+        """A non-streamed answer of a model that fails mid-way, as a provider sends it: an
+        error status (error-mid), or a body cut off (truncated)."""
+        if model == "error-mid":
+            error = {"message": "overloaded", "type": "server_error", "code": None}
+            return web.json_response({"error": error}, status=500)
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        resp.content_length = 1000
+        await resp.prepare(request)
+        await resp.write(b'{"id": "chatcmpl-fake", "choi')
+        assert request.transport is not None
+        request.transport.abort()
+        return resp
+
     def complete(self, model: str) -> web.Response:
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(WORDS)}
+        finish = "stop"
+        if model == "tools":  # what the streamed deltas add up to
+            message = {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_abc", "type": "function",
+                 "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+            ]}
+            finish = "tool_calls"
         if model == "error-200":
             return web.json_response({"error": {"message": "quota exceeded for sk-abcdef123"}})
         if model == "garbage":
@@ -283,12 +307,7 @@ class FakeUpstream:
                 "created": CREATED,
                 "model": model,
                 "choices": [
-                    {
-                        "index": 0,
-                        "finish_reason": "stop",
-                        "logprobs": None,
-                        "message": {"role": "assistant", "content": "".join(WORDS)},
-                    }
+                    {"index": 0, "finish_reason": finish, "logprobs": None, "message": message}
                 ],
                 "usage": USAGE,
             }

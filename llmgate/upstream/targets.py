@@ -164,9 +164,10 @@ class Attempts:
         self.plan = plan
         self.turn = turn
         self.queue = deque(_order(plan.targets) if len(plan.targets) > 1 else plan.targets)
-        # (target, status, message, Retry-After in s or None): no exception is kept, as one
-        # held here would hold, through its traceback, the frames that hold this.
-        self.failures: list[tuple[Target, int, str, float | None]] = []
+        # (target, status, message, Retry-After in s or None, (type, code)): no exception
+        # is kept, as one held here would hold, through its traceback, the frames that
+        # hold this.
+        self.failures: list[tuple[Target, int, str, float | None, tuple[str, str | None]]] = []
         self.hedges = 0
         self._records: list[dict[str, Any]] = []
         self._started: dict[int, float] = {}
@@ -197,7 +198,7 @@ class Attempts:
             else:
                 target.health.abandoned()
         wait = retry_after_s(exc, 1.0) if exc.status == 429 else None
-        self.failures.append((target, exc.status, exc.message, wait))
+        self.failures.append((target, exc.status, exc.message, wait, (exc.type, exc.code)))
         self._record(target, error=logged_error(exc.code or exc.type))
         self.note()
 
@@ -233,17 +234,21 @@ class Attempts:
         """Every target failed: the most telling failure (a 429, with the earliest
         Retry-After, over a 504, over anything else as a 502), naming every attempt."""
         self.note()
-        statuses = {status for _, status, _, _ in self.failures}
+        statuses = {status for _, status, _, _, _ in self.failures}
         status = 429 if 429 in statuses else 504 if 504 in statuses else 502
-        tried = "; ".join(f"{t.name}: {_clip(m)}" for t, _, m, _ in self.failures)
-        failed = {t for t, _, _, _ in self.failures}
+        tried = "; ".join(f"{t.name}: {_clip(m)}" for t, _, m, _, _ in self.failures)
+        failed = {t for t, _, _, _, _ in self.failures}
         skipped = [t.name for t in self.plan.targets if t not in failed]
         message = f"model '{self.plan.name}': every target failed ({tried})"
         if skipped:
             message += f"; not tried (circuit open or cooling down): {', '.join(skipped)}"
-        waits = [w for _, s, _, w in self.failures if s == 429 and w is not None]
+        waits = [w for _, s, _, w, _ in self.failures if s == 429 and w is not None]
         headers = {"Retry-After": str(max(1, math.ceil(min(waits))))} if waits else {}
-        return UpstreamError(status, message, headers=headers)
+        # the type and code a failure of that status carried (a provider's own, say), as
+        # the caller of a one-target plan would have had them
+        same = [k for _, s, _, _, k in self.failures if s == status]
+        kind, code = same[0] if same else (None, None)
+        return UpstreamError(status, message, headers=headers, type=kind, code=code)
 
     def note(self) -> None:
         if self.plan.alias or len(self._records) > 1:
