@@ -16,6 +16,10 @@ A round that mixes both (the model called one of ours and one of the caller's): 
 caller's calls go out, renumbered from index 0 in the order they came, with
 `finish_reason: "tool_calls"`, and llmgate's calls of that round are dropped, not run: the
 caller runs its tools and asks again, and the model calls ours again if it still needs them.
+
+At most `max_calls` of ours run in one round (a model asking for 500 at once is not obeyed):
+the rest are answered with an error result saying they were not run, so that every call of
+the assistant message has its tool message and the conversation stays valid for the provider.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from llmgate.tools.registry import Toolbox
 
 log = logging.getLogger("llmgate.tools")
 _ARGS_SHOWN = 200  # characters of a bad argument string the model is shown
+MAX_CALLS_PER_ROUND = 16  # calls of ours run in one round; the rest are answered unrun
 
 
 class ToolStage:
@@ -52,11 +57,13 @@ class ToolStage:
         sections: list[str],
         max_rounds: int,
         filler: FillerConfig | None,
+        max_calls: int = MAX_CALLS_PER_ROUND,
     ) -> None:
         self.toolbox = toolbox
         self.sections = sections
         self.max_rounds = max_rounds
         self.filler = filler
+        self.max_calls = max_calls
         self._phrases = itertools.cycle(filler.phrases if filler is not None else ())
 
     def wrap(self, inner: Call) -> Call:
@@ -107,16 +114,18 @@ class ToolStage:
                     yield answer.usage_piece()
             finally:
                 ask.turn.note("tools", calls=answer.calls_noted, rounds=answer.rounds)
+                if answer.not_run:
+                    ask.turn.note("tools", not_run=answer.not_run)
 
         return call
 
     async def _run(self, answer: _Answer, round_no: int) -> AsyncIterator[Piece]:
-        """This round's calls of ours, in parallel; a filler phrase if they run long."""
+        """This round's calls of ours (the first `max_calls`), in parallel; a filler phrase if
+        they run long."""
         calls = answer.our_calls()
         answer.ask.body["messages"].append(answer.assistant_message(calls))
-        tasks = [
-            asyncio.ensure_future(self._one(answer, call, round_no)) for call in calls
-        ]
+        run, over = calls[: self.max_calls], calls[self.max_calls :]
+        tasks = [asyncio.ensure_future(self._one(answer, call, round_no)) for call in run]
         try:
             if self.filler is not None and self.filler.phrases and answer.ask.stream:
                 _, pending = await asyncio.wait(tasks, timeout=self.filler.after_ms / 1000)
@@ -127,6 +136,12 @@ class ToolStage:
         finally:
             for task in tasks:
                 await end_task(task)  # a barge-in: every tool call stops, its request closed
+        if over:
+            answer.not_run += len(over)
+            results += [
+                f"error: not run: at most {self.max_calls} tool calls run in one round;"
+                " call it again if still needed"
+            ] * len(over)
         for call, result in zip(calls, results, strict=True):
             answer.ask.body["messages"].append(
                 {"role": "tool", "tool_call_id": call["id"], "content": result}
@@ -174,6 +189,7 @@ class _Answer:
         self.usage_wanted = False
         self.round_usage: dict[str, Any] | None = None
         self.calls_noted: list[dict[str, Any]] = []
+        self.not_run = 0  # calls of ours over the cap of their round, answered unrun
         self.rounds = 0
         self.round_no = 0
         # The round's calls, by (the model's index, the how-many-th call at that index: a
