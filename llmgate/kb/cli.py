@@ -132,7 +132,13 @@ def _main(argv: list[str], stop: threading.Event) -> int:
 
 
 def _warn(message: str) -> None:
-    print(f"llmgate: {safe(message)}", file=sys.stderr)
+    line = f"llmgate: {safe(message)}"
+    if "tqdm" in sys.modules:  # above the progress bar, which is drawn again below
+        from tqdm import tqdm
+
+        tqdm.write(line, file=sys.stderr)
+    else:
+        print(line, file=sys.stderr)
 
 
 def _run(
@@ -186,7 +192,7 @@ def _ingest(
         embedder = embedder_for(kb, loaded, timeout_s=60.0)
     except EmbeddingError as exc:
         raise IngestError(f"kb.{args.kb}.embeddings: {exc}") from None
-    bar = _progress(sum(f.size for f in scan.files))
+    bar = _progress(sum(f.size for f in scan.files))  # before the warnings: above it
     try:
         summary = ingest(
             store, scan.files, kb.chunk_tokens, kb.overlap_tokens, args.text_field,

@@ -432,8 +432,8 @@ def _decode(path: Path, raw: bytes, html: bool = False) -> str:
     try:
         return raw.decode(codec or "utf-8")
     except UnicodeDecodeError as exc:
-        said = f"{codec} as declared" if codec else "UTF-8"
-        raise Skip("encoding", f"{path}: not {said} text (byte {exc.start})") from None
+        said = f"{codec} text as declared" if codec else "UTF-8 text"
+        raise Skip("encoding", f"{path}: not {said} (byte {exc.start})") from None
 
 
 def _jsonl_lines(path: Path, raw: bytes) -> Iterator[tuple[int, str | None, str]]:
