@@ -211,3 +211,13 @@ def test_kb_search_full_and_json(kb_config):
     [hit] = [json.loads(line) for line in lines.splitlines()]
     assert hit["source"] == "log.txt" and hit["text"].startswith(long) and hit["score"] > 0
     assert kb_state(kb_config)[1] == 1
+
+
+async def test_the_kb_commands_run_on_a_thread(kb_config, monkeypatch):
+    """Signals are the main thread's: run elsewhere, the commands leave SIGINT alone."""
+    import asyncio
+
+    from llmgate.kb import cli as kb_cli
+
+    monkeypatch.chdir(kb_config)
+    assert await asyncio.to_thread(kb_cli.main, ["stats", *KB]) == 0

@@ -86,7 +86,9 @@ def main(argv: list[str]) -> int:
         stop.set()  # the ingest's worker and SQLite's statement see it at once
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGINT, interrupted)
+    # (signals are a main thread's: a caller running this on a thread keeps its own)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, interrupted) if main_thread else None
     try:
         return _main(argv, stop)
     except KeyboardInterrupt:
@@ -97,7 +99,8 @@ def main(argv: list[str]) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_PIPE
     finally:
-        signal.signal(signal.SIGINT, previous)
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _main(argv: list[str], stop: threading.Event) -> int:
