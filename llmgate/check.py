@@ -20,6 +20,7 @@ import msgspec
 from aiohttp import web
 
 from llmgate import config as configuration
+from llmgate import http
 from llmgate.config import AudioConfig, Config, KbConfig, Loaded, ToolConfig
 from llmgate.errors import ApiError, UpstreamStatus
 from llmgate.kb.remote import HttpRetriever
@@ -37,6 +38,7 @@ PHRASE = "This is llmgate, checking its voice."
 QUERY = "llmgate check"  # a harmless question for a knowledge base
 MAX_ANSWER = 64 * 1024
 MAX_NAMES = 10  # tool names shown on a row
+_NO_TIMEOUT = aiohttp.ClientTimeout(total=None)  # each probe is bounded by --timeout
 
 
 @dataclass(frozen=True)
@@ -257,10 +259,14 @@ async def _reach(tool: ToolConfig, session: aiohttp.ClientSession) -> tuple[str,
     # HEAD, never the tool's own method: a call with made-up arguments could do something.
     # Any answer at all means it is reachable; the URL is never shown (it may hold a key).
     try:
-        async with session.head(tool.url, headers=tool.headers, allow_redirects=False) as resp:
+        async with http.request(
+            session, "HEAD", tool.url, headers=tool.headers, timeout=_NO_TIMEOUT
+        ) as resp:
             return OK, f"reachable (HTTP {resp.status} to HEAD)"
-    except (aiohttp.ClientError, OSError) as exc:
-        raise Failed(f"could not be reached ({type(exc).__name__})") from None
+    except http.StatusError as exc:
+        return OK, f"reachable (HTTP {exc.status} to HEAD)"
+    except http.HttpError as exc:
+        raise Failed(str(exc)) from None
 
 
 async def _mcp(name: str, tool: ToolConfig) -> tuple[str, str]:

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import re
 import sqlite3
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from aiohttp import web
 
-from llmgate.kb import cli as kb_cli
 from llmgate.kb.chunking import Chunk
 from llmgate.kb.embeddings import Embedder, fuse, nearest
 from llmgate.kb.retriever import Retriever
@@ -72,12 +73,21 @@ def config(tmp_path, embeddings) -> Path:
     return tmp_path / "c.toml"
 
 
-async def kb(*args: str) -> int:
-    return await asyncio.to_thread(kb_cli.main, list(args))
+async def kb(*args: str) -> tuple[int, str]:
+    """The `kb` command in a process of its own (it takes SIGINT, which only a main thread
+    can), while this test's loop serves the fake endpoint: (exit code, stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "llmgate", "kb", *args,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode or 0, err.decode()
 
 
 async def test_ingest_stores_a_vector_for_every_chunk(config, embeddings):
-    assert await kb("ingest", "--config", str(config), "--kb", "shop", str(DATA / "shop.md")) == 0
+    code, _ = await kb("ingest", "--config", str(config), "--kb", "shop", str(DATA / "shop.md"))
+    assert code == 0
     conn = sqlite3.connect(config.parent / "shop.sqlite")
     total, with_vec = conn.execute("SELECT count(*), count(vec) FROM chunks").fetchone()
     assert total == with_vec > 10
@@ -124,7 +134,7 @@ async def test_the_rag_route_with_embeddings(make_gateway, connect, upstream, co
     assert "4.95 pounds" in upstream.requests[1]["messages"][1]["content"]
 
 
-async def test_embeddings_down_at_ingest_leaves_the_base_unchanged(config, embeddings, capsys):
+async def test_embeddings_down_at_ingest_leaves_the_base_unchanged(config, embeddings):
     await kb("ingest", "--config", str(config), "--kb", "shop", str(DATA / "shop.md"))
     store = Store(config.parent / "shop.sqlite")
     before = store.stats()["chunks"], store.sources()
@@ -132,8 +142,9 @@ async def test_embeddings_down_at_ingest_leaves_the_base_unchanged(config, embed
     embeddings.down = True
     extra = config.parent / "extra.md"
     extra.write_text("# Extra\n\nA new page about gardening tools.\n")
-    assert await kb("ingest", "--config", str(config), "--kb", "shop", str(extra)) == 1
-    assert "embeddings" in capsys.readouterr().err
+    code, err = await kb("ingest", "--config", str(config), "--kb", "shop", str(extra))
+    assert code == 1
+    assert "embeddings" in err
     store = Store(config.parent / "shop.sqlite")
     assert (store.stats()["chunks"], store.sources()) == before
     store.close()

@@ -14,14 +14,16 @@ from collections.abc import Sequence
 import aiohttp
 import msgspec
 import numpy as np
-from yarl import URL
 
-from llmgate.config import PASSTHROUGH, KbConfig, Loaded
-from llmgate.kb.service import ServiceError, new_session, post_json
+from llmgate import http
+from llmgate.config import KbConfig, Loaded
 
 RRF_K = 60
 BATCH = 64
-MAX_ANSWER = 256 * 2**20  # 64 vectors of 3,072 floats as JSON are ~4 MB
+# An answer is bounded by the texts it embeds: a vector of 3,072 floats is ~70 KB as JSON,
+# so 256 KB a text leaves room for 8,192 dimensions; a question's answer is at most 320 KB.
+MAX_ANSWER_BASE = 64 * 1024
+MAX_ANSWER_PER_TEXT = 256 * 1024
 
 
 class EmbeddingError(Exception):
@@ -51,8 +53,7 @@ class Embedder:
     ):
         # Errors name the provider, never the URL (it may carry a key in its query).
         self.name = name
-        base = URL(base_url)
-        self.url = base.with_path(base.path.rstrip("/") + "/embeddings", keep_query=True)
+        self.url = http.join(base_url, "embeddings")
         self.headers = {**headers, "Content-Type": "application/json"}
         self.model = model
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
@@ -66,9 +67,13 @@ class Embedder:
 
     async def _batch(self, session: aiohttp.ClientSession, texts: list[str]) -> np.ndarray:
         body = msgspec.json.encode({"model": self.model, "input": texts})
+        limit = MAX_ANSWER_BASE + MAX_ANSWER_PER_TEXT * len(texts)
         try:
-            raw = await post_json(session, self.url, body, self.headers, self.timeout, MAX_ANSWER)
-        except ServiceError as exc:
+            raw = await http.fetch(
+                session, "POST", self.url, limit, headers=self.headers, timeout=self.timeout,
+                data=body,
+            )
+        except http.HttpError as exc:
             raise EmbeddingError(f"{self.name}/embeddings {exc}") from None
         try:
             items = sorted(_decoder.decode(raw).data, key=lambda item: item.index)
@@ -84,7 +89,7 @@ class Embedder:
         """For the `kb` commands, which have no loop of their own."""
 
         async def run() -> np.ndarray:
-            async with new_session() as session:
+            async with http.new_session() as session:
                 return await self.embed(session, texts)
 
         return asyncio.run(run())
@@ -98,9 +103,7 @@ def embedder_for(kb: KbConfig, loaded: Loaded, timeout_s: float) -> Embedder | N
     unset = loaded.unset_env.get(kb.embeddings)
     if unset:
         raise EmbeddingError(f"provider '{kb.embeddings}' needs {', '.join(unset)} set")
-    headers = dict(provider.headers)
-    if provider.api_key and provider.api_key != PASSTHROUGH:
-        headers["Authorization"] = f"Bearer {provider.api_key}"
+    headers = {**provider.headers, **http.bearer(provider.api_key)}
     name = f"provider '{kb.embeddings}'"
     return Embedder(provider.base_url, headers, kb.embedding_model, timeout_s, name)
 

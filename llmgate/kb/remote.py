@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from llmgate.kb.service import OwnSession, ServiceError, post_json
+from llmgate import http
 from llmgate.kb.store import Hit, KbError
 
 MAX_ANSWER = 4 * 2**20
@@ -42,15 +42,16 @@ class HttpRetriever:
         self.url = url
         self.headers = {"Content-Type": "application/json", **headers}
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self._client = OwnSession()
+        self._client = http.OwnSession()
 
     async def search(self, question: str, k: int, min_score: float = 0.0) -> list[Hit]:
         body = msgspec.json.encode({"query": question, "k": k})
         try:
-            raw = await post_json(
-                self._client.get(), self.url, body, self.headers, self.timeout, MAX_ANSWER
+            raw = await http.fetch(
+                self._client.get(), "POST", self.url, MAX_ANSWER, headers=self.headers,
+                timeout=self.timeout, data=body,
             )
-        except ServiceError as exc:
+        except http.HttpError as exc:
             raise KbError(f"kb '{self.name}': the retrieval service {exc}") from None
         try:
             answer = _decoder.decode(raw)

@@ -3,9 +3,10 @@ openedai-speech, ...): raw PCM16 (`response_format: "pcm"`, 24 kHz on OpenAI) re
 streams, so the first frames go out before the sentence is fully synthesised.
 
 The endpoint is configured like any provider (`provider = "openai"`): its base URL, its
-key and headers. Failures are said the way provider failures are (the status, the
-provider's message with keys redacted), never with the URL. A cancelled synthesis (the
-caller barged in) closes the connection rather than reading the rest of the sentence.
+key and headers, never sent on to another host (a redirect is a failure). Failures are said
+the way provider failures are (the status, the provider's message with keys redacted, its
+error body read to a bound), never with the URL. A cancelled synthesis (the caller barged
+in) closes the connection rather than reading the rest of the sentence.
 """
 
 from __future__ import annotations
@@ -14,16 +15,13 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import msgspec
-from yarl import URL
 
+from llmgate import http
 from llmgate.errors import ProviderNotReady
-from llmgate.kb.service import OwnSession
 from llmgate.tts.base import EngineError
-from llmgate.upstream.client import read_bounded
 from llmgate.upstream.provider import Provider
 
 READ = 16 * 1024
-MAX_ERROR = 64 * 1024
 
 
 class OpenAISpeechEngine:
@@ -32,8 +30,7 @@ class OpenAISpeechEngine:
 
     def __init__(self, provider: Provider, model: str, voice: str, rate: int) -> None:
         self.provider = provider
-        base = URL(provider.config.base_url)
-        self.url = base.with_path(base.path.rstrip("/") + "/audio/speech", keep_query=True)
+        self.url = http.join(provider.config.base_url, "audio/speech")
         self.model = model
         self.voice = voice or "alloy"
         self.rate = rate
@@ -44,7 +41,7 @@ class OpenAISpeechEngine:
             sock_connect=config.connect_timeout_s,
             sock_read=config.idle_timeout_s,
         )
-        self._client = OwnSession()
+        self._client = http.OwnSession()
 
     async def start(self) -> None:
         pass  # the client opens on the first sentence
@@ -64,26 +61,19 @@ class OpenAISpeechEngine:
         body = msgspec.json.encode(
             {"model": self.model, "voice": self.voice, "input": text, "response_format": "pcm"}
         )
-        resp: aiohttp.ClientResponse | None = None
         try:
-            try:
-                resp = await self._client.get().post(
-                    self.url, data=body, headers=self.headers, timeout=self.timeout
-                )
-                if resp.status != 200:
-                    raw = await read_bounded(resp.content, MAX_ERROR)
-                    error = self.provider.status_error(resp.status, resp.headers, raw)
-                    raise EngineError(error.message)
+            # A barge-in or a failure closes the connection rather than read the rest.
+            async with http.request(
+                self._client.get(), "POST", self.url, headers=self.headers,
+                timeout=self.timeout, data=body,
+            ) as resp:
                 kind = resp.headers.get("Content-Type", "")
                 if kind.startswith(("application/json", "text/")):
                     raise EngineError(f"provider '{self.provider.name}' sent {kind}, not audio")
                 while data := await resp.content.read(READ):
                     yield self.rate, data
-            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-                raise EngineError(self.provider.error_for(exc).message) from None
-        finally:
-            if resp is not None:
-                if resp.content.at_eof():
-                    resp.release()
-                else:
-                    resp.close()  # barge-in or failure: the rest is never read
+        except http.StatusError as exc:  # the provider's message, its secrets redacted
+            error = self.provider.status_error(exc.status, exc.headers, exc.body)
+            raise EngineError(error.message) from None
+        except http.HttpError as exc:
+            raise EngineError(f"provider '{self.provider.name}' {exc}") from None

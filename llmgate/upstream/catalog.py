@@ -15,8 +15,8 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from llmgate.errors import ApiError
-from llmgate.upstream.client import read_bounded
+from llmgate import http
+from llmgate.errors import ApiError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from llmgate.upstream.provider import Provider
 from llmgate.upstream.router import Router
 
@@ -48,17 +48,22 @@ async def ask(
     data: bytes | None = None,
 ) -> bytes:
     """A JSON request to a provider outside a turn (its model list, a probe): the body,
-    bounded; a non-2xx answer or a failed connection as the provider's ApiError."""
+    bounded; a non-2xx answer (a redirect too: our key goes nowhere else) or a failed
+    connection as the provider's ApiError."""
     try:
-        async with session.request(
-            method, url, data=data, headers=provider.headers(False, None), timeout=timeout
-        ) as resp:
-            raw = await read_bounded(resp.content, limit)
-            if resp.status >= 300:
-                raise provider.status_error(resp.status, resp.headers, raw)
-    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-        raise provider.error_for(exc) from None
-    return raw
+        return await http.fetch(
+            session, method, url, limit, headers=provider.headers(False, None),
+            timeout=timeout, data=data,
+        )
+    except http.HttpError as exc:
+        raise _error(provider, exc) from None
+
+
+def _error(provider: Provider, exc: http.HttpError) -> UpstreamError:
+    if isinstance(exc, http.StatusError):
+        return provider.status_error(exc.status, exc.headers, exc.body)
+    said = f"provider '{provider.name}' {exc}"
+    return UpstreamTimeout(said) if isinstance(exc, http.TimedOut) else UpstreamUnavailable(said)
 
 
 async def models_of(session: aiohttp.ClientSession, provider: Provider) -> list[str]:

@@ -30,11 +30,3 @@ async def client_session(app: web.Application) -> AsyncIterator[None]:
     yield
     await session.close()
 
-
-async def read_bounded(content: aiohttp.StreamReader, limit: int) -> bytes:
-    """At most `limit` bytes of a body, all of it when shorter: `read(n)` alone gives only
-    what has come so far."""
-    raw = b""
-    while len(raw) < limit and (part := await content.read(limit - len(raw))):
-        raw += part
-    return raw
