@@ -178,6 +178,11 @@ class ToolConfig(_Strict):
     metadata: dict[str, str] = {}  # turn metadata key -> the header it goes in
     # mcp: an MCP server (streamable HTTP) and which of its tools the model may call
     allowed: list[str] | None = None
+    # what one server may add to every request: tools past max_tools and tools whose input
+    # schema is over max_schema_bytes (as JSON) are left out, descriptions are cut
+    max_tools: Annotated[int, msgspec.Meta(ge=1, le=128)] = 32
+    max_description_chars: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 1024
+    max_schema_bytes: Annotated[int, msgspec.Meta(ge=64, le=1_000_000)] = 8192
 
 
 class FillerConfig(_Strict):

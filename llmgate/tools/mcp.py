@@ -1,9 +1,19 @@
 """Server-side tools that live on an MCP server, reached over streamable HTTP.
 
-The `mcp` SDK does the protocol. It runs on anyio, whose transport and session context
+The `mcp` SDK does the protocol, either era: a 2026-07-28 server (stateless: `server/discover`,
+no session, `Mcp-Method` / `Mcp-Name` headers) or an older one (the `initialize` handshake and
+a session); the SDK probes which. It runs on anyio, whose transport and session context
 managers must be entered and left by one task, so each `McpServer` owns its connection in one
-long-lived background task (`_run`): it connects, lists the tools, then parks until the
-connection is lost or closed, and reconnects every `retry_s` seconds while the server is down.
+long-lived background task (`_run`): it connects, lists the tools, then waits until the list
+must be fetched again or the connection is lost or closed, and reconnects every `retry_s`
+seconds while the server is down.
+
+The list is fetched again when the server says it changed (`notifications/tools/list_changed`,
+reaching the session's message handler: on the GET stream of an older server's session, or on
+a `subscriptions/listen` stream that llmgate opens to a 2026-07-28 server) and when a
+2026-07-28 listing's `ttlMs` runs out. What one server adds to every request is bounded:
+at most `max_tools` tools, descriptions cut to `max_description_chars`, a tool whose input
+schema is over `max_schema_bytes` left out; one warning names what was cut.
 
 Tool calls come from other tasks (one per turn, several in parallel) and go straight through
 the shared `mcp.Client`: its JSON-RPC dispatcher correlates concurrent requests by id, and the
@@ -28,10 +38,14 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx2
+import msgspec
 from mcp import Client, MCPError
+from mcp.client import IncomingMessage
 from mcp.client.streamable_http import streamable_http_client
+from mcp.client.subscriptions import ListenNotSupportedError
 from mcp_types import (
     CONNECTION_CLOSED,
+    METHOD_NOT_FOUND,
     REQUEST_TIMEOUT,
     AudioContent,
     CallToolResult,
@@ -40,7 +54,10 @@ from mcp_types import (
     Implementation,
     ResourceLink,
     TextContent,
+    Tool,
+    ToolListChangedNotification,
 )
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from llmgate.tools.base import ToolError, ToolSpec, bounded
 
@@ -56,6 +73,12 @@ MAX_PAGES = 100  # tools/list pages followed, so a paginator that never ends can
 CONNECT_TIMEOUT = 10.0  # seconds for the handshake and tools/list of one connection attempt
 CLOSE_TIMEOUT = 3.0  # seconds aclose() waits for the session to end before cancelling it
 MIN_RETRY_GAP = 1.0  # seconds between attempts at least, whatever wakes the retry
+MIN_RELIST_GAP = 1.0  # seconds between two listings at least, however often a server says so
+MIN_TTL = 1.0  # seconds: a shorter positive ttlMs is taken as this
+MAX_TOOLS = 32  # tools taken from one server (defaults of [tools.NAME]'s keys)
+MAX_DESCRIPTION_CHARS = 1024  # a longer description is cut
+MAX_SCHEMA_BYTES = 8192  # a tool whose input schema is longer (as JSON) is left out
+_NAMES_SHOWN = 5  # tool names a warning lists
 
 # Per-call headers. The SDK's public call_tool() takes no headers, but its streamable HTTP
 # transport posts each message in the sender's contextvars context, so a variable set by the
@@ -168,6 +191,53 @@ class McpTool:
                 work.cancel()  # it tells the server, in the background
 
 
+class _Cuts:
+    """What one listing left out or cut."""
+
+    def __init__(self) -> None:
+        self.over = 0  # tools past max_tools
+        self.more = False  # and pages not fetched
+        self.schemas: list[str] = []  # left out: input schema over max_schema_bytes
+        self.descriptions: list[str] = []  # cut to max_description_chars
+
+    def describe(self, server: McpServer) -> str | None:
+        parts = []
+        if self.over or self.more:
+            over = f"{self.over}{'+' if self.more else ''}"  # +: pages left unfetched
+            parts.append(f"{over} tools past max_tools = {server.max_tools} left out")
+        if self.schemas:
+            parts.append(
+                f"{len(self.schemas)} left out for an input schema over max_schema_bytes = "
+                f"{server.max_schema_bytes} ({_names(self.schemas)})"
+            )
+        if self.descriptions:
+            parts.append(
+                f"{len(self.descriptions)} descriptions cut to max_description_chars = "
+                f"{server.max_description_chars} ({_names(self.descriptions)})"
+            )
+        return "; ".join(parts) if parts else None
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(name[:64] for name in names[:_NAMES_SHOWN])
+    return shown + (f" and {len(names) - _NAMES_SHOWN} more" if len(names) > _NAMES_SHOWN else "")
+
+
+async def _first_set(*events: asyncio.Event, timeout: float | None = None) -> asyncio.Event | None:
+    """The first of the events to be set (the first given when several are), or None when
+    the timeout ran out first."""
+    for event in events:
+        if event.is_set():
+            return event
+    waits = {asyncio.ensure_future(event.wait()): event for event in events}
+    try:
+        done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
+    return next((event for event in events if event.is_set()), None) if done else None
+
+
 class McpServer:
     """A connection to one MCP server and the tools it offers."""
 
@@ -179,14 +249,25 @@ class McpServer:
         allowed: list[str] | None,
         timeout_s: float,
         retry_s: float = 30.0,
+        *,
+        max_tools: int = MAX_TOOLS,
+        max_description_chars: int = MAX_DESCRIPTION_CHARS,
+        max_schema_bytes: int = MAX_SCHEMA_BYTES,
     ) -> None:
         self.name = name
         self.url = url
         self.timeout_s = timeout_s
         self.retry_s = retry_s
+        self.max_tools = max_tools
+        self.max_description_chars = max_description_chars
+        self.max_schema_bytes = max_schema_bytes
+        self.protocol_version: str | None = None  # the current connection's
         self._headers = dict(headers)  # may hold an Authorization header: never logged
         self._allowed = None if allowed is None else list(allowed)
         self._tools: list[McpTool] = []
+        self._relist = asyncio.Event()  # the server said its list changed
+        self._stale_at: float | None = None  # when the listing's ttlMs runs out
+        self._cuts_told: str | None = None  # the last warning about cut tools
         self._client: Client | None = None
         self._runner: asyncio.Task[None] | None = None
         self._calls: set[asyncio.Task[str]] = set()
@@ -276,44 +357,157 @@ class McpServer:
             client = Client(
                 streamable_http_client(self.url, http_client=http),
                 read_timeout_seconds=CONNECT_TIMEOUT,
-                cache=None,
+                cache=None,  # the listing is ours to keep (ttlMs honoured below)
+                message_handler=self._on_message,
                 client_info=Implementation(name="llmgate", version=_VERSION),
             )
             async with client:
+                self.protocol_version = client.protocol_version
+                self._relist.clear()
                 tools = await self._list_tools(client)
                 if self._closing:
                     return
                 self._served = True
                 self._tools = tools
                 self._client = client
-                if self._down:
-                    log.info("MCP server %r is back: %d tools", self.name, len(tools))
-                else:
-                    log.info("MCP server %r: %d tools", self.name, len(tools))
+                log.info(
+                    "MCP server %r%s: %d tools (protocol %s)",
+                    self.name,
+                    " is back" if self._down else "",
+                    len(tools),
+                    self.protocol_version,
+                )
                 self._down = False
+                listener = None
+                if self.protocol_version in MODERN_PROTOCOL_VERSIONS:
+                    listener = asyncio.create_task(self._listen(client), name="mcp listen")
                 try:
-                    await lost.wait()
+                    await self._keep_listed(client, lost)
                 finally:
                     self._client = None
                     self._tools = []
+                    if listener is not None:
+                        listener.cancel()
+                        await asyncio.wait({listener})
+
+    async def _keep_listed(self, client: Client, lost: asyncio.Event) -> None:
+        """Until the connection is lost: list the tools again when the server says they
+        changed or the listing's ttlMs ran out, at most once every MIN_RELIST_GAP."""
+        loop = asyncio.get_running_loop()
+        while True:
+            timeout = None if self._stale_at is None else max(0.0, self._stale_at - loop.time())
+            if await _first_set(lost, self._relist, timeout=timeout) is lost:
+                return
+            self._relist.clear()
+            try:
+                tools = await self._list_tools(client)
+            except MCPError as exc:
+                if exc.code == CONNECTION_CLOSED:
+                    raise
+                log.warning(
+                    "MCP server %r: tools not listed again (%s); the last list stays",
+                    self.name,
+                    self._describe(exc),
+                )
+                self._stale_at = loop.time() + self.retry_s  # and try again then
+            else:
+                if self._closing:
+                    return
+                before, self._tools = self._tools, tools
+                if [t.spec for t in before] != [t.spec for t in tools]:
+                    log.info("MCP server %r: %d tools, listed again", self.name, len(tools))
+            if await _first_set(lost, timeout=MIN_RELIST_GAP) is lost:
+                return
+
+    async def _on_message(self, message: IncomingMessage) -> None:
+        """The session's message handler: a changed tool list is listed again by the owner
+        task (a request from inside the SDK's receive path could wait on itself)."""
+        if isinstance(message, ToolListChangedNotification):
+            self._relist.set()
+
+    async def _listen(self, client: Client) -> None:
+        """2026-07-28: ask for tools/list_changed on a subscriptions/listen stream (its events
+        reach `_on_message`); a stream that ends is opened again and the list fetched again,
+        since what changed meanwhile was not told."""
+        gap = MIN_RETRY_GAP
+        opened = False
+        while not self._closing:
+            try:
+                async with client.listen(tools_list_changed=True) as subscription:
+                    if not subscription.honored.tools_list_changed:
+                        return  # the server will not tell: ttlMs alone keeps the list fresh
+                    if opened:
+                        self._relist.set()
+                    opened, gap = True, MIN_RETRY_GAP
+                    async for _event in subscription:
+                        pass  # delivered to _on_message too
+            except ListenNotSupportedError:
+                return
+            except MCPError as exc:
+                if exc.code == METHOD_NOT_FOUND:
+                    return
+                log.debug("MCP server %r: listen ended: %s", self.name, self._describe(exc))
+            except Exception as exc:  # a stream lost: SubscriptionLost, a transport error
+                log.debug("MCP server %r: listen ended: %s", self.name, self._describe(exc))
+            await asyncio.sleep(gap)
+            gap = min(gap * 2, max(self.retry_s, MIN_RETRY_GAP))
 
     async def _list_tools(self, client: Client) -> list[McpTool]:
+        """The server's tools, the caps applied; pages are followed only until enough are
+        taken. The first page's ttlMs (2026-07-28) sets when the list is fetched again."""
         found: list[McpTool] = []
+        cuts = _Cuts()
         cursor: str | None = None
-        for _ in range(MAX_PAGES):
+        loop = asyncio.get_running_loop()
+        for page_no in range(MAX_PAGES):
             page = await client.list_tools(cursor=cursor)
+            if page_no == 0:
+                ttl = page.ttl_ms / 1000 if page.ttl_ms else None
+                self._stale_at = None if ttl is None else loop.time() + max(ttl, MIN_TTL)
             for tool in page.tools:
-                if self._allowed is None or tool.name in self._allowed:
-                    spec = ToolSpec(tool.name, tool.description or "", dict(tool.input_schema))
+                if self._allowed is not None and tool.name not in self._allowed:
+                    continue
+                if len(found) >= self.max_tools:
+                    cuts.over += 1
+                    continue
+                spec = self._spec(tool, cuts)
+                if spec is not None:
                     found.append(McpTool(spec, self))
             cursor = page.next_cursor
             if cursor is None:
                 break
-        if self._allowed is not None:
+            if len(found) >= self.max_tools:
+                cuts.more = True  # the rest is not fetched
+                break
+        if self._allowed is not None and not cuts.more:
             missing = sorted(set(self._allowed) - {tool.spec.name for tool in found})
             if missing:
                 log.warning("MCP server %r does not offer: %s", self.name, ", ".join(missing))
+        self._tell_cuts(cuts)
         return found
+
+    def _spec(self, tool: Tool, cuts: _Cuts) -> ToolSpec | None:
+        """What the model sees of one tool: None when its schema is too big to send."""
+        schema = dict(tool.input_schema)
+        try:
+            size = len(msgspec.json.encode(schema))
+        except (TypeError, msgspec.EncodeError):
+            size = self.max_schema_bytes + 1
+        if size > self.max_schema_bytes:
+            cuts.schemas.append(tool.name)
+            return None
+        description = tool.description or ""
+        if len(description) > self.max_description_chars:
+            cuts.descriptions.append(tool.name)
+            description = description[: self.max_description_chars]
+        return ToolSpec(tool.name, description, schema)
+
+    def _tell_cuts(self, cuts: _Cuts) -> None:
+        """One warning naming the server and what was cut; not again for the same cuts."""
+        told = cuts.describe(self)
+        if told is not None and told != self._cuts_told:
+            log.warning("MCP server %r: %s", self.name, told)
+        self._cuts_told = told
 
     def _report_failure(self, exc: BaseException) -> None:
         """One warning line when the server goes down; the retries after it log at debug."""

@@ -1,9 +1,9 @@
 """Every [tools.NAME] of the config, started once with the app, and the tools a route offers.
 
 An http section is one tool named after its section; an mcp section is a server whose tools
-are listed at start-up (a server that is down is retried in the background: its tools are
-missing until then). Names sent to the model are valid OpenAI function names
-(`^[A-Za-z0-9_-]{1,64}$`) and unique on the route.
+are listed at start-up and again when they change, capped (a server that is down is retried
+in the background: its tools are missing until then). Names sent to the model are valid
+OpenAI function names (`^[A-Za-z0-9_-]{1,64}$`) and unique on the route.
 """
 
 from __future__ import annotations
@@ -32,7 +32,14 @@ class Toolbox:
                 from llmgate.tools.mcp import McpServer  # the mcp SDK: only when one is used
 
                 self.mcp[name] = McpServer(
-                    name, config.url, config.headers, config.allowed, config.timeout_s
+                    name,
+                    config.url,
+                    config.headers,
+                    config.allowed,
+                    config.timeout_s,
+                    max_tools=config.max_tools,
+                    max_description_chars=config.max_description_chars,
+                    max_schema_bytes=config.max_schema_bytes,
                 )
         self.configs = configs
 
