@@ -96,8 +96,8 @@ def watched(app: Any, seen: Seen, legacy_only: bool = False) -> Any:
 class AppThread:
     """uvicorn serving an ASGI app on 127.0.0.1 in a thread of its own (its own loop)."""
 
-    def __init__(self, app: Any) -> None:
-        self.port = free_port()
+    def __init__(self, app: Any, port: int | None = None) -> None:
+        self.port = port or free_port()
         config = uvicorn.Config(
             app, host="127.0.0.1", port=self.port, log_level="critical", lifespan="on",
             timeout_graceful_shutdown=1,
@@ -262,6 +262,24 @@ async def test_a_listing_is_fetched_again_when_its_ttl_runs_out() -> None:
     finally:
         await server.aclose()
         thread.stop()
+
+
+async def test_a_restarted_server_is_listed_again_without_waiting_for_a_call() -> None:
+    """2026-07-28: the listen stream drops with the server; once it is back, the stream is
+    opened again and the list fetched again (what changed meanwhile was never told)."""
+    first = AppThread(growing_server().streamable_http_app()).start()
+    server = await connected(first.url, retry_s=0.2)
+    mcp = growing_server()
+    add(mcp, "fresh")
+    second = AppThread(mcp.streamable_http_app(), port=first.port)
+    try:
+        assert server.protocol_version == MODERN and names(server) == ["echo", "unlock"]
+        await asyncio.to_thread(first.stop)
+        await asyncio.to_thread(second.start)
+        await until(lambda: "fresh" in names(server), timeout=5)
+    finally:
+        await server.aclose()
+        second.stop()
 
 
 async def test_a_huge_tool_list_is_capped_and_told_once(caplog, monkeypatch) -> None:
