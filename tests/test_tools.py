@@ -310,7 +310,9 @@ def mcp_server():
     server.stop()
 
 
-async def test_an_mcp_servers_tool_is_listed_and_called(make_gateway, upstream, mcp_server):
+async def test_an_mcp_servers_tool_is_listed_and_called(make_gateway, upstream, mcp_server,
+                                                        caplog):
+    caplog.set_level(logging.INFO, logger="llmgate.turn")
     gateway = await make_gateway(
         providers={"fake": {"base_url": upstream.url}},
         tools={"crm": {"kind": "mcp", "url": mcp_server.url, "allowed": ["echo"]}},
@@ -324,6 +326,9 @@ async def test_an_mcp_servers_tool_is_listed_and_called(make_gateway, upstream, 
     [offered] = [t["function"] for t in first["tools"]]
     assert offered["name"] == "echo" and offered["parameters"]["properties"]["text"]
     assert tool_results(second) == ["echo: hi"]
+    [turn] = [r.turn for r in caplog.records if r.name == "llmgate.turn"]
+    [call] = turn["tools"]["calls"]
+    assert (call["name"], call["server"], call["ok"]) == ("echo", "crm", True)
 
 
 async def test_parallel_caller_calls_pass_byte_for_byte_and_parse_alike(

@@ -167,6 +167,8 @@ class ToolStage:
             "ms": round((time.perf_counter() - started) * 1000, 1),
             "ok": error is None,
         }
+        if tool.spec.server:
+            noted["server"] = tool.spec.server  # the name is the server's, not config's
         if error is not None:
             noted["error"] = error[:200]
         if log.isEnabledFor(logging.DEBUG):

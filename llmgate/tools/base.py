@@ -21,6 +21,7 @@ class ToolSpec:
     name: str  # the tool's own name (an MCP server's, or the [tools.NAME] key)
     description: str = ""
     parameters: dict[str, Any] = field(default_factory=lambda: {"type": "object", "properties": {}})
+    server: str = ""  # an MCP tool's [tools.NAME]: a bounded name for logs and metrics
 
 
 class Tool(Protocol):

@@ -500,7 +500,7 @@ class McpServer:
         if len(description) > self.max_description_chars:
             cuts.descriptions.append(tool.name)
             description = description[: self.max_description_chars]
-        return ToolSpec(tool.name, description, schema)
+        return ToolSpec(tool.name, description, schema, server=self.name)
 
     def _tell_cuts(self, cuts: _Cuts) -> None:
         """One warning naming the server and what was cut; not again for the same cuts."""
