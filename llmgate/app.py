@@ -301,7 +301,10 @@ def _call(
 
         assert toolbox is not None
         stages.append(
-            ToolStage(toolbox, route.tools, route.max_tool_rounds, route.tool_filler)
+            ToolStage(
+                toolbox, route.tools, route.max_tool_rounds, route.tool_filler,
+                route.max_tool_calls,
+            )
         )
     return compose(provider_call, stages) if stages else None
 

@@ -197,6 +197,8 @@ class RouteConfig(_Strict, kw_only=True):
     audio: str | None = None  # an [audio.NAME]
     tools: list[str] = []  # [tools.NAME] llmgate runs itself
     max_tool_rounds: Annotated[int, msgspec.Meta(ge=1, le=20)] = 4
+    # llmgate's own calls run in one round; the rest are answered "not run"
+    max_tool_calls: Annotated[int, msgspec.Meta(ge=1, le=128)] = 16
     tool_filler: FillerConfig | None = None  # said while a round of tools runs long
 
 

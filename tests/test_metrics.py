@@ -176,3 +176,20 @@ async def test_model_first_token_apart_from_a_waiting_phrase(make_gateway, conne
     assert after.get((count, key), 0) - before.get((count, key), 0) == 1
     total = "llmgate_time_to_model_first_token_seconds_sum"
     assert after[(total, key)] - before.get((total, key), 0) >= 0.3
+
+
+def test_an_mcp_call_is_counted_under_its_server_section():
+    from llmgate.obs import metrics
+    from llmgate.turn import Turn
+
+    turn = Turn("/tools/chat/completions")
+    turn.note("tools", calls=[
+        {"name": "lookup_customer", "server": "crm", "ok": True},  # an MCP server's tool
+        {"name": "weather", "ok": False},  # an HTTP tool: its section is its name
+    ])
+    names = metrics.Names(set(), {"crm", "weather"})
+    sample = metrics.TOOL_CALLS.labels("crm", "ok")._value.get()
+    other = metrics.TOOL_CALLS.labels("other", "ok")._value.get()
+    metrics.observe(turn, names)
+    assert metrics.TOOL_CALLS.labels("crm", "ok")._value.get() == sample + 1
+    assert metrics.TOOL_CALLS.labels("other", "ok")._value.get() == other

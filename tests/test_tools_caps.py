@@ -68,3 +68,14 @@ async def test_a_round_of_500_calls_runs_only_the_cap_and_answers_the_rest(
     }
     [turn] = [r.turn for r in caplog.records if r.name == "llmgate.turn"]
     assert len(turn["tools"]["calls"]) == 16 and turn["tools"]["not_run"] == 484
+
+
+async def test_a_routes_max_tool_calls_sets_the_cap(make_gateway, upstream, weather):
+    url, calls = weather
+    gateway = await make_gateway(
+        providers={"fake": {"base_url": upstream.url, "idle_timeout_s": 30}},
+        tools={"weather": {"kind": "http", "url": url, "parameters": CITY}},
+        routes=[{"path": "/tools/chat/completions", "tools": ["weather"], "max_tool_calls": 3}],
+    )
+    status, _ = await post(gateway, "use-tools-" + "+".join(["weather"] * 10))
+    assert status == 200 and len(calls) == 3

@@ -193,7 +193,9 @@ def _notes(turn: Turn, names: Names) -> None:
     if tools:
         for call in tools.get("calls") or ():
             outcome = "ok" if call.get("ok") else "error"
-            TOOL_CALLS.labels(names.tool(call.get("name")), outcome).inc()
+            # an MCP call under its [tools.NAME] (the server's own tool names are its to
+            # choose, and to change: not a bounded label)
+            TOOL_CALLS.labels(names.tool(call.get("server") or call.get("name")), outcome).inc()
     audio = notes.get("audio")
     if audio and isinstance(audio.get("first_audio_ms"), int | float):
         FIRST_AUDIO.labels(str(audio.get("engine"))).observe(audio["first_audio_ms"] / 1000)
