@@ -66,6 +66,11 @@ def main(argv: list[str]) -> int:
     except configuration.ConfigError as exc:
         print(f"config: {exc}")
         return EXIT_CONFIG
+    # the first-run rule, as serving applies it: no caller key on a non-loopback host
+    refusal = configuration.open_refusal(loaded.config.server, loaded.config.server.host)
+    if refusal is not None:
+        print(f"config: {refusal}")
+        return EXIT_CONFIG
     for warning in loaded.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     rows = asyncio.run(check(loaded, args.timeout, args.config))

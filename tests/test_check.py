@@ -397,6 +397,13 @@ async def test_a_config_error_exits_2_naming_the_key(tmp_path, capsys):
     assert code == 2 and out.startswith("config: ") and "cannot read" in out
 
 
+async def test_the_first_run_rule_is_applied_as_serving_does(tmp_path, capsys):
+    # no caller key on an address others can reach: serving refuses it, so check does too
+    path = write(tmp_path, '[server]\nhost = "0.0.0.0"\n[providers.a]\nbase_url = "https://x/v1"\n')
+    code, out = await check(capsys, path)
+    assert code == 2 and "server.api_keys" in out and "0.0.0.0" in out
+
+
 def test_a_bad_timeout_is_a_usage_error(capsys):
     assert main(["--timeout", "0"]) == 2
     assert "seconds above 0" in capsys.readouterr().err

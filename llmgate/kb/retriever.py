@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from llmgate.http import OwnSession
 from llmgate.kb.embeddings import Embedder, EmbeddingError, fuse, nearest
-from llmgate.kb.service import OwnSession
 from llmgate.kb.store import Hit, KbError, bm25_ranked, distinct, hits, vectors
 
 log = logging.getLogger("llmgate.kb")
