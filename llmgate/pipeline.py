@@ -40,18 +40,21 @@ class Ask:
 
 
 class Piece:
-    __slots__ = ("data", "raw", "view")
+    __slots__ = ("data", "raw", "view", "whole")
 
-    def __init__(self, raw: bytes, data: bytes, view: ChunkView) -> None:
+    def __init__(self, raw: bytes, data: bytes, view: ChunkView, whole: bool = False) -> None:
         self.raw = raw  # the SSE frame, `data: ...\n\n`, as the caller will get it
         self.data = data  # its JSON payload
         self.view = view
+        # A phrase llmgate says itself (a waiting phrase, a filler, an apology): whole the
+        # moment it is said, so a stage that cuts text into sentences speaks it at once.
+        self.whole = whole
 
     @classmethod
-    def of(cls, chunk: dict[str, Any]) -> Piece:
+    def of(cls, chunk: dict[str, Any], whole: bool = False) -> Piece:
         """A piece for a chunk a stage made or changed."""
         data = encoder.encode(chunk)
-        return cls(b"data: " + data + b"\n\n", data, view_decoder.decode(data))
+        return cls(b"data: " + data + b"\n\n", data, view_decoder.decode(data), whole)
 
     @property
     def finish_reason(self) -> str | None:

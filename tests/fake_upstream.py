@@ -329,6 +329,8 @@ class FakeUpstream:
             await asyncio.sleep(3600)
         if model == "slow-first":  # headers at once, the first token 300 ms later
             await asyncio.sleep(0.3)
+        if model == "slow-first-2s":  # a model that thinks for 2 s before its first token
+            await asyncio.sleep(2)
         while model == "pings":  # alive, but never a token
             await resp.write(b": keep-alive\n\n")
             await asyncio.sleep(0.02)

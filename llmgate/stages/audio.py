@@ -113,7 +113,12 @@ class AudioStage:
                     text, audio, rest = _split(item)
                     if rest is not None and not item.finish_reason:
                         queue.put_nowait(rest)  # a role before the audio it begins
-                    if text:
+                    if text and item.whole:
+                        # llmgate's own phrase is a sentence the moment it is said: what
+                        # the answer left unfinished ends first (a cut sentence before an
+                        # apology), then the phrase is spoken, without waiting for a next word
+                        said([*splitter.flush(), *([text.strip()] if text.strip() else [])])
+                    elif text:
                         said(splitter.feed(text))
                     if audio is not None:
                         queue.put_nowait(audio)

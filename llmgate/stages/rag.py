@@ -150,7 +150,7 @@ class RagStage:
         """A whole chat.completion.chunk the openai SDKs parse, spoken like any answer."""
         phrase = next(self._phrases)
         ask.turn.note("rag", waiting=True)
-        return Piece.of(
+        return Piece.of(  # whole: spoken at once, not held for the answer's next word
             {
                 **own_head(ask),
                 "choices": [
@@ -161,7 +161,8 @@ class RagStage:
                         "finish_reason": None,
                     }
                 ],
-            }
+            },
+            whole=True,
         )
 
 

@@ -33,7 +33,9 @@ class SpeechStage:
                 async with aclosing(inner(ask)) as items:
                     async for item in items:
                         if isinstance(item, Piece):
-                            spoken = _spoken(item, texts, options)
+                            # A phrase of llmgate's own is made speakable on its own (the
+                            # answer's text around it keeps its state) and stays whole.
+                            spoken = _spoken(item, {} if item.whole else texts, options)
                             if spoken is None:
                                 continue
                             item = spoken
@@ -63,8 +65,12 @@ def _spoken(piece: Piece, texts: dict[int, Speakable], options: SpeechOptions) -
                 continue
             text = texts[choice.index] = Speakable(options)
         spoken = text.feed(content) if content else ""
-        if choice.finish_reason:
+        if choice.finish_reason or piece.whole:
             spoken += text.finish()
+        if piece.whole and content and spoken and not spoken[0].isspace():
+            # a phrase on its own starts afresh, but the space that parts it from the
+            # answer's words before it stays ("... opens" " Sorry, ...")
+            spoken = content[: len(content) - len(content.lstrip())] + spoken
         if spoken != (content or ""):
             changed[choice.index] = spoken
     if not changed:
@@ -79,7 +85,7 @@ def _spoken(piece: Piece, texts: dict[int, Speakable], options: SpeechOptions) -
             if not isinstance(delta, dict):
                 delta = choice["delta"] = {}
             delta["content"] = changed[index]
-    return Piece.of(chunk)
+    return Piece.of(chunk, piece.whole)
 
 
 def _only_text(piece: Piece) -> bool:

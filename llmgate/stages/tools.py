@@ -131,7 +131,7 @@ class ToolStage:
                 _, pending = await asyncio.wait(tasks, timeout=self.filler.after_ms / 1000)
                 if pending:
                     answer.ask.turn.note("tools", filler=True)
-                    yield answer.content_piece(next(self._phrases) + " ")
+                    yield answer.content_piece(next(self._phrases) + " ", whole=True)
             results = await asyncio.gather(*tasks)
         finally:
             for task in tasks:
@@ -356,18 +356,19 @@ class _Answer:
             self.usage = _summed(self.usage, self.round_usage)
             self.round_usage = None
 
-    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> Piece:
+    def _chunk(self, choices: list[dict[str, Any]], whole: bool = False, **extra: Any) -> Piece:
         head = self.head or own_head(self.ask)
-        return Piece.of({"object": "chat.completion.chunk", **head, "choices": choices, **extra})
+        chunk = {"object": "chat.completion.chunk", **head, "choices": choices, **extra}
+        return Piece.of(chunk, whole)
 
-    def content_piece(self, text: str) -> Piece:
+    def content_piece(self, text: str, whole: bool = False) -> Piece:
         delta: dict[str, Any] = {"content": text}
         if not self.role_sent:
             delta = {"role": "assistant", **delta}
             self.role_sent = True
         self._text.append(text)
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
-        return self._chunk([choice])
+        return self._chunk([choice], whole=whole)
 
     def usage_piece(self) -> Piece:
         self._add_round_usage()

@@ -64,7 +64,7 @@ async def provider_call(ask: Ask) -> AsyncIterator[Piece | Opened]:
         ask.turn.note("upstream", apology=not finished)
         if not finished:
             for chunk in apology_chunks(chunk_head(ask, view), ask.apology):
-                yield Piece.of(chunk)
+                yield Piece.of(chunk, whole=True)  # its own sentence, not the cut one's end
 
 
 async def _attempt(ask: Ask, target: Target) -> AsyncIterator[Piece | Opened]:
