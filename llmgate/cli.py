@@ -8,16 +8,14 @@ import signal
 import sys
 
 from llmgate import config as configuration
-from llmgate.app import create_app, reload
 from llmgate.obs import logging as obs_logging
-from llmgate.obs import metrics
-from llmgate.server import serve
-from llmgate.server import workers as workers_mod
-from llmgate.server.limits import raise_open_files
+
+# The server's modules (the app, the loop, the workers) are imported by the command that
+# serves; `kb` and `check` import what they need themselves.
 
 log = logging.getLogger("llmgate")
 
-EXIT_CONFIG = 2
+EXIT_CONFIG = configuration.EXIT_CONFIG
 EXIT_LISTEN = 1
 
 
@@ -46,15 +44,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_config(path: str) -> configuration.Loaded | None:
-    """The config, or None once stderr says what is wrong with it (the key, the file)."""
-    try:
-        return configuration.load(path)
-    except configuration.ConfigError as exc:
-        print(f"llmgate: config error: {exc}", file=sys.stderr)
-        return None
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["kb"]:
@@ -69,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     # serving installs its own handler.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     args = parse_args(argv)
-    loaded = load_config(args.config)
+    loaded = configuration.load_or_say(args.config)
     if loaded is None:
         return EXIT_CONFIG
     server = loaded.config.server
@@ -87,6 +76,18 @@ def main(argv: list[str] | None = None) -> int:
         routes = ", ".join(r.path for r in loaded.config.routes)
         print(f"config ok: providers {providers}; routes {routes}; listen {host}:{port}")
         return 0
+    return _serve(args, argv, loaded, host, port)
+
+
+def _serve(
+    args: argparse.Namespace, argv: list[str], loaded: configuration.Loaded, host: str, port: int
+) -> int:
+    from llmgate.app import create_app
+    from llmgate.server import serve
+    from llmgate.server import workers as workers_mod
+    from llmgate.server.limits import raise_open_files
+
+    server = loaded.config.server
     workers = server.workers if args.workers is None else (args.workers or workers_mod.cores())
     many = workers > 1 and not args.worker
     try:
@@ -118,6 +119,9 @@ def _reloader(app, path: str, loaded: configuration.Loaded, host: str):
     """SIGHUP: config.toml read again and served from the next turn on; a file that does
     not load is refused with a log line naming the key, and the running config stays."""
     current = [loaded]
+
+    from llmgate.app import reload
+    from llmgate.obs import metrics
 
     async def on_hup() -> None:
         log.info("SIGHUP: reading %s again", path)

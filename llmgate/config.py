@@ -6,6 +6,7 @@ import dataclasses
 import ipaddress
 import os
 import re
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,6 +253,18 @@ def open_refusal(server: ServerConfig, host: str) -> str | None:
         "reach; set one (LLMGATE_API_KEY for config.toml's ${LLMGATE_API_KEY}), listen on "
         "127.0.0.1, or set server.allow_unauthenticated = true"
     )
+
+
+EXIT_CONFIG = 2  # every command's exit status for a config that does not load
+
+
+def load_or_say(path: str) -> Loaded | None:
+    """The config, or None once stderr says what is wrong with it (the key, the file)."""
+    try:
+        return load(path)
+    except ConfigError as exc:
+        print(f"llmgate: config error: {exc}", file=sys.stderr)
+        return None
 
 
 def load_to_serve(path: str, host: str) -> Loaded:

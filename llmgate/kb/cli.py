@@ -20,14 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from llmgate import config as configuration
-from llmgate.cli import load_config
 from llmgate.kb.embeddings import EmbeddingError, embedder_for
 from llmgate.kb.ingest import FORMATS, MAX_FILE_MB, IngestError, files_under, ingest
 from llmgate.kb.retriever import Retriever
 from llmgate.kb.store import Hit, KbError, Store
 
 EXIT_ERROR = 1
-EXIT_CONFIG = 2
+EXIT_CONFIG = configuration.EXIT_CONFIG
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 EXIT_PIPE = 141  # 128 + SIGPIPE
 
@@ -105,7 +104,7 @@ def main(argv: list[str]) -> int:
 
 def _main(argv: list[str], stop: threading.Event) -> int:
     args = parse_args(argv)
-    loaded = load_config(args.config)
+    loaded = configuration.load_or_say(args.config)
     if loaded is None:
         return EXIT_CONFIG
     kb = loaded.config.kb.get(args.kb)

@@ -96,7 +96,7 @@ class Supervisor:
             del self.workers[slot]
             if self.stopping:
                 continue
-            if status == configuration_exit():
+            if status == configuration.EXIT_CONFIG:
                 # A worker refusing its config at start (it changed on disk since):
                 # starting it again would fail the same way.
                 log.error("worker %d exited: its config does not load; not restarted", proc.pid)
@@ -143,12 +143,6 @@ def sweep_metrics_dirs() -> None:
             shutil.rmtree(path, ignore_errors=True)
         except OSError:  # alive under another user, or gone meanwhile
             continue
-
-
-def configuration_exit() -> int:
-    from llmgate.cli import EXIT_CONFIG
-
-    return EXIT_CONFIG
 
 
 def _dead(pid: int) -> None:
