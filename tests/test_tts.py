@@ -120,3 +120,54 @@ async def test_a_bad_voice_says_why():
     with pytest.raises(EngineError) as info:
         await spoken(EspeakEngine(voice="zz-nope"), "Hello.")
     assert "zz-nope" in str(info.value) or "voice" in str(info.value).lower()
+
+
+def test_a_full_scale_voice_resampled_does_not_clip():
+    """Piper normalises each sentence to full scale, and resampling overshoots it (by
+    ~3.5% here): no sample may be flattened at the int16 limits (they were, 3 to 7 a
+    sentence, at -32768)."""
+    from piper import PiperVoice
+
+    from llmgate.tts.piper import default_model
+
+    voice = PiperVoice.load(default_model())
+    text = "Dr. Smith opens the clinic at nine. Please bring your card, and arrive early!"
+    pcm = b"".join(c.audio_int16_bytes for c in voice.synthesize(text))
+    assert np.abs(np.frombuffer(pcm, "<i2")).max() >= 32700  # full scale going in
+    for to in (16000, 24000, 48000):
+        resampler = Resampler(voice.config.sample_rate, to)
+        pieces = [pcm[i : i + 4001] for i in range(0, len(pcm), 4001)]
+        out = b"".join(resampler.push(p) for p in pieces) + resampler.push(b"", last=True)
+        samples = np.frombuffer(out, "<i2")
+        assert samples.min() > -32768 and samples.max() < 32767, to
+        assert np.abs(samples).max() > 25000  # still loud
+
+
+def test_piper_speaks_once_when_it_starts():
+    """Loading a voice includes one short synthesis (onnxruntime's first run is the slow
+    one): the first caller after start-up gets a warm model. In a process of its own,
+    where no voice is loaded yet."""
+    import subprocess
+    import sys
+
+    code = (
+        "import asyncio\n"
+        "from piper import PiperVoice\n"
+        "from llmgate.tts.piper import PiperEngine\n"
+        "said = []\n"
+        "original = PiperVoice.synthesize\n"
+        "def counted(self, text, *a, **k):\n"
+        "    said.append(text)\n"
+        "    return original(self, text, *a, **k)\n"
+        "PiperVoice.synthesize = counted\n"
+        "async def main():\n"
+        "    engine = PiperEngine()\n"
+        "    await engine.start()\n"
+        "    await engine.aclose()\n"
+        "asyncio.run(main())\n"
+        "print(said)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.strip() == "['Ready.']", out.stdout + out.stderr

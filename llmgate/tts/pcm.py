@@ -37,14 +37,22 @@ class Framer:
         return rest
 
 
+HEADROOM = 0.9  # of full scale, kept before resampling: its filter overshoots peaks
+
+
 class Resampler:
     """One utterance's PCM to the route's rate, chunk by chunk (soxr keeps its filter
-    state); `push(..., last=True)` ends it, so make one per sentence."""
+    state); `push(..., last=True)` ends it, so make one per sentence.
+
+    A voice normalised to full scale (piper's is) overshoots it when resampled, by up to a
+    tenth at a sharp edge: in int16 those samples clipped to -32768. The samples are
+    resampled as floats at HEADROOM of their level and clipped to int16's range, so a peak
+    is never wrapped nor flattened."""
 
     def __init__(self, from_rate: int, to_rate: int) -> None:
         self.same = from_rate == to_rate
         self._stream = None if self.same else soxr.ResampleStream(
-            from_rate, to_rate, 1, dtype="int16", quality="HQ"
+            from_rate, to_rate, 1, dtype="float32", quality="HQ"
         )
         self._odd = b""  # half a sample left from the last chunk
 
@@ -54,9 +62,10 @@ class Resampler:
         data = self._odd + pcm
         cut = len(data) - len(data) % 2
         self._odd = data[cut:]
-        samples = np.frombuffer(data[:cut], dtype="<i2")
+        samples = np.frombuffer(data[:cut], dtype="<i2").astype(np.float32) * HEADROOM
         assert self._stream is not None
-        return self._stream.resample_chunk(samples, last=last).astype("<i2").tobytes()
+        out = self._stream.resample_chunk(samples, last=last)
+        return np.clip(np.rint(out), -32768, 32767).astype("<i2").tobytes()
 
 
 def model_audio(data: str) -> bytes:

@@ -23,6 +23,7 @@ from llmgate.tts.base import EngineError
 _local = threading.local()  # the run options of the synthesis this thread is doing
 _loaded: dict[Path, Any] = {}  # one model in memory per file, however many routes use it
 _loading = threading.Lock()
+WARM_UP = "Ready."  # spoken once at start-up: the first caller does not pay for a cold model
 
 
 class _Stoppable:
@@ -59,6 +60,15 @@ def _load(model: Path) -> Any:
                     f"piper voice {model}: cannot load ({type(exc).__name__})"
                 ) from None
             voice.session = _Stoppable(voice.session)
+            # One short synthesis now: onnxruntime's first run sets up what later runs
+            # reuse (the first answer after start took 641 ms to first audio, warm 277).
+            try:
+                for _ in voice.synthesize(WARM_UP):
+                    pass
+            except Exception as exc:
+                raise EngineError(
+                    f"piper voice {model}: cannot speak ({type(exc).__name__})"
+                ) from None
             _loaded[model] = voice
         return _loaded[model]
 
@@ -77,7 +87,8 @@ class PiperEngine:
         )
 
     async def start(self) -> None:
-        """Load the voice (about a second): at start-up, never on a caller's turn."""
+        """Load the voice and speak a word with it (a second or two), off the loop: at
+        start-up, before the server says it is ready, never on a caller's turn."""
         model = self.model or default_model()
         try:
             self.voice = await asyncio.get_running_loop().run_in_executor(self._pool, _load, model)
