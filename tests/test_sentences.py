@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -125,3 +127,23 @@ def test_the_first_piece_alone_may_be_cut_shorter():
 def test_max_words_must_be_positive():
     with pytest.raises(ValueError):
         SentenceSplitter(max_words=0)
+
+
+def _cost(text: str) -> float:
+    """Seconds to cut `text`, given in one delta (the best of three)."""
+    best = float("inf")
+    for _ in range(3):
+        splitter = SentenceSplitter(first_words=5)
+        started = time.perf_counter()
+        splitter.feed(text)
+        splitter.flush()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def test_a_huge_delta_costs_time_linear_in_its_length():
+    # Every sentence cut used to copy the rest of the buffer and search all of it again:
+    # a provider's megabyte delta of sentences took minutes of the event loop.
+    sentence = "Our store opens at nine, Dr. Smith said. "
+    small, large = _cost(sentence * 1200), _cost(sentence * 4800)
+    assert large < 8 * small, (small, large)  # four times the text: about four times the work

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmgate.text.speakable import Speakable, SpeechOptions, is_pictograph
+from llmgate.text.speakable import HOLD, Speakable, SpeechOptions, is_pictograph
 from tests.conftest import split_at
 
 
@@ -170,3 +172,42 @@ def test_runs_of_plain_text_say_what_each_character_would(parts, cuts, emoji):
 @pytest.mark.parametrize(("text", "expected"), TABLE)
 def test_the_table_without_runs_of_plain_text(text, expected):
     assert spoken_slowly([text]) == expected
+
+
+def _cost(text: str, delta: int) -> float:
+    """Seconds to clean `text` fed `delta` characters at a time (the best of three)."""
+    best = float("inf")
+    for _ in range(3):
+        s = Speakable()
+        started = time.perf_counter()
+        for at in range(0, len(text), delta):
+            s.feed(text[at : at + delta])
+        s.finish()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+@pytest.mark.parametrize(
+    ("opening", "unit"),
+    [
+        ("see https://", "a"),  # a URL that never ends
+        ("\n", "-"),  # a rule line that never ends
+        ("\n|", "-|"),  # a table's rule line
+        ("\n#", "#"),  # a heading's marks
+        ("\n", "7"),  # a line's number
+    ],
+)
+def test_what_is_held_back_for_the_next_delta_costs_linear_time(opening, unit):
+    # Each of these waits for what comes next; a provider sending megabytes of one in
+    # small deltas had the whole of it read again with every delta (quadratic).
+    def text(n: int) -> str:
+        return opening + unit * (n // len(unit))
+
+    small, large = _cost(text(100_000), 1000), _cost(text(400_000), 1000)
+    assert large < 8 * small, (small, large)  # four times the text: about four times the work
+
+
+def test_what_is_held_back_is_bounded():
+    s = Speakable()
+    s.feed("see https://" + "a" * 100_000)
+    assert len(s._buf) <= HOLD

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
 import openai
 import pytest
+from aiohttp import web
 
 from llmgate.stages import speech
+from tests import fake_upstream
 from tests import test_functional as functional
 from tests.fake_upstream import SPOKEN, USAGE, frame
 
@@ -157,3 +160,47 @@ async def test_a_bug_in_a_stage_after_the_headers_ends_the_stream_with_an_error(
     assert error["code"] == "internal_error" and error["type"] == "api_error"
     [line] = [r.turn for r in caplog.records if r.name == "llmgate.turn"]
     assert line["status"] == 500
+
+
+HUGE = "**Bold** words and [a link](https://x.example/a) here. " * 40_000  # 2.2 MB
+
+
+async def test_a_huge_delta_is_spoken_without_holding_the_event_loop(make_gateway, aiohttp_server):
+    # A broken or hostile provider's one content delta of megabytes: cleaned a slice at a
+    # time, so the other calls on this process (here: a ticker) still get their turn.
+    async def answer(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(frame(fake_upstream.chunk("huge", {"role": "assistant", "content": HUGE})))
+        await resp.write(frame(fake_upstream.chunk("huge", {}, "stop")) + b"data: [DONE]\n\n")
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answer)
+    provider = await aiohttp_server(app)
+    gateway = await make_gateway(
+        providers={"fake": {"base_url": str(provider.make_url("/v1"))}}, routes=[SPEECH]
+    )
+    loop = asyncio.get_running_loop()
+    gaps: list[float] = []
+
+    async def tick() -> None:
+        last = loop.time()
+        while True:
+            await asyncio.sleep(0.005)
+            gaps.append(loop.time() - last)
+            last = loop.time()
+
+    ticker = asyncio.ensure_future(tick())
+    try:
+        got = payloads(await raw_stream(gateway, "huge"))
+    finally:
+        ticker.cancel()
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in got)
+    assert text.count("Bold words and a link here.") == 40_000
+    assert "*" not in text and "https" not in text
+    assert got[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all(c["id"] == "chatcmpl-fake" and c["model"] == "huge" for c in got)
+    assert got[-1]["choices"][0]["finish_reason"] == "stop"
+    # a slice is about 10 ms of work; the whole delta at once held the loop for seconds
+    assert max(gaps) < 0.5, max(gaps)

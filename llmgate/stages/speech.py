@@ -5,10 +5,16 @@ Route option `speech = true` (markdown, emoji and URLs out), or a table
 A chunk whose text changed is re-encoded from the provider's own JSON with only
 `delta.content` replaced, so its id, created, model and every other field stay; a chunk
 left as it was goes on as the same bytes. Roles, tool calls, finish_reason and usage pass.
+
+A delta longer than `SLICE` characters (no model writes one; a broken or hostile provider
+may send megabytes) is cleaned a slice at a time, the event loop free between slices, and
+goes on as several chunks, one a slice: no other call waits on it, and no stage after this
+one is handed more than a slice's text at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
@@ -17,6 +23,7 @@ from llmgate.pipeline import Ask, Call, Opened, Piece
 from llmgate.protocol import generic_decoder
 from llmgate.text.speakable import Speakable, SpeechOptions
 
+SLICE = 8192  # characters cleaned in one go: about 10 ms of the event loop
 
 class SpeechStage:
     name = "speech"
@@ -33,6 +40,10 @@ class SpeechStage:
                 async with aclosing(inner(ask)) as items:
                     async for item in items:
                         if isinstance(item, Piece):
+                            if not item.whole and _oversized(item):
+                                head, leading, item = _cut_off(item)
+                                async for part in _slices(head, leading, texts, options):
+                                    yield part
                             # A phrase of llmgate's own is made speakable on its own (the
                             # answer's text around it keeps its state) and stays whole.
                             spoken = _spoken(item, {} if item.whole else texts, options)
@@ -86,6 +97,50 @@ def _spoken(piece: Piece, texts: dict[int, Speakable], options: SpeechOptions) -
                 delta = choice["delta"] = {}
             delta["content"] = changed[index]
     return Piece.of(chunk, piece.whole)
+
+
+def _oversized(piece: Piece) -> bool:
+    return any(
+        c.delta is not None and isinstance(c.delta.content, str) and len(c.delta.content) > SLICE
+        for c in piece.view.choices
+    )
+
+
+_Leading = list[tuple[int, Any, str]]  # (choice index, its role or None, text)
+
+
+def _cut_off(piece: Piece) -> tuple[dict[str, Any], _Leading, Piece]:
+    """A delta too long to clean at once: its chunk's head, each long content but its last
+    slice (with the role, which goes first), and the piece left with those last slices."""
+    chunk = generic_decoder.decode(piece.data)
+    head = {k: v for k, v in chunk.items() if k not in ("choices", "usage")}
+    leading: _Leading = []
+    for choice in chunk.get("choices") or ():
+        delta = choice.get("delta")
+        content = delta.get("content") if isinstance(delta, dict) else None
+        if isinstance(content, str) and len(content) > SLICE:
+            last = len(content) - (len(content) - 1) % SLICE - 1  # where the last slice starts
+            leading.append((choice.get("index", 0), delta.pop("role", None), content[:last]))
+            delta["content"] = content[last:]
+    return head, leading, Piece.of(chunk)
+
+
+async def _slices(
+    head: dict[str, Any], leading: _Leading, texts: dict[int, Speakable], options: SpeechOptions
+) -> AsyncIterator[Piece]:
+    """The leading slices cleaned, one chunk each (none for one left with nothing to say),
+    the loop let go between them."""
+    for index, role, content in leading:
+        text = texts.setdefault(index, Speakable(options))
+        for at in range(0, len(content), SLICE):
+            delta: dict[str, Any] = {} if role is None or at else {"role": role}
+            spoken = text.feed(content[at : at + SLICE])
+            if spoken:
+                delta["content"] = spoken
+            if delta:
+                choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
+                yield Piece.of({**head, "choices": [choice]})
+            await asyncio.sleep(0)  # the other calls' turn
 
 
 def _only_text(piece: Piece) -> bool:

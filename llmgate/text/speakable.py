@@ -4,7 +4,9 @@
 It holds back only what could still start a marker (a `*` at the end of a delta, the `h`
 that may open `https://`, a `1` at the start of a line that may be `1. `), and releases it
 as soon as the next character says it cannot: the spoken text is the same however the
-answer was split, and no delta waits on more than the one after it.
+answer was split, and no delta waits on more than the one after it. What is held back is
+bounded (`HOLD` characters: a URL, a rule line or a code line that never ends is decided
+on what has come once it is that long), so the work per delta is linear in the delta.
 
 What goes: emphasis markers (`*`, `_`, `~~`), headings, list bullets and numbering, block
 quotes, horizontal rules, inline code ticks (the code stays), code blocks (with their
@@ -15,6 +17,7 @@ one space, or one line end; none is spoken where nothing follows it.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -22,12 +25,16 @@ from typing import Literal
 Urls = Literal["drop", "domain", "keep"]
 
 _URL_STARTS = ("https://", "http://", "www.")
-_URL_END = frozenset(" \t\n<>\"')]")
 _URL_TRAIL = ".,;:!?"
 _NO_SPACE_BEFORE = frozenset(".,;:!?)")
 _BULLETS = frozenset("-*+\u2022\u2023\u2043")
 _RULES = frozenset("-*_")
 _ESCAPABLE = frozenset("\\`*_{}[]()#+-.!|~>")
+# At most this many characters wait for the next delta to decide them. A hostile provider's
+# URL or rule line that never ends would otherwise be read again from its start with every
+# delta (quadratic); real ones are far shorter.
+HOLD = 4096
+_URL_BODY = re.compile(r"[^ \t\n<>\"')\]]*")  # a URL ends at a space, <, >, a quote, ) or ]
 # A run of characters that no rule here looks at: not whitespace, not a marker, not a
 # possible pictograph (the blocks `is_pictograph` reads), and no h or w that could open a
 # URL (one after a letter or digit cannot, nor an h before anything but t, a w before
@@ -165,20 +172,24 @@ class Speakable:
                     self._prev = buf[j - 1]
                     i = j
                     continue
-            if self._fence is not None:
-                j = self._in_fence(buf, i, final)
-            elif self._line_start and self._md:
-                j = self._at_line_start(buf, i, final)
-            else:
-                j = self._inline(buf, i, final)
-            if j is None:  # what comes next decides: wait for it
-                break
+            j = self._step(buf, i, final)
+            if j is None:  # what comes next decides: wait for it, for so long
+                if n - i <= HOLD:
+                    break
+                j = self._step(buf, i, True)  # held too long: decided on what is here
             if j > i:
                 self._prev = buf[j - 1]
             i = j
         self._buf = buf[i:]
         out, self._out = "".join(self._out), []
         return out
+
+    def _step(self, buf: str, i: int, final: bool) -> int | None:
+        if self._fence is not None:
+            return self._in_fence(buf, i, final)
+        if self._line_start and self._md:
+            return self._at_line_start(buf, i, final)
+        return self._inline(buf, i, final)
 
     def _in_fence(self, buf: str, i: int, final: bool) -> int | None:
         """Inside a code block: drop whole lines, up to and with the closing fence's.
@@ -366,9 +377,7 @@ class Speakable:
                 return None  # "htt" may yet be a URL
             self._put(buf[i])
             return i + 1
-        j = i + len(start)
-        while j < len(buf) and buf[j] not in _URL_END:
-            j += 1
+        j = _URL_BODY.match(buf, i + len(start)).end()  # type: ignore[union-attr]
         if j == len(buf) and more:
             return None
         while j > i + len(start) and buf[j - 1] in _URL_TRAIL:
@@ -390,7 +399,9 @@ class Speakable:
 
 def _skip(buf: str, i: int, chars: str) -> int:
     """The index of the first character at or after `i` not in `chars`."""
-    n = len(buf)
-    while i < n and buf[i] in chars:
-        i += 1
-    return i
+    return _run(chars).match(buf, i).end()  # type: ignore[union-attr]
+
+
+@functools.cache
+def _run(chars: str) -> re.Pattern[str]:
+    return re.compile(f"[{re.escape(chars)}]*")

@@ -35,7 +35,7 @@ _CAPITALISED = frozenset(
 )
 _LOWER_AFTER_OK = frozenset(("e.g.", "i.e.", "cf.", "viz."))
 _BEFORE_NUMBERS = frozenset(("no.", "nos.", "fig.", "p.", "pp.", "vol.", "ch."))  # "No. 5"
-_END = re.compile("[.!?\u2026]+[\"'\u201d\u2019)\\]]*$")  # the run that ends a word
+_MARKS = ".!?\u2026"  # a run of these (and closing quotes) ends a sentence
 # Chinese and Japanese end sentences with their own marks, and no space follows them.
 _CJK_END = re.compile("[\u3002\uff01\uff1f]+[\u300d\u300f\u201d\uff09]*")
 _WORD = re.compile(r"\S+")
@@ -70,60 +70,64 @@ class SentenceSplitter:
         return [*out, rest] if rest else out
 
     def _cut(self, final: bool) -> list[str]:
-        out: list[str] = []
-        while True:
-            at = self._next_cut(final)
-            if at is None:
-                return out
-            sentence, self._buf = self._buf[:at].strip(), self._buf[at:]
+        # Each sentence is read from where the last one ended, and the buffer is cut once:
+        # a delta of many sentences costs its length, not its length times its sentences.
+        # A sentence starts at its first word (whatever way the text was split).
+        buf, out = self._buf, []
+        start = _start(buf, 0)
+        while (at := self._next_cut(buf, start, final)) is not None:
+            sentence, start = buf[start:at].strip(), _start(buf, at)
             if sentence:
                 out.append(sentence)
                 self._limit, self._first = self.max_words, False
+        self._buf = buf[start:]
+        return out
 
-    def _next_cut(self, final: bool) -> int | None:
-        """Where the first sentence of the buffer ends, if the text so far says."""
-        buf = self._buf
-        cjk = _CJK_END.search(buf)
-        pos = 0
-        for words, word in enumerate(_WORD.finditer(buf), 1):
-            if cjk is not None and word.start() >= cjk.end():
-                break
+    def _next_cut(self, buf: str, start: int, final: bool) -> int | None:
+        """Where the first sentence from `start` ends, if the text so far says."""
+        pos = start
+        for words, word in enumerate(_WORD.finditer(buf, start), 1):
             newline = buf.find("\n", pos, word.start())
-            if newline >= 0 and buf[:newline].strip():
+            if newline >= 0 and buf[start:newline].strip():
                 return newline + 1  # a line break ends what came before it
             if words > self._limit:
-                return self._clause_cut(buf, word.start())
+                return self._clause_cut(buf, start, word.start())
+            cjk = _CJK_END.search(buf, word.start(), word.end())
+            if cjk is not None and (cjk.end() < len(buf) or final):
+                return cjk.end()  # (a closing quote may still follow the mark at the very end)
+            if cjk is not None:
+                return None
             if self._first and word.group()[-1] in ",;:" and _NEXT.search(buf, word.end()):
                 return word.end()  # the first piece: its first pause is soon enough
-            end = self._sentence_end(buf, word, final)
+            end = self._sentence_end(buf, start, word, final)
             if end is None:
                 return None  # what follows decides
             if end:
                 return end
             pos = word.end()
-        if cjk is not None and (cjk.end() < len(buf) or final):
-            return cjk.end()  # (a closing quote may still follow the mark at the very end)
         return None
 
-    def _sentence_end(self, buf: str, word: re.Match[str], final: bool) -> int | None:
+    def _sentence_end(
+        self, buf: str, start: int, word: re.Match[str], final: bool
+    ) -> int | None:
         """word.end() if the word ends a sentence, 0 if not, None if the next word decides."""
         token = word.group()
-        punct = _END.search(token)
-        if punct is None or punct.end() != len(token):
+        body = token.rstrip(_CLOSERS)
+        marks = body[len(body.rstrip(_MARKS)) :]  # the run of marks that ends the word
+        if not marks:
             return 0
         following = _NEXT.search(buf, word.end())
         if following is None:
             return word.end() if final else None
         nxt = following.group()
-        marks = punct.group().rstrip(_CLOSERS)
         if "!" in marks or "?" in marks:
             return word.end()
         if len(marks) > 1 or "\u2026" in marks:  # an ellipsis: "wait... what" goes on
             return 0 if nxt.islower() else word.end()
         bare = token.lstrip(_OPENERS).rstrip(_CLOSERS)  # one full stop from here on
         lowered = bare.lower()
-        line = buf[: word.start()].rsplit("\n", 1)[-1]
-        if _LIST_NUMBER.match(bare) and not line.strip():
+        line_at = max(start, buf.rfind("\n", start, word.start()) + 1)
+        if _LIST_NUMBER.match(bare) and not buf[line_at : word.start()].strip():
             return 0  # "1. Preheat the oven": a list number, not a sentence
         if lowered in ABBREVIATIONS or lowered in _LOWER_AFTER_OK or _INITIAL.match(bare):
             return 0
@@ -135,12 +139,22 @@ class SentenceSplitter:
             return word.end() if nxt.isupper() else 0
         return 0 if nxt.islower() else word.end()
 
-    def _clause_cut(self, buf: str, limit: int) -> int:
+    def _clause_cut(self, buf: str, start: int, limit: int) -> int:
         """A long clause: after its last comma (or dash) that leaves `min_words` words
         before it, else right before the word past the limit."""
         best = None
         least = min(self.min_words, self._limit // 2)
-        for mark in _CLAUSE.finditer(buf, 0, limit):
-            if len(_WORD.findall(buf[: mark.start()])) >= least:
+        words, counted = 0, start
+        for mark in _CLAUSE.finditer(buf, start, limit):
+            words += len(_WORD.findall(buf, counted, mark.start()))
+            if words >= least:
                 best = mark.end()
+            words += mark.group()[0].isspace()  # a dash is a word; a comma ends one
+            counted = mark.end()
         return best if best is not None else limit
+
+
+def _start(buf: str, at: int) -> int:
+    """Where the text from `at` on begins, past any space (the end if none is there yet)."""
+    found = _NEXT.search(buf, at)
+    return len(buf) if found is None else found.start()
