@@ -50,3 +50,28 @@ async def test_a_watchdog_whose_task_finished_waits_for_the_next_reader():
         assert watchdog.caused_alone()
     finally:
         watchdog.stop()
+
+
+async def test_searches_past_the_threads_wait_for_a_connection_never_open_one(tmp_path):
+    """Many searches at once use the pool's connections, one a thread: none is opened and
+    closed per search (what left freed memory behind in a soak, RSS creeping)."""
+    store = Store(tmp_path / "kb.sqlite")
+    ingest(store, [DATA / "shop.md"], 60, 10)
+    store.close()
+    retriever = Retriever("shop", tmp_path / "kb.sqlite", workers=2)
+    opened = []
+    connect = retriever._connect
+
+    def counted():
+        opened.append(1)
+        return connect()
+
+    retriever._connect = counted  # type: ignore[method-assign]
+    try:
+        for _ in range(20):
+            tasks = [retriever.search("refund delivery", 3) for _ in range(12)]
+            found = await asyncio.gather(*tasks)
+            assert all(found)
+        assert len(opened) <= 2
+    finally:
+        await retriever.aclose()

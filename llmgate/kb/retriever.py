@@ -41,6 +41,10 @@ class Retriever:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"kb-{name}")
         self._workers = workers
         self._idle: list[sqlite3.Connection] = []  # touched on the event loop only
+        # A search holds a slot from taking a connection to giving it back: never more
+        # connections than threads. (Opening one for each search past the threads, and
+        # closing it after, left freed memory behind: RSS crept ~0.2 MB a minute.)
+        self._slots = asyncio.Semaphore(workers)
         self._client = OwnSession()  # the question's vector, if there is an embedder
         # the dense index: (chunk ids, their unit vectors as one matrix, the file's mtime)
         self._dense: tuple[np.ndarray, np.ndarray, tuple[int, ...]] | None = None
@@ -110,10 +114,14 @@ class Retriever:
 
     async def search(self, question: str, k: int, min_score: float = 0.0) -> list[Hit]:
         query = await self._query_vector(question)
+        await self._slots.acquire()
         try:
             conn = self._idle.pop() if self._idle else self._connect()
-        except sqlite3.Error as exc:
-            raise self._unreadable(exc) from None
+        except BaseException as exc:
+            self._slots.release()
+            if isinstance(exc, sqlite3.Error):
+                raise self._unreadable(exc) from None
+            raise
         job = self._pool.submit(self._run, conn, question, k, min_score, query)
         try:
             found = await asyncio.wrap_future(job)
@@ -137,10 +145,8 @@ class Retriever:
         return found
 
     def _release(self, conn: sqlite3.Connection) -> None:
-        if len(self._idle) < self._workers:
-            self._idle.append(conn)
-        else:
-            conn.close()
+        self._idle.append(conn)
+        self._slots.release()
 
     async def _query_vector(self, question: str) -> np.ndarray | None:
         if self.embedder is None:
