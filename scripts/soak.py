@@ -4,7 +4,6 @@
     .venv/bin/python scripts/soak.py --route rag --minutes 3  # the RAG + speech route alone
     .venv/bin/python scripts/soak.py --route plain --minutes 3 --json soak.json
     .venv/bin/python scripts/soak.py --route speech --minutes 3   # or rag-only: one stage
-    .venv/bin/python scripts/soak.py --route rag --minutes 6 --patched  # scripts/soak_patched.py
 
 Three processes: a mock upstream (scripts/soak_mock.py: bench_mock's protocol, answering in
 markdown, emoji and links), llmgate (`python -m llmgate`, JSON log to a file) with a plain
@@ -104,14 +103,14 @@ def start_mock() -> tuple[subprocess.Popen, int]:
 
 
 def start_llmgate(
-    workdir: Path, mock_port: int, patched: bool = False
+    workdir: Path, mock_port: int
 ) -> tuple[subprocess.Popen, int, Path]:
     port = free_port()
     config = workdir / "soak.toml"
     config.write_text(config_text(port, mock_port))
     log_path = workdir / "llmgate.log"
     log = open(log_path, "w")  # noqa: SIM115 - lives as long as the process
-    run = [PY, str(HERE / "soak_patched.py")] if patched else [PY, "-m", "llmgate"]
+    run = [PY, "-m", "llmgate"]
     proc = subprocess.Popen([*run, "--config", str(config)], stderr=log, cwd=ROOT)
     wait_http(f"http://127.0.0.1:{port}/healthz")
     return proc, port, log_path
@@ -406,11 +405,6 @@ def main() -> int:
     p.add_argument("--warmup-s", type=float, default=60.0)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", metavar="PATH", help="also write the whole report here")
-    p.add_argument(
-        "--patched",
-        action="store_true",
-        help="run llmgate through scripts/soak_patched.py (one kb connection per pool thread)",
-    )
     args = p.parse_args()
 
     opts = Options(
@@ -435,7 +429,7 @@ def main() -> int:
     mock, mock_port = start_mock()
     gateway = None
     try:
-        gateway, port, log_path = start_llmgate(workdir, mock_port, args.patched)
+        gateway, port, log_path = start_llmgate(workdir, mock_port)
         gw = Proc(gateway.pid)
         tally = Tally()
         samples: list[tuple[float, int, float]] = []
@@ -474,7 +468,6 @@ def main() -> int:
     logged = read_log(log_path)
     report = {
         "route": args.route,
-        "patched": args.patched,
         "calls": opts.calls,
         "minutes": round(elapsed / 60, 2),
         "turns": tally.turns,

@@ -299,7 +299,6 @@ async def serve_and_drive(args, workdir: Path, mock_port: int) -> dict:
     log_file.flush()
     result = {
         "route": args.route,
-        "patched": args.patched,
         "kb_chunks": args.kb_chunks,
         "calls": args.calls,
         "turns": tally.turns,
@@ -350,17 +349,12 @@ def main() -> int:
     p.add_argument("--no-uvloop", action="store_true")
     p.add_argument("--no-trace", action="store_true", help="RSS and counters only (fast)")
     p.add_argument("--trim", action="store_true", help="malloc_trim(0) at each checkpoint")
-    p.add_argument(
-        "--patched", action="store_true", help="scripts/soak_patched.py's retriever (A/B)"
-    )
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args()
     os.chdir(ROOT)
     workdir = Path(tempfile.mkdtemp(prefix="llmgate-soak-tm-"))
     build_kb(workdir, args.kb_chunks)
     mock, mock_port = soak.start_mock()
-    if args.patched:
-        import soak_patched  # noqa: F401 - patches Retriever.search on import
     count_kb_connections()
     if not args.no_trace:
         tracemalloc.start(args.frames)
