@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmgate.tts.sentences import SentenceSplitter
+from llmgate.tts.sentences import MAX_CHARS, SentenceSplitter
 from tests.conftest import split_at
 
 
@@ -147,3 +147,26 @@ def test_a_huge_delta_costs_time_linear_in_its_length():
     sentence = "Our store opens at nine, Dr. Smith said. "
     small, large = _cost(sentence * 1200), _cost(sentence * 4800)
     assert large < 8 * small, (small, large)  # four times the text: about four times the work
+
+
+def test_a_run_without_spaces_is_cut_at_a_bounded_length():
+    # A 50 KB token with no space or mark (base64, a hostile provider) was held for ever:
+    # no word ever ended, so no sentence did.
+    token = "x" * 50_000
+    splitter = SentenceSplitter()
+    out = [s for at in range(0, len(token), 1000) for s in splitter.feed(token[at : at + 1000])]
+    assert out and all(len(s) == MAX_CHARS for s in out)
+    assert len(token) - len("".join(out)) <= MAX_CHARS  # what is still held is short
+    assert "".join(out + splitter.flush()) == token  # nothing lost
+    assert sentences(token) == [*out, token[len("".join(out)) :]]
+
+
+def test_a_long_run_is_cut_after_its_last_pause():
+    clause = "\u4f60\u597d" * 20 + "\uff0c"  # Chinese, no space, a comma every 41 characters
+    text = clause * 30 + "\u3002"
+    parts = sentences(text, max_chars=100)
+    assert parts[0] == clause * 2 and all(p.endswith("\uff0c") for p in parts[:-1])
+    assert "".join(parts) == text
+    assert sentences("Read " + "a" * 250 + " now.", max_chars=100) == [
+        "Read " + "a" * 100, "a" * 100, "a" * 50 + " now."
+    ]

@@ -9,8 +9,11 @@ its last comma, semicolon, colon or dash (or after `max_words` words), so the fi
 never waits for a sixty-word sentence. `first_words`, when given, is that limit for the
 answer's first piece alone, which also ends at its first comma, semicolon or colon ("Yes,
 | we open at nine."): an engine that makes a piece's audio all at once starts sooner on a
-short one, and a comma is where a speaker pauses anyway. A cut is decided only once the
-text after it is seen, so any split of the same answer gives the same sentences.
+short one, and a comma is where a speaker pauses anyway. A run of more than `max_chars`
+characters with no space (a token of base64, a URL, a language written without spaces and
+no full stop in sight) is cut after its last comma in the second half of that length, or
+at the length, so nothing is held for ever. A cut is decided only once the text after it
+is seen, so any split of the same answer gives the same sentences.
 """
 
 from __future__ import annotations
@@ -38,7 +41,9 @@ _BEFORE_NUMBERS = frozenset(("no.", "nos.", "fig.", "p.", "pp.", "vol.", "ch."))
 _MARKS = ".!?\u2026"  # a run of these (and closing quotes) ends a sentence
 # Chinese and Japanese end sentences with their own marks, and no space follows them.
 _CJK_END = re.compile("[\u3002\uff01\uff1f]+[\u300d\u300f\u201d\uff09]*")
-_WORD = re.compile(r"\S+")
+MAX_CHARS = 400  # the longest run without a space spoken as one piece
+# Where a run without spaces may be cut: after a comma, a semicolon, a colon (also CJK's).
+_RUN_PAUSES = ",;:\u3001\uff0c\uff1b\uff1a"
 _CLAUSE = re.compile("[,;:](?=\\s)|\\s[-\u2013\u2014]\\s")
 _DOTTED = re.compile(r"^(?:[A-Za-z]\.){2,}$")
 _INITIAL = re.compile(r"^[A-Z]\.$")
@@ -50,12 +55,20 @@ _CLOSERS = "\"'\u201d\u2019)]"
 
 class SentenceSplitter:
     def __init__(
-        self, max_words: int = 20, min_words: int = 4, first_words: int | None = None
+        self,
+        max_words: int = 20,
+        min_words: int = 4,
+        first_words: int | None = None,
+        max_chars: int = MAX_CHARS,
     ) -> None:
-        if max_words < 1 or (first_words is not None and first_words < 1):
-            raise ValueError("max_words and first_words must be at least 1")
+        if max_words < 1 or (first_words is not None and first_words < 1) or max_chars < 2:
+            raise ValueError("max_words and first_words must be at least 1, max_chars 2")
         self.max_words = max_words
         self.min_words = min_words
+        self.max_chars = max_chars
+        # A word, or the first max_chars + 1 characters of a longer run: telling a run is
+        # too long never reads all of it (a provider's megabytes without a space).
+        self._word = re.compile(f"\\S{{1,{max_chars + 1}}}")
         self._limit = first_words or max_words  # words before a forced cut, for now
         self._first = first_words is not None  # the answer's first piece is still to come
         self._buf = ""
@@ -86,13 +99,15 @@ class SentenceSplitter:
     def _next_cut(self, buf: str, start: int, final: bool) -> int | None:
         """Where the first sentence from `start` ends, if the text so far says."""
         pos = start
-        for words, word in enumerate(_WORD.finditer(buf, start), 1):
+        for words, word in enumerate(self._word.finditer(buf, start), 1):
             newline = buf.find("\n", pos, word.start())
             if newline >= 0 and buf[start:newline].strip():
                 return newline + 1  # a line break ends what came before it
             if words > self._limit:
                 return self._clause_cut(buf, start, word.start())
             cjk = _CJK_END.search(buf, word.start(), word.end())
+            if word.end() - word.start() > self.max_chars:  # a run too long to wait on
+                return self._run_cut(buf, word.start(), cjk)
             if cjk is not None and (cjk.end() < len(buf) or final):
                 return cjk.end()  # (a closing quote may still follow the mark at the very end)
             if cjk is not None:
@@ -139,6 +154,16 @@ class SentenceSplitter:
             return word.end() if nxt.isupper() else 0
         return 0 if nxt.islower() else word.end()
 
+    def _run_cut(self, buf: str, at: int, cjk: re.Match[str] | None) -> int:
+        """A run of more than max_chars without a space, from `at`: cut at its CJK full
+        stop, else after its last pause in the second half of max_chars, else there."""
+        end = at + self.max_chars
+        if cjk is not None and cjk.end() <= end:
+            return cjk.end()
+        half = at + self.max_chars // 2
+        pause = max(buf.rfind(mark, half, end) for mark in _RUN_PAUSES)
+        return pause + 1 if pause >= 0 else end
+
     def _clause_cut(self, buf: str, start: int, limit: int) -> int:
         """A long clause: after its last comma (or dash) that leaves `min_words` words
         before it, else right before the word past the limit."""
@@ -146,7 +171,7 @@ class SentenceSplitter:
         least = min(self.min_words, self._limit // 2)
         words, counted = 0, start
         for mark in _CLAUSE.finditer(buf, start, limit):
-            words += len(_WORD.findall(buf, counted, mark.start()))
+            words += len(self._word.findall(buf, counted, mark.start()))
             if words >= least:
                 best = mark.end()
             words += mark.group()[0].isspace()  # a dash is a word; a comma ends one
