@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gzip
 import itertools
 import json
 import os
@@ -19,6 +20,7 @@ import re
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -52,6 +54,9 @@ SCENARIOS: dict[str, dict] = {
     # The RAG route over a 100,000-chunk knowledge base, a different question each time:
     # ttft is the waiting phrase (after_ms = 0); retrieval time comes from the turn lines.
     "rag": {"requests": 400, "concurrency": 1, "chunks": 20, "warmup": 20, "rounds": 2},
+    # The same over real text that ships with Python and Debian (real_docs), questions made
+    # of its own lines; named only (not in the default run: a longer build).
+    "rag-real": {"requests": 400, "concurrency": 1, "chunks": 20, "warmup": 20, "rounds": 2},
     # Each speech engine through an audio route (scripts/bench_audio.py: its own upstream
     # of real sentences): first audio, real-time factor, paced streams held.
     "audio": {},
@@ -70,6 +75,7 @@ QUICK = {
     "paced-c200": (40, 20),
     "disconnect": (20, 20),
     "rag": (30, 1),
+    "rag-real": (30, 1),
     "audio": (0, 0),
     "tools": (30, 1),
     "alias-c1": (30, 1),
@@ -77,7 +83,9 @@ QUICK = {
     "failover-c1": (30, 1),
 }
 KB_CHUNKS, KB_CHUNKS_QUICK = 100_000, 1_000
-RAG_PATH = "/rag/chat/completions"
+REAL_KB_MB, REAL_KB_MB_QUICK, REAL_CHANGELOG_KB = 10.0, 0.5, 16
+RAG_PATHS = {"rag": "/rag/chat/completions", "rag-real": "/rag-real/chat/completions"}
+OPT_IN = {"rag-real"}
 TOOLS_PATH = "/tools/chat/completions"
 RETAINED_KB_PER_HANG_UP = 10
 BUDGET = {
@@ -158,34 +166,83 @@ def start_mock() -> tuple[subprocess.Popen, int]:
     return proc, int(line.rsplit(":", 1)[1])
 
 
-def build_kb(workdir: Path, chunks: int) -> dict:
-    """Markdown files of Zipf-distributed words, one chunk a paragraph, ingested through
-    `kb ingest`, and questions of four words; returns the ingest's speed."""
+def build_kb(workdir: Path, kb: str, write_docs) -> dict:
+    """Documents written by `write_docs(folder, rng)` (which returns questions about them),
+    ingested through `kb ingest` into [kb.<kb>]; returns the ingest's speed and chunk count."""
     rng = random.Random(1)
-    vocab = [f"w{i}" for i in range(50_000)]
-    cum = list(itertools.accumulate(1 / (i + 1) for i in range(len(vocab))))
-    docs = workdir / "docs"
+    docs = workdir / f"docs-{kb}"
     docs.mkdir()
-    per_file = max(chunks // 100, 1)
-    for f in range(chunks // per_file):
-        paragraphs = [
-            f"## Part {p}\n\n" + " ".join(rng.choices(vocab, cum_weights=cum, k=55))
-            for p in range(per_file)
-        ]
-        (docs / f"doc{f:04}.md").write_text(f"# Document {f}\n\n" + "\n\n".join(paragraphs))
+    questions = write_docs(docs, rng)
     size = sum(p.stat().st_size for p in docs.iterdir())
-    questions = [" ".join(rng.choices(vocab[200:20_000], k=4)) for _ in range(2000)]
-    (workdir / "questions.txt").write_text("\n".join(questions) + "\n")
+    (workdir / f"questions-{kb}.txt").write_text("\n".join(questions) + "\n")
     (workdir / "bench.toml").write_text(_config(0, 0))
+    kb_cli = [PY, "-m", "llmgate", "kb"]
+    kb_args = ["--config", str(workdir / "bench.toml"), "--kb", kb]
     started = time.monotonic()
-    subprocess.run(
-        [PY, "-m", "llmgate", "kb", "ingest", "--config", str(workdir / "bench.toml"),
-         "--kb", "bench", str(docs)],
-        check=True, capture_output=True, cwd=HERE.parent,
-    )
+    subprocess.run([*kb_cli, "ingest", *kb_args, str(docs)], check=True, capture_output=True,
+                   cwd=HERE.parent)
     seconds = time.monotonic() - started
+    stats = subprocess.run([*kb_cli, "stats", *kb_args], check=True, capture_output=True,
+                           text=True, cwd=HERE.parent).stdout
     return {"kb_mb": round(size / 2**20, 1), "ingest_s": round(seconds, 2),
-            "ingest_mb_per_s": round(size / 2**20 / seconds, 2)}
+            "ingest_mb_per_s": round(size / 2**20 / seconds, 2),
+            "kb_chunks": int(re.search(r"(\d+) chunks", stats)[1])}
+
+
+def synthetic_docs(chunks: int):
+    """Markdown files of Zipf-distributed words, one chunk a paragraph; questions of four."""
+
+    def write(docs: Path, rng: random.Random) -> list[str]:
+        vocab = [f"w{i}" for i in range(50_000)]
+        cum = list(itertools.accumulate(1 / (i + 1) for i in range(len(vocab))))
+        per_file = max(chunks // 100, 1)
+        for f in range(chunks // per_file):
+            paragraphs = [
+                f"## Part {p}\n\n" + " ".join(rng.choices(vocab, cum_weights=cum, k=55))
+                for p in range(per_file)
+            ]
+            (docs / f"doc{f:04}.md").write_text(f"# Document {f}\n\n" + "\n\n".join(paragraphs))
+        return [" ".join(rng.choices(vocab[200:20_000], k=4)) for _ in range(2000)]
+
+    return write
+
+
+def real_docs(max_mb: float):
+    """Text every machine with Python and Debian has: Python's reference docs (pydoc_data),
+    the long descriptions of the venv's packages, the common licenses, then the newest
+    REAL_CHANGELOG_KB of each Debian changelog until max_mb (/usr/share/doc may be trimmed
+    on a slim image: fewer chunks then). Questions: 5 to 8 consecutive words of its lines."""
+
+    def write(docs: Path, rng: random.Random) -> list[str]:
+        from pydoc_data.topics import topics
+
+        texts = {f"python-{k}.txt": v for k, v in topics.items()}
+        for meta in sorted(Path(sysconfig.get_paths()["purelib"]).glob("*.dist-info/METADATA")):
+            texts[meta.parent.name + ".md"] = meta.read_text(errors="replace").partition("\n\n")[2]
+        for lic in sorted(Path("/usr/share/common-licenses").glob("*")):
+            if lic.is_file():
+                texts[f"license-{lic.name}.txt"] = lic.read_text(errors="replace")
+        budget = max_mb * 2**20 - sum(map(len, texts.values()))
+        for log in sorted({p.resolve() for p in Path("/usr/share/doc").glob("*/changelog*.gz")}):
+            if budget <= 0:
+                break
+            with gzip.open(log) as f:
+                text = f.read(REAL_CHANGELOG_KB * 1024).decode(errors="replace")
+            texts[f"changelog-{log.parent.name}-{log.name[:-3]}.txt"] = text
+            budget -= len(text)
+        lines = []
+        for name, text in texts.items():
+            (docs / name).write_text(text)
+            words = (re.findall(r"[A-Za-z]+", line) for line in text.splitlines())
+            lines += [w for w in words if len(w) >= 8]
+        questions = []
+        for words in rng.sample(lines, min(len(lines), 500)):
+            n = rng.randint(5, 8)
+            start = rng.randrange(len(words) - n + 1)
+            questions.append(" ".join(words[start : start + n]) + "?")
+        return questions
+
+    return write
 
 
 # The benchmark drives one key far past [server.limits]' defaults on purpose.
@@ -205,7 +262,11 @@ def _config(port: int, mock_port: int) -> str:
         '"two-mock-20-0-0" = ["mock/mock-20-0-0", "mock/mock-20-0-0"]\n'
         '[kb.bench]\npath = "kb.sqlite"\nchunk_tokens = 60\noverlap_tokens = 0\n'
         '[rag.bench]\nkb = "bench"\n'
-        f'[[routes]]\npath = "/chat/completions"\n[[routes]]\npath = "{RAG_PATH}"\nrag = "bench"\n'
+        '[kb.real]\npath = "kb-real.sqlite"\nchunk_tokens = 60\noverlap_tokens = 0\n'
+        '[rag.real]\nkb = "real"\n'
+        f'[[routes]]\npath = "/chat/completions"\n[[routes]]\npath = "{RAG_PATHS["rag"]}"\n'
+        'rag = "bench"\n'
+        f'[[routes]]\npath = "{RAG_PATHS["rag-real"]}"\nrag = "real"\n'
         '[tools.lookup]\nkind = "http"\nurl = "http://127.0.0.1:9/lookup"\n'
         'description = "Look something up."\n'
         f'[[routes]]\npath = "{TOOLS_PATH}"\ntools = ["lookup"]\n'
@@ -364,9 +425,10 @@ def _close_lags(raw: dict, mock_url: str) -> dict:
     }
 
 
-def _retrieval_times(log: Path) -> dict:
-    """Retrieval's share of the RAG turns, from llmgate's turn lines."""
-    times = [float(m) for m in re.findall(r'"retrieval_ms":([0-9.]+)', log.read_text())]
+def _retrieval_times(log: Path, start: int = 0) -> dict:
+    """Retrieval's share of the RAG turns, from llmgate's turn lines past byte `start`."""
+    text = log.read_bytes()[start:].decode(errors="replace")
+    times = [float(m) for m in re.findall(r'"retrieval_ms":([0-9.]+)', text)]
     return {"retrieval_p50_ms": pct(times, 0.5), "retrieval_p99_ms": pct(times, 0.99),
             "retrievals": len(times)}
 
@@ -449,7 +511,7 @@ def print_table(results: dict, checks: list) -> None:
                 continue
             added = _diff(g[metric], d[metric])
             rows.append((name, metric, str(d[metric]), str(g[metric]), _signed(added)))
-        for key in ("retrieval_p50_ms", "retrieval_p99_ms", "ingest_mb_per_s"):
+        for key in ("retrieval_p50_ms", "retrieval_p99_ms", "ingest_mb_per_s", "kb_chunks"):
             if key in r:
                 rows.append((name, key, "", str(r[key]), ""))
         rows.append((name, "llmgate cpu ms/request", "", str(r["cpu_ms_per_request"]), ""))
@@ -506,7 +568,10 @@ def _signed(value: float | None) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("scenarios", nargs="*", help=f"any of {', '.join(SCENARIOS)} (all)")
+    parser.add_argument(
+        "scenarios", nargs="*",
+        help=f"any of {', '.join(SCENARIOS)} (all but {', '.join(sorted(OPT_IN))})",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--quick", action="store_true", help="tiny runs (a smoke test)")
     parser.add_argument(
@@ -518,18 +583,24 @@ def main() -> int:
         parser.error(f"unknown scenario {', '.join(sorted(unknown))}")
     workdir = Path(tempfile.mkdtemp(prefix="llmgate-bench-"))
     cpu_before = _cpu_times()
+    names = args.scenarios or [n for n in SCENARIOS if n not in OPT_IN]
     kb_built: dict = {}
     audio: dict = {}
-    if "rag" in (args.scenarios or SCENARIOS):
+    if "rag" in names:
         print("building a knowledge base ...", file=sys.stderr, flush=True)
-        kb_built = build_kb(workdir, KB_CHUNKS_QUICK if args.quick else KB_CHUNKS)
+        docs = synthetic_docs(KB_CHUNKS_QUICK if args.quick else KB_CHUNKS)
+        kb_built["rag"] = build_kb(workdir, "bench", docs)
+    if "rag-real" in names:
+        print("building a knowledge base of real text ...", file=sys.stderr, flush=True)
+        docs = real_docs(REAL_KB_MB_QUICK if args.quick else REAL_KB_MB)
+        kb_built["rag-real"] = build_kb(workdir, "real", docs)
     mock, mock_port = start_mock()
     gateway = None
     try:
         gateway, gw_port = start_llmgate(mock_port, workdir, args.workers)
         gw = Proc(gateway.pid)
         results = {}
-        for name in args.scenarios or list(SCENARIOS):
+        for name in names:
             if name == "audio":
                 import bench_audio  # its own upstream and llmgate; it imports from here
 
@@ -543,16 +614,19 @@ def main() -> int:
                 options["rounds"] = 1
             print(f"running {name} ...", file=sys.stderr, flush=True)
             path = "/chat/completions"
-            if name == "rag":
-                options["questions"] = str(workdir / "questions.txt")
-                path = RAG_PATH
+            if name in RAG_PATHS:
+                kb = "bench" if name == "rag" else "real"
+                options["questions"] = str(workdir / f"questions-{kb}.txt")
+                path = RAG_PATHS[name]
+                log_at = (workdir / "llmgate.log").stat().st_size
             if name == "tools":
                 path = TOOLS_PATH
             results[name] = run_scenario(
                 options, f"http://127.0.0.1:{mock_port}", f"http://127.0.0.1:{gw_port}", gw, path
             )
-            if name == "rag":
-                results[name].update(kb_built, **_retrieval_times(workdir / "llmgate.log"))
+            if name in RAG_PATHS:
+                log = _retrieval_times(workdir / "llmgate.log", log_at)
+                results[name].update(kb_built[name], **log)
     finally:
         for proc in (gateway, mock):
             if proc is not None:
