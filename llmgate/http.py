@@ -4,7 +4,9 @@
 Each of these calls carries configured credentials, so none follows a redirect: aiohttp
 drops only Authorization on the way to another host, and an `api-key` header and the body
 (the user's question) would go along. A 3xx is a failure like any other status. Every
-answer is read to a bound, whatever its Content-Length says (a chunked one has none).
+answer is read to a bound, whatever its Content-Length says (a chunked one has none), and
+none is inflated: llmgate asks for identity, and a compressed answer is a failure (a small
+gzip would grow past any bound on the event loop).
 
 Failures are one tree. A message is a predicate that its caller prefixes with whose
 service it was ("tool weather " + "answered HTTP 500"); it never holds the URL (its query
@@ -15,6 +17,7 @@ may carry a key) nor the remote's own words, and never aiohttp's text (it quotes
      ├─ TimedOut        no answer, or no more of it, in time      "timed out"
      ├─ BrokenOff       the connection broke during the answer    "broke off its answer"
      ├─ TooLarge        the answer is longer than its bound       "answered more than 4 MB"
+     ├─ Compressed      a Content-Encoding though identity asked  "sent a compressed answer"
      └─ StatusError     a status other than 2xx (3xx included)    "answered HTTP 503"
                         .status, .headers, .body (its first MAX_ERROR_BODY bytes)
 """
@@ -55,6 +58,11 @@ class TooLarge(HttpError):
     def __init__(self, limit: int) -> None:
         super().__init__(f"answered more than {_size(limit)}")
         self.limit = limit
+
+
+class Compressed(HttpError):
+    def __init__(self) -> None:
+        super().__init__("sent a compressed answer")
 
 
 class StatusError(HttpError):
@@ -137,13 +145,18 @@ async def request(
         async with session.request(
             method,
             url,
-            headers=headers,
+            headers={**headers, "Accept-Encoding": "identity"},
             data=data,
             params=params,
             timeout=timeout,
             allow_redirects=False,
+            auto_decompress=False,
         ) as resp:
             try:
+                if resp.headers.get("Content-Encoding", "identity").lower() not in (
+                    "identity", "",
+                ):
+                    raise Compressed()
                 if not 200 <= resp.status < 300:
                     body = await read(resp, MAX_ERROR_BODY, cut=True)
                     raise StatusError(resp.status, resp.headers, body)

@@ -113,7 +113,7 @@ class SSEDecoder:
                 value = value[1:]
             if name == b"data":
                 self._lines.append(value)
-                self._lines_size += len(value) + 1
+                self._lines_size += len(value) + 64  # a line costs its bookkeeping too
                 if self._lines_size > MAX_LINE:
                     raise SSEError(f"an SSE event exceeds {MAX_LINE} bytes")
             elif name == b"event":

@@ -122,9 +122,11 @@ class Turn:
             out["rounds"] = self.rounds
         if self.finish_reason:
             out["finish_reason"] = self.finish_reason
-        if self.usage:
+        if self.usage:  # (a provider's: at most 16 keys of 64 characters go in a line)
             out["usage"] = {
-                k: v for k, v in self.usage.items() if k.endswith("_tokens") and type(v) is int
+                k: v
+                for k, v in list(self.usage.items())[:16]
+                if len(k) <= 64 and k.endswith("_tokens") and type(v) is int
             }
         if self.error:
             out["error"] = self.error

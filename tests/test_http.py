@@ -7,6 +7,7 @@ send every caller of llmgate.http to them.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import socket
 
 import aiohttp
@@ -275,3 +276,20 @@ def test_join_keeps_the_query_and_bearer_skips_passthrough():
     assert str(http.join("http://h:1/v1", "/embeddings")) == "http://h:1/v1/embeddings"
     assert http.bearer("k") == {"Authorization": "Bearer k"}
     assert http.bearer("") == http.bearer(None) == http.bearer("passthrough") == {}
+
+
+async def test_a_compressed_answer_is_refused_never_inflated(aiohttp_server):
+    async def bomb(request: web.Request) -> web.Response:
+        assert request.headers["Accept-Encoding"] == "identity"
+        body = gzip.compress(b"\0" * (32 * 2**20))  # a 32 KB gzip of 32 MB
+        return web.Response(body=body, headers={"Content-Encoding": "gzip"})
+
+    app = web.Application()
+    app.router.add_post("/x", bomb)
+    server = await aiohttp_server(app)
+    async with http.new_session() as session:
+        with pytest.raises(http.Compressed):
+            await http.fetch(
+                session, "POST", server.make_url("/x"), 2**20, headers={},
+                timeout=aiohttp.ClientTimeout(total=5),
+            )

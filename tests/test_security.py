@@ -140,8 +140,11 @@ def test_data_lines_without_an_end_cannot_pile_up():
         for _ in range(MAX_LINE // 4096 + 2):
             decoder.feed(line)
     decoder = SSEDecoder()  # an event just under the bound is still one event
-    events = decoder.feed(line * (MAX_LINE // len(line) - 1) + b"\n")
+    events = decoder.feed(line * (MAX_LINE // (len(line) + 64) - 1) + b"\n")
     assert len(events) == 1
+    decoder = SSEDecoder()  # tiny lines cost their bookkeeping: not 15x the bound
+    with pytest.raises(SSEError):
+        decoder.feed(b"data: x\n" * (MAX_LINE // 64 + 1))
 
 
 async def test_a_non_streamed_answer_that_trickles_gets_a_504(aiohttp_server):
@@ -249,11 +252,14 @@ def test_a_log_line_cannot_be_forged_nor_grow_without_bound():
     turn.model = "gpt\n2026-12-03T00:00:00.000Z info turn status=200\tkey=admin\x1b[2J\u2028"
     turn.end(502, "c\nfake=1")
     turn.finish_reason = "m" * 900_000
+    turn.key = "tenant\u202egnp.exe"  # a bidi override reorders what a terminal shows
+    turn.usage = {f"{'k' * 70}{i}_tokens": 1 for i in range(10_000)}  # a provider's usage
+    turn.usage |= {f"x{i}_tokens": 1 for i in range(10_000)}
     record = logging.LogRecord("llmgate.turn", logging.INFO, __file__, 1, "turn", (), None)
     record.turn = turn.fields()
     for fmt in (False, True):
         line = _Formatter(json=fmt).format(record)
-        assert not any(c in line for c in "\n\r\t\x1b\u2028"), line
+        assert not any(c in line for c in "\n\r\t\x1b\u2028\u202e"), line
         assert len(line) < 4000
         assert "fake=1" not in line  # a provider's own code is logged as one of a known set
     message = logging.LogRecord("llmgate", logging.WARNING, __file__, 1, "at %s", ("a\nb",), None)

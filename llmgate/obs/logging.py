@@ -26,8 +26,9 @@ FLUSH_S = 0.05
 MAX_VALUE = 512  # characters of one string value
 # what JSON leaves raw but a terminal or a log reader may act on (C1 controls, DEL, the
 # Unicode line and paragraph separators)
-_UNSAFE = re.compile("[\x7f-\x9f\u2028\u2029]")
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_BIDI = "\u200e\u200f\u202a-\u202e\u2066-\u2069"  # marks that reorder a line on screen
+_UNSAFE = re.compile(f"[\x7f-\x9f\u2028\u2029{_BIDI}]")
+_CONTROL = re.compile(f"[\x00-\x1f\x7f-\x9f\u2028\u2029{_BIDI}]")
 
 
 class _BatchingHandler(logging.StreamHandler):

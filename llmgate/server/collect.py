@@ -14,8 +14,10 @@ import base64
 from contextlib import aclosing
 from typing import Any
 
+from llmgate.errors import UpstreamUnavailable
 from llmgate.pipeline import Ask, Call, Piece
 from llmgate.protocol import ChunkView, encoder
+from llmgate.upstream.call import MAX_ANSWER_BODY
 
 
 class _Choice:
@@ -42,9 +44,9 @@ class _Choice:
             self.logprobs = {}
         for key, value in logprobs.items():
             if isinstance(value, list) and isinstance(self.logprobs.get(key), list):
-                self.logprobs[key] = self.logprobs[key] + value
+                self.logprobs[key].extend(value)  # (a list of our own: made below)
             elif value is not None or key not in self.logprobs:
-                self.logprobs[key] = value
+                self.logprobs[key] = list(value) if isinstance(value, list) else value
 
     def message(self) -> dict[str, Any]:
         calls = [self.tool_calls[i] for i in sorted(self.tool_calls)]
@@ -132,7 +134,9 @@ class Completion:
                     choice.audio = _Audio()
                 choice.audio.add(delta.audio)
             if isinstance(delta.annotations, list):
-                choice.annotations = (choice.annotations or []) + delta.annotations
+                if choice.annotations is None:
+                    choice.annotations = []
+                choice.annotations.extend(delta.annotations)
 
     @property
     def finish_reason(self) -> str | None:
@@ -198,10 +202,17 @@ def streamed_ask(ask: Ask) -> Ask:
 
 
 async def collect(call: Call, ask: Ask) -> Completion:
-    """Run the route's call to its end and gather what it said."""
+    """Run the route's call to its end and gather what it said, at most MAX_ANSWER_BODY
+    bytes of chunks (a plain route's non-streamed answer has the same bound)."""
     completion = Completion()
+    size = 0
     async with aclosing(call(streamed_ask(ask))) as items:
         async for item in items:
             if isinstance(item, Piece):
+                size += len(item.data)
+                if size > MAX_ANSWER_BODY:
+                    raise UpstreamUnavailable(
+                        f"provider '{ask.turn.provider}' sent an oversized answer"
+                    )
                 completion.add(item.view)
     return completion

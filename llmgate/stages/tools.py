@@ -261,7 +261,7 @@ class _Answer:
         if not choices:  # usage alone, or nothing left of it
             return None
         chunk["choices"] = choices
-        return Piece.of(chunk)
+        return Piece.of(chunk, piece.whole)  # an apology stays a phrase of its own
 
     def _route_calls(self, fragments: list[Any]) -> list[dict[str, Any]]:
         """Our calls' fragments kept aside; the caller's passed on, renumbered if ours came
