@@ -4,6 +4,7 @@ neighbouring tenant can send, each sent here (issue: an adversarial probe's find
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import json
 import logging
@@ -319,3 +320,51 @@ async def test_a_percent_encoded_path_is_no_route(gateway, upstream):
         async with s.put(gateway.make_url("/v1/models"), headers=AUTH) as r:
             assert r.status == 405 and set(r.headers["Allow"].split(",")) == {"GET", "HEAD"}
     assert upstream.requests == []
+
+
+async def test_headers_past_64_kb_close_the_connection(upstream):
+    runner, port = await serving(gateway_config(upstream.url))
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        for i in range(20):  # 160 KB of headers, never ended: ~2 MB held each before
+            writer.write(b"X-Pad-%d: %s\r\n" % (i, b"a" * 8000))
+        with contextlib.suppress(ConnectionResetError):  # (closed with bytes unread)
+            await writer.drain()
+            assert await asyncio.wait_for(reader.read(), 3) == b""  # closed, not held 30 s
+        assert reader.at_eof() or writer.is_closing() or reader.exception() is not None
+        writer.close()
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_caller_without_a_good_key_is_not_kept_alive(upstream):
+    runner, port = await serving(gateway_config(upstream.url))
+    try:
+        for auth in (b"", b"Authorization: Bearer wrong\r\n"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n")
+            head = await head_of(reader)
+            assert head.startswith(b"HTTP/1.1 401") and b"Connection: close" in head
+            await asyncio.wait_for(reader.read(), 3)  # and then closed
+            writer.close()
+    finally:
+        await runner.cleanup()
+
+
+async def test_connections_past_what_the_process_holds_are_closed(upstream, monkeypatch):
+    monkeypatch.setattr(serve, "max_connections", lambda: 3)
+    runner, port = await serving(gateway_config(upstream.url))
+    opened = []
+    try:
+        for _ in range(4):
+            opened.append(await asyncio.open_connection("127.0.0.1", port))
+        reader, _ = opened[-1]
+        assert await asyncio.wait_for(reader.read(), 3) == b""  # the fourth is closed
+        reader, writer = opened[0]  # the first three are served
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await head_of(reader)).startswith(b"HTTP/1.1 200")
+    finally:
+        for _, writer in opened:
+            writer.close()
+        await runner.cleanup()

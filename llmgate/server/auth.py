@@ -12,6 +12,9 @@ from aiohttp import web
 from llmgate.errors import ApiError
 
 OPEN = "open"  # the name of every caller of a server with no keys
+# A caller without a good key is answered, then its connection closed: it cannot hold one
+# open by asking again before the keep-alive timeout.
+NO_KEY_CLOSE = {"Connection": "close"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +67,11 @@ class KeyCheck:
         if scheme.lower() != "bearer" or not token:
             if self.open:
                 return Caller(None, OPEN, self._open_rule)
-            raise ApiError(401, "missing API key: send the header 'Authorization: Bearer <key>'")
+            raise ApiError(
+                401,
+                "missing API key: send the header 'Authorization: Bearer <key>'",
+                headers=NO_KEY_CLOSE,
+            )
         if self.open:
             return Caller(token, OPEN, self._open_rule)
         # A header that is not UTF-8 arrives with its bytes as surrogates: hashed as sent.
@@ -74,5 +81,5 @@ class KeyCheck:
             if hmac.compare_digest(digest, known):
                 found = caller
         if found is None:
-            raise ApiError(401, "invalid API key")
+            raise ApiError(401, "invalid API key", headers=NO_KEY_CLOSE)
         return found

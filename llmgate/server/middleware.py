@@ -37,7 +37,10 @@ async def error_envelopes(request: web.Request, handler: Handler) -> web.StreamR
             raise
         template = _MESSAGES.get(exc.status, exc.reason)
         message = template.format(method=request.method, path=request.path)
-        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        # no route, no method: no key was checked; the connection is not kept for more
+        headers = {"Connection": "close"}
+        if "Allow" in exc.headers:
+            headers["Allow"] = exc.headers["Allow"]
         return ApiError(exc.status, message, headers=headers).response()
     except Exception:
         # The class name only: an exception's text or traceback can hold internals.

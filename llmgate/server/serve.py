@@ -22,6 +22,7 @@ import asyncio
 import gc
 import logging
 import os
+import resource
 import signal
 import socket
 from collections.abc import Awaitable, Callable
@@ -43,6 +44,7 @@ SHUTDOWN = "llmgate is shutting down"  # the cancel message of a request cut by 
 CUT_S = 1.0  # after drain_s, how long the requests cut have to log their end
 # the tasks of the turns being handled (app.py keeps it), for the drain to wait for or cut
 IN_FLIGHT = web.AppKey("in_flight", set)
+MAX_HEAD_BYTES = 64 * 1024  # a request's headers (Agora's are well under 2 KB)
 IDLE_S = 75.0  # a connection with no request in flight is closed after this (nginx's default)
 
 
@@ -71,11 +73,21 @@ class _GuardedHandler(RequestHandler):
     requests, aiohttp's keep-alive timeout (`IDLE_S`) closes an idle connection."""
 
     read_timeout_s = 30.0
+    max_connections = 100_000
     _read_timer: asyncio.TimerHandle | None = None
     _armed_at_count = 0
+    _head_bytes = 0  # of the request headers still arriving
+    _body: Any = None  # the last request's body, while it is still arriving
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        manager = self._manager
+        if manager is not None and len(manager.connections) > self.max_connections:
+            # Past what the open-file limit holds: this one goes, the others are served.
+            log.warning("%d connections open, the most: a new one is closed",
+                        self.max_connections)
+            transport.close()
+            return
         self._read_timer = self._loop.call_later(self.read_timeout_s, self._too_slow)
 
     def data_received(self, data: bytes) -> None:
@@ -83,9 +95,22 @@ class _GuardedHandler(RequestHandler):
         super().data_received(data)
         if self._request_count != count:  # headers whole: the handler takes over
             self._disarm()
-        elif self._read_timer is None and not self._request_in_progress and data:
-            self._armed_at_count = count
-            self._read_timer = self._loop.call_later(self.read_timeout_s, self._too_slow)
+            self._head_bytes = 0
+            self._body = self._messages[-1][1] if self._messages else None
+        elif self._body is not None and not self._body.is_eof():
+            pass  # a body's bytes (the handler bounds those)
+        elif not self._request_in_progress and data and not self._force_close:
+            # aiohttp keeps headers still arriving (up to ~1 MB of them): a connection
+            # that sends more than a request's headers could be before any key is
+            # checked is closed, so silent callers cannot hold much memory each.
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES and self.transport is not None:
+                log.info("a client's request headers passed %d bytes: dropped", MAX_HEAD_BYTES)
+                self.transport.close()
+                return
+            if self._read_timer is None:
+                self._armed_at_count = count
+                self._read_timer = self._loop.call_later(self.read_timeout_s, self._too_slow)
 
     def _too_slow(self) -> None:
         self._read_timer = None
@@ -108,10 +133,12 @@ class _GuardedHandler(RequestHandler):
 
 class _GuardedServer(web.Server):
     read_timeout_s = 30.0
+    max_connections = 100_000
 
     def __call__(self) -> RequestHandler:
         handler = _GuardedHandler(self, loop=self._loop, **self._kwargs)
         handler.read_timeout_s = self.read_timeout_s
+        handler.max_connections = self.max_connections
         return handler
 
 
@@ -130,6 +157,7 @@ async def start(
     assert server is not None and type(server) is web.Server
     server.__class__ = _GuardedServer
     server.read_timeout_s = read_timeout_s  # type: ignore[attr-defined]
+    server.max_connections = max_connections()  # type: ignore[attr-defined]
     await web.SockSite(runner, sock).start()
     return runner
 
@@ -217,6 +245,13 @@ async def drain(runner: web.AppRunner, app: web.Application, drain_s: float) -> 
             task.cancel(SHUTDOWN)
         await asyncio.wait(left, timeout=CUT_S)
     await runner.cleanup()
+
+
+def max_connections() -> int:
+    """Open connections this process serves at once: what its open-file limit holds, some
+    descriptors kept back for providers, files and the log."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return 100_000 if soft == resource.RLIM_INFINITY else max(16, soft - 256)
 
 
 def _where(sock: socket.socket) -> str:
