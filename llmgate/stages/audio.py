@@ -33,6 +33,7 @@ from llmgate.tts.pcm import Framer, Resampler, frame_size, model_audio
 from llmgate.tts.sentences import SentenceSplitter
 
 _END = object()
+AHEAD = 16  # items (sentences, pieces) read ahead of what the caller has been sent
 
 
 class AudioStage:
@@ -56,7 +57,10 @@ class AudioStage:
                 self.engine.check()
             except EngineError as exc:  # before the provider is asked: a plain 503
                 raise ApiError(503, f"speech engine '{self.engine.name}': {exc}") from None
-            queue: asyncio.Queue[Any] = asyncio.Queue()
+            # Bounded: the reader waits while the caller hears what is queued (the
+            # provider's watchdog is paused meanwhile), so a fast or hostile provider is
+            # held back instead of every sentence it sends being queued and synthesised.
+            queue: asyncio.Queue[Any] = asyncio.Queue(AHEAD)
             syntheses: list[_Synthesis] = []
             reader = asyncio.ensure_future(self._read(inner, ask, queue, syntheses))
             speech = _Speech(self.config, ask)
@@ -98,38 +102,40 @@ class AudioStage:
         first = self.config.first_words or self.engine.first_words
         splitter = SentenceSplitter(self.config.max_words, first_words=first)
 
-        def said(sentences: list[str]) -> None:
+        async def said(sentences: list[str]) -> None:
             for sentence in sentences:
                 after = syntheses[-1] if syntheses else None
                 syntheses.append(_Synthesis(sentence, self.engine, after))
-                queue.put_nowait(syntheses[-1])
+                await queue.put(syntheses[-1])
 
         try:
             async with aclosing(inner(ask)) as items:
                 async for item in items:
                     if item is OPENED or not isinstance(item, Piece):
-                        queue.put_nowait(item)
+                        await queue.put(item)
                         continue
                     text, audio, rest = _split(item)
                     if rest is not None and not item.finish_reason:
-                        queue.put_nowait(rest)  # a role before the audio it begins
+                        await queue.put(rest)  # a role before the audio it begins
                     if text and item.whole:
                         # llmgate's own phrase is a sentence the moment it is said: what
                         # the answer left unfinished ends first (a cut sentence before an
                         # apology), then the phrase is spoken, without waiting for a next word
-                        said([*splitter.flush(), *([text.strip()] if text.strip() else [])])
+                        await said(
+                            [*splitter.flush(), *([text.strip()] if text.strip() else [])]
+                        )
                     elif text:
-                        said(splitter.feed(text))
+                        await said(splitter.feed(text))
                     if audio is not None:
-                        queue.put_nowait(audio)
+                        await queue.put(audio)
                     if item.finish_reason:
-                        said(splitter.flush())
+                        await said(splitter.flush())
                         if rest is not None:
-                            queue.put_nowait(rest)
-            said(splitter.flush())  # a stream cut short: the writer fails it
+                            await queue.put(rest)
+            await said(splitter.flush())  # a stream cut short: the writer fails it
         except Exception as exc:
-            queue.put_nowait(exc)
-        queue.put_nowait(_END)
+            await queue.put(exc)
+        await queue.put(_END)
 
     async def _speak(self, synthesis: _Synthesis, speech: _Speech) -> AsyncIterator[Piece]:
         yield speech.chunk({"transcript": synthesis.sentence})
