@@ -79,6 +79,26 @@ async def what_the_caller_gets(gateway, path: str, model: str, stream: bool) -> 
     return out
 
 
+UPSTREAM_ERROR = ("api_error", "upstream_error")
+# What the plain route gives for each behaviour (every other path must give the same)
+EXPECTED = {
+    ("text", True): {"status": 200, "done": True, "finish": "stop", "tool_calls": []},
+    ("text", False): {"status": 200, "finish": "stop", "tool_calls": []},
+    ("tools", True): {"status": 200, "done": True, "finish": "tool_calls",
+                      "tool_calls": ["get_weather"]},
+    ("tools", False): {"status": 200, "finish": "tool_calls", "tool_calls": ["get_weather"]},
+    ("error-mid", True): {"status": 200, "done": False, "error": UPSTREAM_ERROR},
+    ("error-mid", False): {"status": 502, "error": UPSTREAM_ERROR},
+    ("truncated", True): {"status": 200, "done": False, "error": UPSTREAM_ERROR},
+    ("truncated", False): {"status": 502, "error": UPSTREAM_ERROR},
+    # a provider's own 4xx: its type and code reach the caller
+    ("status-429", True): {"status": 429, "error": ("invalid_request_error", "fake_code")},
+    ("status-429", False): {"status": 429, "error": ("invalid_request_error", "fake_code")},
+    ("html", True): {"status": 502, "error": UPSTREAM_ERROR},
+    ("html", False): {"status": 502, "error": UPSTREAM_ERROR},
+}
+
+
 @pytest.mark.parametrize("stream", [True, False])
 @pytest.mark.parametrize("behaviour", BEHAVIOURS)
 async def test_every_path_says_it_the_same_way(contract_gateway, behaviour, stream):
@@ -88,6 +108,8 @@ async def test_every_path_says_it_the_same_way(contract_gateway, behaviour, stre
         )
         for name, (path, model) in PATHS.items()
     }
+    plain = got["plain"]
+    assert {k: plain.get(k) for k in EXPECTED[behaviour, stream]} == EXPECTED[behaviour, stream]
     assert got["alias-1"] == got["plain"], got
     assert got["alias-2"] == got["plain"], got
     # the speech stage changes what is said (the emoji goes), nothing else
