@@ -124,9 +124,10 @@ async def test_the_drain_ends_at_drain_s_not_twice_that(child, upstream):
         await resp.content.readline()
         gw.proc.send_signal(signal.SIGTERM)
         started = loop.time()
+        rest = await asyncio.wait_for(resp.read(), 10)  # told, not cut off
+        assert b'"code":"shutdown"' in rest and b"[DONE]" not in rest, rest
         assert await asyncio.wait_for(gw.proc.wait(), 10) == 0
         took = loop.time() - started
-        resp.close()
     assert 1.4 < took < 2.6, took  # aiohttp's own shutdown took 2 x drain_s (3.0 s)
     err = await gw.stderr()
     # the cut-off turn has its line, saying why it ended

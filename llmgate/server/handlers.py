@@ -21,7 +21,7 @@ from llmgate.server.auth import Caller, Key, KeyCheck, Rule
 from llmgate.server.collect import collect
 from llmgate.server.limits import LimitState
 from llmgate.server.serve import SHUTDOWN
-from llmgate.server.stream import Staged, require_finish, stream_answer
+from llmgate.server.stream import Staged, require_finish, shutting_down, stream_answer
 from llmgate.turn import CHANNELS, CLIENT_CLOSED, Turn
 from llmgate.upstream.call import UpstreamCall
 from llmgate.upstream.client import SESSION
@@ -90,11 +90,14 @@ class ChatCompletions:
             turn.end(exc.status, exc.code or exc.type)
             return exc.for_request(turn.id).response(turn.id)
         except asyncio.CancelledError as exc:
-            if exc.args == (SHUTDOWN,):  # cut by the drain, not its caller's going
-                turn.end(503, "shutdown")
-            else:
+            if exc.args != (SHUTDOWN,):
                 turn.end(CLIENT_CLOSED)
-            raise
+                raise
+            # Cut by the drain before its answer began: a 503 the caller can act on.
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            error = shutting_down()
+            turn.end(error.status, error.code)
+            return error.for_request(turn.id).response(turn.id)
         except Exception:
             # The class name only: an exception's text or traceback can hold internals.
             log.error("unhandled error in turn %s", turn.id, exc_info=True)

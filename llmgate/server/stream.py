@@ -20,6 +20,7 @@ from aiohttp import web
 from llmgate.errors import ApiError, UpstreamUnavailable
 from llmgate.pipeline import Opened, Piece, apology_chunks, turn_head
 from llmgate.protocol import encoder
+from llmgate.server.serve import SHUTDOWN
 from llmgate.sse import DONE_FRAME, PING_FRAME
 from llmgate.turn import CLIENT_CLOSED, Turn
 
@@ -105,6 +106,12 @@ class Source(Protocol):
     async def aclose(self) -> None: ...
 
 
+def shutting_down() -> ApiError:
+    """What a turn the drain cut is told (a 503 Agora speaks its failure message on)."""
+    message = "llmgate is shutting down (server.drain_s passed); ask again"
+    return ApiError(503, message, code="shutdown", headers={"Retry-After": "1"})
+
+
 def require_finish(finish_reason: str | None, provider: str | None) -> None:
     """An answer that ended without a finish_reason was cut off: a dead provider must not
     look like a finished answer."""
@@ -135,7 +142,13 @@ async def stream_answer(
         await _fail(sse, turn, exc, apology, source.finish_reason is not None)
     except CallerGone:
         turn.end(CLIENT_CLOSED)
-    except asyncio.CancelledError:
+    except asyncio.CancelledError as exc:
+        if sse is not None and exc.args == (SHUTDOWN,):
+            # The drain cut it: the caller is told, in the envelope, rather than cut off.
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            await source.aclose()
+            await _fail(sse, turn, shutting_down(), None, False)
+            return sse
         if sse is None or not turn.superseded:
             raise
         # A newer turn on the channel took over: end this answer cleanly, without [DONE].
