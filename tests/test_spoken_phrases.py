@@ -101,3 +101,25 @@ async def test_an_apology_follows_the_cut_sentence_as_its_own(make_gateway, upst
     transcripts, _ = await spoken(gateway, "/v1/audio/chat/completions", "stall-mid")
     # the answer was cut after "Hello": that ends, then the apology is said apart from it
     assert transcripts == ["Hello", "Sorry, I lost my connection. Could you say that again?"]
+
+
+async def test_what_the_answer_held_goes_before_the_phrase():
+    """The speech stage holds a word's first letter back (an "h" may begin a link); an
+    apology after it must come after that letter, not swallow it."""
+    from llmgate.pipeline import Ask, Piece
+    from llmgate.stages.speech import SpeechStage
+    from llmgate.text.speakable import SpeechOptions
+    from llmgate.turn import Turn
+    from tests.fake_upstream import chunk
+
+    async def provider(ask):
+        yield Piece.of(chunk("m", {"role": "assistant", "content": "Call h"}))
+        yield Piece.of(chunk("m", {"content": " Sorry, I lost my connection."}), whole=True)
+        yield Piece.of(chunk("m", {}, "stop"), whole=True)
+
+    ask = Ask({"model": "m"}, Turn("/s"), None, None, None)  # type: ignore[arg-type]
+    said = []
+    async for piece in SpeechStage(SpeechOptions()).wrap(provider)(ask):
+        for choice in json.loads(piece.data)["choices"]:
+            said.append(choice["delta"].get("content") or "")
+    assert "".join(said) == "Call h Sorry, I lost my connection."

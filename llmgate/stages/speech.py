@@ -44,6 +44,12 @@ class SpeechStage:
                                 head, leading, item = _cut_off(item)
                                 async for part in _slices(head, leading, texts, options):
                                     yield part
+                            if item.whole and texts:
+                                # what the answer's text still holds goes before the phrase
+                                # (an apology after a cut sentence: the sentence ends first)
+                                held = _held(item, texts)
+                                if held is not None:
+                                    yield held
                             # A phrase of llmgate's own is made speakable on its own (the
                             # answer's text around it keeps its state) and stays whole.
                             spoken = _spoken(item, {} if item.whole else texts, options)
@@ -141,6 +147,22 @@ async def _slices(
                 choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
                 yield Piece.of({**head, "choices": [choice]})
             await asyncio.sleep(0)  # the other calls' turn
+
+
+def _held(piece: Piece, texts: dict[int, Speakable]) -> Piece | None:
+    """A chunk of what the answer's text still holds back, with `piece`'s head; None when
+    it holds nothing."""
+    held = {index: text.finish() for index, text in texts.items()}
+    choices = [
+        {"index": index, "delta": {"content": text}, "logprobs": None, "finish_reason": None}
+        for index, text in held.items()
+        if text
+    ]
+    if not choices:
+        return None
+    chunk = generic_decoder.decode(piece.data)
+    head = {k: chunk[k] for k in ("id", "object", "created", "model") if k in chunk}
+    return Piece.of({**head, "choices": choices})
 
 
 def _only_text(piece: Piece) -> bool:
