@@ -89,6 +89,53 @@ _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _HEADER_VALUE = re.compile(r"^[\t\x20-\x7e]*$")
 
 
+MAX_ANSWER = 8 * 2**20  # bytes of one JSON answer of an MCP server (a tool list, a result)
+
+
+class _BoundedStream(httpx2.AsyncByteStream):
+    """A response body that fails past `limit` bytes instead of being held whole."""
+
+    def __init__(self, inner: httpx2.AsyncByteStream, limit: int) -> None:
+        self._inner = inner
+        self._limit = limit
+
+    async def __aiter__(self):  # type: ignore[override]
+        size = 0
+        async for part in self._inner:
+            size += len(part)
+            if size > self._limit:
+                raise httpx2.ReadError(f"answer over {self._limit} bytes")
+            yield part
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class _BoundedTransport(httpx2.AsyncBaseTransport):
+    """The SDK reads a JSON answer whole: each is bounded here, and none is inflated (a
+    compressed answer fails). An event stream is the SDK's to bound (by event)."""
+
+    def __init__(self, limit: int = MAX_ANSWER) -> None:
+        self._inner = httpx2.AsyncHTTPTransport()
+        self._limit = limit
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        response = await self._inner.handle_async_request(request)
+        if response.headers.get("content-encoding", "identity").lower() not in (
+            "identity", "",
+        ):
+            await response.aclose()
+            raise httpx2.ReadError("a compressed answer (identity was asked)")
+        if not response.headers.get("content-type", "").startswith("text/event-stream"):
+            stream = response.stream
+            assert isinstance(stream, httpx2.AsyncByteStream)
+            response.stream = _BoundedStream(stream, self._limit)
+        return response
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
 async def _add_call_headers(request: httpx2.Request) -> None:
     """httpx2 request hook: the calling turn's headers, never over the SDK's or configured ones."""
     extra = _call_headers.get()
@@ -352,7 +399,10 @@ class McpServer:
             30.0, connect=CONNECT_TIMEOUT, read=max(300.0, self.timeout_s + 30.0)
         )
         async with httpx2.AsyncClient(
-            headers=self._headers, timeout=timeout, event_hooks={"request": [_add_call_headers]}
+            headers={**self._headers, "Accept-Encoding": "identity"},
+            timeout=timeout,
+            event_hooks={"request": [_add_call_headers]},
+            transport=_BoundedTransport(),
         ) as http:
             client = Client(
                 streamable_http_client(self.url, http_client=http),
