@@ -110,7 +110,7 @@ class ProviderConfig(_Strict, kw_only=True):
 class SpeechConfig(_Strict):
     markdown: bool = True
     emoji: bool = True
-    urls: Literal["drop", "domain", "keep"] = "drop"
+    urls: Literal["drop", "domain", "keep"] = "domain"  # a dropped link left "go to or for more"
 
 
 class KbConfig(_Strict):

@@ -53,7 +53,7 @@ TABLE = [
     ("![a cat](cat.png) Cute. [1] and [x]", "Cute. 1 and x"),
     ("[text] (not a link)", "text (not a link)"),
     ('[link](http://x.com "title") here', "link here"),
-    ("(see https://x.com/p)", "(see)"),
+    ("(see https://x.com/p)", "(see x.com)"),  # a link is read as its domain
     # tables
     ("| Name | Age |\n|---|:---:|\n| Bob | 42 |\n", "Name, Age\nBob, 42"),
     # emoji
@@ -61,8 +61,11 @@ TABLE = [
     ("\U0001f44b Hi \U0001f1eb\U0001f1f7 and \U0001f468\u200d\U0001f469\u200d\U0001f467", "Hi and"),
     ("Stars \u2b50 and \u2764\ufe0f love", "Stars and love"),
     # urls
-    ("Visit https://www.example.com/path?q=1. Then go.", "Visit. Then go."),
-    ("at http://a.b/c, or www.x.org", "at, or"),
+    ("Visit https://www.example.com/path?q=1. Then go.", "Visit example.com. Then go."),
+    ("at http://a.b/c, or www.x.org", "at a.b, or x.org"),
+    # a dropped link left "See the guide at or for more": read as its domain by default
+    ("See the guide at https://docs.example.com/a/b or https://x.io/s for more.",
+     "See the guide at docs.example.com or x.io for more."),
     ("the hotel https and httpx", "the hotel https and httpx"),
     # whitespace
     ("   \n\n  Hello   world  \n\n\n  Bye  ", "Hello world\nBye"),

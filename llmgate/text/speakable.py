@@ -50,7 +50,7 @@ _WORD = re.compile(
 class SpeechOptions:
     markdown: bool = True
     emoji: bool = True
-    urls: Urls = "drop"
+    urls: Urls = "domain"
 
 
 def is_pictograph(c: str) -> bool:
