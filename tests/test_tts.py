@@ -171,3 +171,19 @@ def test_piper_speaks_once_when_it_starts():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
     assert out.stdout.strip() == "['Ready.']", out.stdout + out.stderr
+
+
+async def test_espeak_speaks_once_when_it_starts(monkeypatch):
+    from llmgate.tts.espeak import EspeakEngine
+
+    said: list[str] = []
+
+    async def synthesize(self, text):  # type: ignore[no-untyped-def]
+        said.append(text)
+        yield 22050, b"\0\0"
+
+    monkeypatch.setattr(EspeakEngine, "synthesize", synthesize)
+    engine = EspeakEngine()
+    engine.binary = "/usr/bin/espeak-ng"  # (its presence is not what this checks)
+    await engine.start()
+    assert said == ["Ready."]

@@ -14,6 +14,7 @@ from llmgate.tts.base import EngineError
 from llmgate.tts.pcm import wav_data_offset
 
 READ = 16 * 1024
+WARM_UP = "Ready."
 
 
 class EspeakEngine:
@@ -26,7 +27,11 @@ class EspeakEngine:
         self.words_per_minute = words_per_minute
 
     async def start(self) -> None:
+        """Speak a word once: a process's first run reads the voice's files (~105 ms here,
+        15 ms after), which a caller's first waiting phrase would otherwise wait for."""
         self.check()
+        async for _ in self.synthesize(WARM_UP):
+            pass
 
     async def aclose(self) -> None:
         pass
