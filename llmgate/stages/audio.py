@@ -34,6 +34,7 @@ from llmgate.tts.sentences import SentenceSplitter
 
 _END = object()
 AHEAD = 16  # items (sentences, pieces) read ahead of what the caller has been sent
+MAX_SENTENCE_S = 120.0  # of one sentence's audio (a hostile speech endpoint's is cut here)
 
 
 class AudioStage:
@@ -195,7 +196,12 @@ class _Synthesis:
         try:
             with tracing.span("tts.synthesize", engine=engine.name, characters=len(self.sentence)):
                 async with aclosing(engine.synthesize(self.sentence)) as pieces:
+                    seconds = 0.0  # of audio: a sentence's is bounded, however fast it comes
                     async for piece in pieces:
+                        rate, pcm = piece
+                        seconds += len(pcm) / 2 / max(rate, 1)
+                        if seconds > MAX_SENTENCE_S:
+                            raise EngineError(f"sent over {MAX_SENTENCE_S:g}s of audio at once")
                         self._out.put_nowait(piece)
         except EngineError as exc:
             end = exc
