@@ -35,6 +35,13 @@ from llmgate.config import PASSTHROUGH
 MAX_ERROR_BODY = 64 * 1024  # of an error status's body: enough for a provider's message
 
 
+def compressed(headers: Mapping[str, str]) -> bool:
+    """Whether a message's body is encoded (gzip, br, ...): llmgate inflates none, neither
+    a caller's request, a provider's answer nor any of its own calls' (a small gzip grows
+    past any bound on the event loop)."""
+    return headers.get("Content-Encoding", "identity").strip().lower() not in ("identity", "")
+
+
 class HttpError(Exception):
     """A call that failed; `str()` is what happened, for the caller to say whose call."""
 
@@ -153,9 +160,7 @@ async def request(
             auto_decompress=False,
         ) as resp:
             try:
-                if resp.headers.get("Content-Encoding", "identity").lower() not in (
-                    "identity", "",
-                ):
+                if compressed(resp.headers):
                     raise Compressed()
                 if not 200 <= resp.status < 300:
                     body = await read(resp, MAX_ERROR_BODY, cut=True)

@@ -10,6 +10,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from llmgate.errors import ApiError
+from llmgate.http import compressed
 
 log = logging.getLogger("llmgate.server")
 
@@ -22,8 +23,7 @@ _MESSAGES = {
 
 @web.middleware
 async def error_envelopes(request: web.Request, handler: Handler) -> web.StreamResponse:
-    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
-    if encoding not in ("identity", ""):
+    if compressed(request.headers):
         # Agora never compresses; inflating a caller's body (before any key is checked)
         # would let a 1 MB body stall the loop for a second. Nothing of it is read.
         message = "a compressed request body is not accepted: send it without Content-Encoding"

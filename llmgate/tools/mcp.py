@@ -59,6 +59,7 @@ from mcp_types import (
 )
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
+from llmgate.http import compressed
 from llmgate.tools.base import ToolError, ToolSpec, bounded
 
 log = logging.getLogger("llmgate.tools")
@@ -121,9 +122,7 @@ class _BoundedTransport(httpx2.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         response = await self._inner.handle_async_request(request)
-        if response.headers.get("content-encoding", "identity").lower() not in (
-            "identity", "",
-        ):
+        if compressed(response.headers):
             await response.aclose()
             raise httpx2.ReadError("a compressed answer (identity was asked)")
         if not response.headers.get("content-type", "").startswith("text/event-stream"):

@@ -23,6 +23,7 @@ import aiohttp
 import msgspec
 
 from llmgate.errors import ApiError, UpstreamUnavailable
+from llmgate.http import compressed
 from llmgate.pipeline import Piece
 from llmgate.protocol import ChunkView, chunk_decoder, view_decoder
 from llmgate.sse import DONE, SSEDecoder, SSEError
@@ -106,7 +107,7 @@ class UpstreamCall:
             if resp.status >= 300:
                 raw = await _read_bounded(resp, MAX_ERROR_BODY)
                 raise provider.status_error(resp.status, resp.headers, raw)
-            if resp.headers.get("Content-Encoding", "identity").lower() not in ("identity", ""):
+            if compressed(resp.headers):
                 raise UpstreamUnavailable(
                     f"provider '{provider.name}' sent a compressed answer (llmgate asks for "
                     "Accept-Encoding: identity)"
