@@ -32,7 +32,7 @@ from llmgate.upstream.client import SESSION, client_session
 from llmgate.upstream.provider import Provider
 
 OK, FAIL, SKIP = "ok", "FAIL", "skip"
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, configuration.EXIT_CONFIG
 NO_MODELS_LIST = (404, 405)  # some OpenAI-compatible servers have no GET /models
 PHRASE = "This is llmgate, checking its voice."
 QUERY = "llmgate check"  # a harmless question for a knowledge base

@@ -72,13 +72,17 @@ class LocalLimits:
             del self._in_flight[caller.name]
 
 
+def open_files() -> int | None:
+    """The process's (soft) open-file limit; None when there is none."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
 def default_global_max() -> int:
     """Streams in flight in all when config.toml sets none: what the open-file limit holds
     (a stream holds two descriptors, the caller's and the provider's), some kept back."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return 100_000
-    return max(16, (soft - 128) // 2)
+    soft = open_files()
+    return 100_000 if soft is None else max(16, (soft - 128) // 2)
 
 
 def raise_open_files() -> None:

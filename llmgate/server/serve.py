@@ -22,7 +22,6 @@ import asyncio
 import gc
 import logging
 import os
-import resource
 import signal
 import socket
 from collections.abc import Awaitable, Callable
@@ -30,6 +29,8 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
+
+from llmgate.server.limits import open_files
 
 log = logging.getLogger("llmgate")
 
@@ -250,8 +251,8 @@ async def drain(runner: web.AppRunner, app: web.Application, drain_s: float) -> 
 def max_connections() -> int:
     """Open connections this process serves at once: what its open-file limit holds, some
     descriptors kept back for providers, files and the log."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return 100_000 if soft == resource.RLIM_INFINITY else max(16, soft - 256)
+    soft = open_files()
+    return 100_000 if soft is None else max(16, soft - 256)
 
 
 def _where(sock: socket.socket) -> str:
