@@ -6,6 +6,7 @@ import asyncio
 import copy
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -38,6 +39,17 @@ def gateway_config(upstream_url: str, **sections: Any) -> dict[str, Any]:
         else:
             raw.setdefault(name, {}).update(values)
     return raw
+
+
+@pytest.fixture
+def kb_config(tmp_path) -> Path:
+    """A folder holding c.toml with one knowledge base, `docs` (kb/docs.sqlite), for the
+    `kb` commands run there."""
+    (tmp_path / "c.toml").write_text(
+        '[providers.a]\nbase_url = "http://127.0.0.1:9/v1"\n'
+        '[kb.docs]\npath = "kb/docs.sqlite"\nchunk_tokens = 100\n'
+    )
+    return tmp_path
 
 
 @pytest.fixture

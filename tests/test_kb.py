@@ -191,15 +191,6 @@ def run_kb(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.fixture
-def kb_config(tmp_path) -> Path:
-    (tmp_path / "c.toml").write_text(
-        '[providers.a]\nbase_url = "http://127.0.0.1:9/v1"\n'
-        '[kb.docs]\npath = "kb/docs.sqlite"\nchunk_tokens = 100\n'
-    )
-    return tmp_path
-
-
 def kb_state(folder: Path) -> tuple:
     store = Store(folder / "kb" / "docs.sqlite")
     try:

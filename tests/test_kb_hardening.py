@@ -25,15 +25,6 @@ KB = ("--config", "c.toml", "--kb", "docs")
 
 
 @pytest.fixture
-def kb_config(tmp_path) -> Path:
-    (tmp_path / "c.toml").write_text(
-        '[providers.a]\nbase_url = "http://127.0.0.1:9/v1"\n'
-        '[kb.docs]\npath = "kb/docs.sqlite"\nchunk_tokens = 100\n'
-    )
-    return tmp_path
-
-
-@pytest.fixture
 def real_folder(kb_config) -> Path:
     docs = kb_config / "srv" / "kb" / "docs"
     (docs / "legal").mkdir(parents=True)

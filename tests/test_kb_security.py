@@ -30,15 +30,6 @@ ROOT = Path(__file__).parent.parent
 KB = ("--config", "c.toml", "--kb", "docs")
 
 
-@pytest.fixture
-def kb_config(tmp_path) -> Path:
-    (tmp_path / "c.toml").write_text(
-        '[providers.a]\nbase_url = "http://127.0.0.1:9/v1"\n'
-        '[kb.docs]\npath = "kb/docs.sqlite"\nchunk_tokens = 100\n'
-    )
-    return tmp_path
-
-
 def base_bytes(folder: Path) -> bytes:
     """Everything the base holds on disk, its WAL included."""
     return b"".join(p.read_bytes() for p in (folder / "kb").glob("docs.sqlite*"))
