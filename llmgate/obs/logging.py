@@ -115,13 +115,17 @@ def _escaped(text: str) -> str:
     """JSON text with what JSON leaves raw (DEL, C1 controls, U+2028/9) escaped too."""
     if text.isascii() and "\x7f" not in text:
         return text
-    return _UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    return _UNSAFE.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
 
 
 def _message(text: str) -> str:
     """A message on one line: its control characters as escapes, clipped."""
     if not text.isprintable():  # (control characters, U+2028/9 among what is not)
-        text = _CONTROL.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+        text = _CONTROL.sub(_escape, text)
     return _clip(text)
 
 
