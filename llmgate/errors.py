@@ -13,11 +13,15 @@ Messages say what to fix; 5xx messages say what failed and the request id, never
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Mapping
 
 from aiohttp import web
 
 from llmgate.protocol import ErrorEnvelope, ErrorObject, encoder
+
+log = logging.getLogger("llmgate.server")
 
 # status -> (type, code) when the raiser does not say
 _DEFAULTS: dict[int, tuple[str, str | None]] = {
@@ -88,9 +92,12 @@ class ApiError(Exception):
         self.type = type or default_t
         self.code = code if code is not None else default_c
         self.headers = dict(headers or {})
+        self.request_id: str | None = None
 
     def for_request(self, request_id: str) -> ApiError:
-        """Name the request in a 5xx message, so a caller's report can be found in the log."""
+        """Name the request: in a 5xx message, so a caller's report can be found in the log,
+        and in the response's X-Request-Id."""
+        self.request_id = request_id
         if self.status >= 500 and request_id not in self.message:
             self.message = f"{self.message} (request {request_id})"
         return self
@@ -103,10 +110,11 @@ class ApiError(Exception):
         """The error as an SSE `data:` frame, for failures after the stream began."""
         return b"data: " + self.body() + b"\n\n"
 
-    def response(self, request_id: str | None = None) -> web.Response:
+    def response(self) -> web.Response:
+        """The error as the whole answer, before anything else was sent."""
         headers = dict(self.headers)
-        if request_id:
-            headers["X-Request-Id"] = request_id
+        if self.request_id:
+            headers["X-Request-Id"] = self.request_id
         response = web.Response(
             status=self.status,
             body=self.body(),
@@ -116,6 +124,21 @@ class ApiError(Exception):
         if headers.get("Connection") == "close":
             response.force_close()
         return response
+
+
+def new_request_id() -> str:
+    return "req_" + os.urandom(12).hex()
+
+
+def caller_error(exc: Exception, request_id: str, where: str) -> ApiError:
+    """What the caller is told of `exc`, wherever it was caught (the handler, the
+    middleware, the stream writer): an ApiError as it is, naming the request; anything
+    else is llmgate's own bug: a 500, logged here with its traceback. Only the class name
+    leaves: an exception's text or traceback can hold internals."""
+    if isinstance(exc, ApiError):
+        return exc.for_request(request_id)
+    log.error("unhandled error %s (request %s)", where, request_id, exc_info=exc)
+    return ApiError(500, "internal error in llmgate").for_request(request_id)
 
 
 class UpstreamError(ApiError):

@@ -24,6 +24,7 @@ from llmgate.protocol import ChunkView, encoder, view_decoder
 if TYPE_CHECKING:
     import aiohttp
 
+    from llmgate.errors import ApiError
     from llmgate.turn import Turn
     from llmgate.upstream.targets import Plan
 
@@ -107,8 +108,20 @@ def chunk_head(ask: Ask, view: ChunkView) -> dict[str, Any]:
     return head
 
 
-def apology_chunks(head: dict[str, Any], text: str) -> list[dict[str, Any]]:
-    """A short spoken sentence and a normal end, for an answer whose provider died."""
+def apologize(
+    turn: Turn, exc: ApiError, text: str, finished: bool, head: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """The one policy of `server.on_stream_error = "apology"`, for a failure after the
+    answer began: the failure is the turn's all the same (its log line says so), and the
+    caller hears `text` and a normal end instead of silence; or, when the answer had
+    already finished (only its usage, say, was lost), the normal end alone."""
+    turn.end(exc.status, exc.code or exc.type)
+    turn.note("upstream", apology=not finished)
+    return [] if finished else _apology_chunks(head, text)
+
+
+def _apology_chunks(head: dict[str, Any], text: str) -> list[dict[str, Any]]:
+    """A short spoken sentence and a normal end."""
     delta = {"content": " " + text}
     return [
         {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]},

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import time
 from typing import Any
@@ -12,7 +11,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from llmgate.errors import logged_error
+from llmgate.errors import logged_error, new_request_id
 
 log = logging.getLogger("llmgate.turn")
 
@@ -55,7 +54,7 @@ class Turn:
         # A caller's own X-Request-Id, if it is a short safe string, names the turn (the
         # id its logs already carry); anything else is replaced by ours.
         if request_id is None or not _SAFE_ID.fullmatch(request_id):
-            request_id = "req_" + os.urandom(12).hex()
+            request_id = new_request_id()
         self.id = request_id
         self.route = route
         self.key: str | None = None  # the caller key's name (never the key)

@@ -17,7 +17,7 @@ from typing import Any
 from llmgate.errors import UpstreamUnavailable
 from llmgate.pipeline import Ask, Call, Piece
 from llmgate.protocol import ChunkView, encoder
-from llmgate.upstream.call import MAX_ANSWER_BODY
+from llmgate.upstream.call import MAX_ANSWER_BODY, model_audio
 
 
 class _Choice:
@@ -79,8 +79,6 @@ class _Audio:
             if key == "transcript" and isinstance(value, str):
                 self.transcript.append(value)
             elif key == "data" and isinstance(value, str):
-                from llmgate.tts.pcm import model_audio  # (numpy: only when audio comes)
-
                 self.data += model_audio(value)
             else:
                 self.fields[key] = value

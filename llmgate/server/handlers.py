@@ -13,7 +13,7 @@ import msgspec
 from aiohttp import web
 
 from llmgate.config import is_loopback
-from llmgate.errors import ApiError, UpstreamTimeout
+from llmgate.errors import ApiError, UpstreamTimeout, caller_error
 from llmgate.obs import metrics, tracing
 from llmgate.pipeline import Ask, Call
 from llmgate.protocol import ChatRequest, encoder, error_path, generic_decoder, request_decoder
@@ -86,26 +86,24 @@ class ChatCompletions:
     async def _counted(self, request: web.Request, turn: Turn) -> web.StreamResponse:
         try:
             return await self._turn(request, turn)
-        except ApiError as exc:
-            turn.end(exc.status, exc.code or exc.type)
-            return exc.for_request(turn.id).response(turn.id)
         except asyncio.CancelledError as exc:
             if exc.args != (SHUTDOWN,):
                 turn.end(CLIENT_CLOSED)
                 raise
             # Cut by the drain before its answer began: a 503 the caller can act on.
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
-            error = shutting_down()
-            turn.end(error.status, error.code)
-            return error.for_request(turn.id).response(turn.id)
-        except Exception:
-            # The class name only: an exception's text or traceback can hold internals.
-            log.error("unhandled error in turn %s", turn.id, exc_info=True)
-            error = ApiError(500, "internal error in llmgate")
-            turn.end(error.status, error.code)
-            return error.for_request(turn.id).response(turn.id)
+            return self._failed(turn, shutting_down())
+        except Exception as exc:
+            return self._failed(turn, exc)
         finally:
             turn.log()
+
+    @staticmethod
+    def _failed(turn: Turn, exc: Exception) -> web.Response:
+        """Before the answer began: the error is the whole answer."""
+        error = caller_error(exc, turn.id, f"in turn {turn.id}")
+        turn.end(error.status, error.code or error.type)
+        return error.response()
 
     async def _turn(self, request: web.Request, turn: Turn) -> web.StreamResponse:
         settings = self.settings

@@ -3,16 +3,11 @@ a compressed request body is refused before anything reads it."""
 
 from __future__ import annotations
 
-import logging
-import os
-
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from llmgate.errors import ApiError
+from llmgate.errors import ApiError, caller_error, new_request_id
 from llmgate.http import compressed
-
-log = logging.getLogger("llmgate.server")
 
 _MESSAGES = {
     404: "no such endpoint: {method} {path}",
@@ -30,8 +25,6 @@ async def error_envelopes(request: web.Request, handler: Handler) -> web.StreamR
         return ApiError(415, message, headers={"Connection": "close"}).response()
     try:
         return await handler(request)
-    except ApiError as exc:
-        return exc.response()
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -42,10 +35,6 @@ async def error_envelopes(request: web.Request, handler: Handler) -> web.StreamR
         if "Allow" in exc.headers:
             headers["Allow"] = exc.headers["Allow"]
         return ApiError(exc.status, message, headers=headers).response()
-    except Exception:
-        # The class name only: an exception's text or traceback can hold internals.
-        request_id = "req_" + os.urandom(12).hex()
-        log.error("unhandled error on %s %s (request %s)", request.method, request.path,
-                  request_id, exc_info=True)
-        error = ApiError(500, "internal error in llmgate").for_request(request_id)
-        return error.response(request_id)
+    except Exception as exc:  # (a turn's own errors were answered by its handler)
+        where = f"on {request.method} {request.path}"
+        return caller_error(exc, new_request_id(), where).response()

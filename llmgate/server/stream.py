@@ -17,8 +17,8 @@ from typing import Protocol
 
 from aiohttp import web
 
-from llmgate.errors import ApiError, UpstreamUnavailable
-from llmgate.pipeline import Opened, Piece, apology_chunks, turn_head
+from llmgate.errors import ApiError, UpstreamUnavailable, caller_error
+from llmgate.pipeline import Opened, Piece, apologize, turn_head
 from llmgate.protocol import encoder
 from llmgate.server.serve import SHUTDOWN
 from llmgate.sse import DONE_FRAME, PING_FRAME
@@ -135,11 +135,6 @@ async def stream_answer(
         except ConnectionResetError:
             raise CallerGone from None
         await _pump(sse, turn, source)
-    except ApiError as exc:
-        if sse is None:
-            raise
-        await source.aclose()  # the provider is done with: no watchdog while we write
-        await _fail(sse, turn, exc, apology, source.finish_reason is not None)
     except CallerGone:
         turn.end(CLIENT_CLOSED)
     except asyncio.CancelledError as exc:
@@ -147,7 +142,7 @@ async def stream_answer(
             # The drain cut it: the caller is told, in the envelope, rather than cut off.
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
             await source.aclose()
-            await _fail(sse, turn, shutting_down(), None, False)
+            await _fail(sse, turn, shutting_down().for_request(turn.id), None, False)
             return sse
         if sse is None or not turn.superseded:
             raise
@@ -157,13 +152,12 @@ async def stream_answer(
         await source.aclose()
         with contextlib.suppress(CallerGone):  # its caller may be gone as well
             await _write(sse, b"", last=True)
-    except Exception:
+    except Exception as exc:
         if sse is None:
-            raise  # the middleware answers it
-        # After our headers a 500 response cannot follow: it becomes the stream's error.
-        log.error("unhandled error in the stream of %s", turn.id, exc_info=True)
-        await source.aclose()
-        error = ApiError(500, "internal error in llmgate")
+            raise  # before our headers: the handler answers it
+        # After our 200 a status cannot follow: the failure becomes the stream's end.
+        await source.aclose()  # the provider is done with: no watchdog while we write
+        error = caller_error(exc, turn.id, f"in the stream of {turn.id}")
         await _fail(sse, turn, error, apology, source.finish_reason is not None)
     finally:
         await source.aclose()
@@ -204,16 +198,16 @@ async def _fail(
     """After our 200: the error goes out as a data frame and the stream ends without
     [DONE]; or, with `apology`, the caller hears it and the answer ends as a normal one
     (once the answer had finished, with [DONE] alone)."""
-    turn.end(exc.status, exc.code or exc.type)
     if apology is not None:
-        turn.note("upstream", apology=not finished)
-        chunks = [] if finished else apology_chunks(turn_head(turn, turn.model or ""), apology)
+        head = turn_head(turn, turn.model or "")
+        chunks = apologize(turn, exc, apology, finished, head)
         data = b"".join(b"data: " + encoder.encode(c) + b"\n\n" for c in chunks)
         with contextlib.suppress(CallerGone):
             await _write(sse, data + DONE_FRAME, last=True)
         return
+    turn.end(exc.status, exc.code or exc.type)
     with contextlib.suppress(CallerGone):  # the provider's failure, whether or not it is heard
-        await _write(sse, exc.for_request(turn.id).frame())
+        await _write(sse, exc.frame())
 
 
 class Staged:

@@ -29,8 +29,9 @@ from llmgate.pipeline import OPENED, Ask, Call, Opened, Piece, end_task, own_hea
 from llmgate.protocol import generic_decoder
 from llmgate.tts.base import Engine, EngineError
 from llmgate.tts.file import FileEngine
-from llmgate.tts.pcm import Framer, Resampler, frame_size, model_audio
+from llmgate.tts.pcm import Framer, Resampler, frame_size
 from llmgate.tts.sentences import SentenceSplitter
+from llmgate.upstream.call import model_audio
 
 _END = object()
 AHEAD = 16  # items (sentences, pieces) read ahead of what the caller has been sent
@@ -57,7 +58,7 @@ class AudioStage:
             try:
                 self.engine.check()
             except EngineError as exc:  # before the provider is asked: a plain 503
-                raise ApiError(503, f"speech engine '{self.engine.name}': {exc}") from None
+                raise unspoken(self.engine.name, exc) from None
             # Bounded: the reader waits while the caller hears what is queued (the
             # provider's watchdog is paused meanwhile), so a fast or hostile provider is
             # held back instead of every sentence it sends being queued and synthesised.
@@ -160,7 +161,7 @@ class AudioStage:
             try:
                 text = await self.engine.transcript()
             except EngineError as exc:
-                raise ApiError(503, f"speech engine 'file' failed: {exc}") from None
+                raise unspoken(self.engine.name, exc) from None
             if not ask.stream:
                 yield speech.chunk({"role": "assistant", "content": text}, audio=False)
             else:
@@ -175,6 +176,12 @@ class AudioStage:
             if synthesis is not None:
                 await end_task(synthesis.task)
             ask.turn.note("audio", **speech.fields(self.engine.name))
+
+
+def unspoken(engine: str, exc: EngineError) -> ApiError:
+    """A speech engine's failure, as the caller is told it (a 503: before the answer began,
+    its status; after, the stream's error frame or apology, as for any failure)."""
+    return ApiError(503, f"speech engine '{engine}' failed: {exc}")
 
 
 class _Synthesis:
@@ -213,7 +220,7 @@ class _Synthesis:
     async def pcm(self, engine: str) -> AsyncIterator[tuple[int, bytes]]:
         while (item := await self._out.get()) is not None:
             if isinstance(item, EngineError):
-                raise ApiError(503, f"speech engine '{engine}' failed: {item}")
+                raise unspoken(engine, item)
             yield item
 
 

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import struct
 
 import numpy as np
 import soxr
-
-from llmgate.errors import UpstreamUnavailable
 
 
 def frame_size(sample_rate: int, chunk_ms: int) -> int:
@@ -66,14 +62,6 @@ class Resampler:
         assert self._stream is not None
         out = self._stream.resample_chunk(samples, last=last)
         return np.clip(np.rint(out), -32768, 32767).astype("<i2").tobytes()
-
-
-def model_audio(data: str) -> bytes:
-    """A model's `delta.audio.data`: base64 PCM, or a failure of the provider's answer."""
-    try:
-        return base64.b64decode(data, validate=True)
-    except binascii.Error:
-        raise UpstreamUnavailable("the provider sent audio that is not base64") from None
 
 
 def wav_data_offset(head: bytes) -> tuple[int, int] | None:

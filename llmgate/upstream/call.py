@@ -16,6 +16,8 @@ become llmgate.errors' in one place, `_translated`.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -31,6 +33,15 @@ from llmgate.turn import Turn
 from llmgate.upstream.provider import Provider
 from llmgate.upstream.relay import Relay, Tally
 from llmgate.upstream.watchdog import Watchdog
+
+
+def model_audio(data: str) -> bytes:
+    """A model's own `delta.audio.data`: base64 PCM, or a failure of the provider's answer."""
+    try:
+        return base64.b64decode(data, validate=True)
+    except binascii.Error:
+        raise UpstreamUnavailable("the provider sent audio that is not base64") from None
+
 
 MAX_ERROR_BODY = 64 * 1024
 MAX_ANSWER_BODY = 64 * 1024 * 1024

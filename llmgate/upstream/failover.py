@@ -2,7 +2,7 @@
 
     provider_call  the innermost Call of a staged route (and of a plain route whose model
                    is an alias of several targets): OPENED, then the winner's chunks
-    complete       a non-streamed answer, target after target
+    complete       a plain route's non-streamed answer, from its one target
 
 Before the first token a provider's failure (`UpstreamError.fallback`: refused, reset, 429,
 5xx, no first token in time, an unset ${VAR}) moves the turn to the next target at once: no
@@ -22,7 +22,7 @@ from typing import Any
 
 from llmgate.errors import ApiError, UpstreamUnavailable
 from llmgate.obs import tracing
-from llmgate.pipeline import OPENED, Ask, Opened, Piece, apology_chunks, chunk_head
+from llmgate.pipeline import OPENED, Ask, Opened, Piece, apologize, chunk_head
 from llmgate.protocol import encoder
 from llmgate.upstream.call import UpstreamCall
 from llmgate.upstream.targets import Attempts, Target
@@ -57,14 +57,9 @@ async def provider_call(ask: Ask) -> AsyncIterator[Piece | Opened]:
         attempts.died(target, exc)
         if ask.apology is None:
             raise
-        # The failure is the turn's all the same (its log line says so); the caller hears
-        # an apology and a normal end instead of silence, or, when the answer had already
-        # finished (only its usage, say, was lost), the normal end alone.
-        ask.turn.end(exc.status, exc.code or exc.type)
-        ask.turn.note("upstream", apology=not finished)
-        if not finished:
-            for chunk in apology_chunks(chunk_head(ask, view), ask.apology):
-                yield Piece.of(chunk, whole=True)  # its own sentence, not the cut one's end
+        # Said here, inside the stages, so that a speech or audio stage speaks it too.
+        for chunk in apologize(ask.turn, exc, ask.apology, finished, chunk_head(ask, view)):
+            yield Piece.of(chunk, whole=True)  # its own sentence, not the cut one's end
 
 
 async def _attempt(ask: Ask, target: Target) -> AsyncIterator[Piece | Opened]:
@@ -196,26 +191,22 @@ def _ended(target: Target) -> ApiError:
 
 
 async def complete(ask: Ask) -> bytes:
-    """A non-streamed answer: the first target that gives one whole."""
+    """A plain route's non-streamed answer from its one target: the provider's JSON as it
+    came. (A plan of several targets is collected from `provider_call` instead.)"""
     attempts = Attempts(ask.plan, ask.turn)
-    while (target := attempts.next()) is not None:
-        body = encoder.encode(ask.plan.body(ask.body, target))
-        call = UpstreamCall(ask.session, target.provider, body, ask.caller_key, ask.turn, False)
-        raw = None
-        try:
-            with tracing.span("upstream.attempt", provider=target.provider.name,
-                              model=target.model):
-                await call.open()
-                raw = await call.answer()
-        except ApiError as exc:
-            attempts.failed(target, exc)
-            if not exc.fallback or len(ask.plan.targets) == 1:
-                raise
-            continue
-        finally:
-            call.close()
-            if raw is None:
-                attempts.close()
+    target = attempts.next()
+    assert target is not None and len(ask.plan.targets) == 1
+    body = encoder.encode(ask.plan.body(ask.body, target))
+    call = UpstreamCall(ask.session, target.provider, body, ask.caller_key, ask.turn, False)
+    try:
+        with tracing.span("upstream.attempt", provider=target.provider.name, model=target.model):
+            await call.open()
+            raw = await call.answer()
         attempts.won(target)
         return raw
-    raise attempts.error()
+    except ApiError as exc:
+        attempts.failed(target, exc)
+        raise
+    finally:
+        call.close()
+        attempts.close()  # a verdict-less end (a hang-up, say) is recorded as cancelled
