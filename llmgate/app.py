@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from llmgate.bargein import CHANNELS, Channels
 from llmgate.config import Config, KbConfig, Loaded, RouteConfig, ServerConfig
 from llmgate.obs import metrics, tracing
 from llmgate.obs.metrics import Names
@@ -26,7 +27,6 @@ from llmgate.server.handlers import ChatCompletions, MetricsPage, ModelList, Set
 from llmgate.server.limits import LocalLimits, default_global_max
 from llmgate.server.middleware import error_envelopes
 from llmgate.server.serve import IN_FLIGHT
-from llmgate.turn import CHANNELS, Channels
 from llmgate.upstream import catalog
 from llmgate.upstream.client import SESSION, client_session
 from llmgate.upstream.failover import provider_call

@@ -171,10 +171,6 @@ OPENAI_PARAMS = frozenset(
     }
 )
 
-# Per-message fields that are Agora's engine's, not the provider's.
-ENGINE_MESSAGE_FIELDS = ("turn_id", "timestamp", "metadata")
-
-
 # --- what the relay peeks at in upstream chunks --------------------------------------------
 
 

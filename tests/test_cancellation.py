@@ -11,8 +11,9 @@ import os
 import aiohttp
 import pytest
 
+from llmgate.agora import channel_key
 from llmgate.server.stream import SSEResponse
-from llmgate.turn import Turn, channel_key
+from llmgate.turn import Turn
 from llmgate.upstream.client import SESSION
 from tests.conftest import API_KEY, eventually
 

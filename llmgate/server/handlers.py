@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import msgspec
 from aiohttp import web
 
+from llmgate.bargein import CHANNELS
 from llmgate.config import is_loopback
 from llmgate.errors import ApiError, UpstreamTimeout, caller_error
 from llmgate.obs import metrics, tracing
@@ -22,7 +23,7 @@ from llmgate.server.collect import collect
 from llmgate.server.limits import LimitState
 from llmgate.server.serve import SHUTDOWN
 from llmgate.server.stream import Staged, require_finish, shutting_down, stream_answer
-from llmgate.turn import CHANNELS, CLIENT_CLOSED, Turn
+from llmgate.turn import CLIENT_CLOSED, Turn
 from llmgate.upstream.call import UpstreamCall
 from llmgate.upstream.client import SESSION
 from llmgate.upstream.failover import complete, provider_call

@@ -1,0 +1,50 @@
+"""What Agora's Conversational AI engine adds to an OpenAI request, read in one place.
+
+Besides the OpenAI fields, the engine sends a `context` object (appId, channel, user),
+whatever the agent's `llm.params` holds merged in at the top level, and on each message its
+`turn_id`, `timestamp` and `metadata` (../shared/reference/agora-contract.md). They never
+go upstream: they become the turn's metadata.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# The engine's own fields on a message (a provider would refuse them).
+ENGINE_MESSAGE_FIELDS = ("turn_id", "timestamp", "metadata")
+
+
+def take_engine_fields(raw: dict[str, Any], forward: frozenset[str]) -> dict[str, Any]:
+    """The engine's fields taken out of a request body (`raw`, changed in place: what is
+    left goes upstream): every top-level field a provider is not sent (not in `forward`),
+    and the last message `turn_id`. Agora's `image` content parts become OpenAI's
+    `image_url`."""
+    metadata: dict[str, Any] = {}
+    for key in [k for k in raw if k not in forward]:
+        metadata[key] = raw.pop(key)
+    turn_id = None
+    for message in raw["messages"]:
+        for key in ENGINE_MESSAGE_FIELDS:
+            if key in message:
+                value = message.pop(key)
+                if key == "turn_id":
+                    turn_id = value
+        content = message.get("content")
+        if type(content) is list:
+            for part in content:
+                if type(part) is dict and part.get("type") == "image":
+                    part["type"] = "image_url"
+    if turn_id is not None:
+        metadata["turn_id"] = turn_id
+    return metadata
+
+
+def channel_key(metadata: dict[str, Any]) -> str | None:
+    """ "app/channel" from Agora's `context` object, else from `llm.params` fields."""
+    context = metadata.get("context")
+    context = context if isinstance(context, dict) else {}
+    channel = context.get("channel") or metadata.get("channel")
+    if not isinstance(channel, str) or not channel:
+        return None
+    app = context.get("appId") or metadata.get("app_id") or metadata.get("appId") or ""
+    return f"{app}/{channel}"
