@@ -116,7 +116,7 @@ def apologize(
     caller hears `text` and a normal end instead of silence; or, when the answer had
     already finished (only its usage, say, was lost), the normal end alone."""
     turn.end(exc.status, exc.code or exc.type)
-    turn.note("upstream", apology=not finished)
+    turn.noted().upstream.apology = not finished
     return [] if finished else _apology_chunks(head, text)
 
 

@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import msgspec
+from msgspec import UNSET, UnsetType
 
 from llmgate.errors import logged_error, new_request_id
 
@@ -21,6 +22,7 @@ SUPERSEDED = "superseded"  # the log's error for a turn a newer one on its chann
 META_VALUE_CHARS = 200
 META_TOTAL_CHARS = 2048
 _encode = msgspec.json.Encoder().encode
+_to_builtins = msgspec.to_builtins
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 
@@ -72,7 +74,7 @@ class Turn:
         self.usage: dict[str, Any] | None = None
         self.finish_reason: str | None = None
         self.metadata: dict[str, Any] = {}
-        self.notes: dict[str, dict[str, Any]] | None = None
+        self.notes: Notes | None = None
 
     def end(self, status: int, error: str | None = None) -> None:
         """The one place a turn's outcome is recorded (200 until something else is)."""
@@ -95,11 +97,11 @@ class Turn:
         if isinstance(usage, dict):
             self.usage = _add_usage(self.usage, usage)
 
-    def note(self, stage: str, **fields: Any) -> None:
-        """A stage's own fields for the log line, under the stage's name."""
+    def noted(self) -> Notes:
+        """What the stages record of this turn (made on first use: a plain turn has none)."""
         if self.notes is None:
-            self.notes = {}
-        self.notes.setdefault(stage, {}).update(fields)
+            self.notes = Notes()
+        return self.notes
 
     def fields(self) -> dict[str, Any]:
         """The log line's fields. Never message text, never a key."""
@@ -127,8 +129,8 @@ class Turn:
             }
         if self.error:
             out["error"] = self.error
-        if self.notes:
-            out.update(self.notes)
+        if self.notes is not None:
+            out.update(self.notes.fields())
         if self.metadata:
             out["metadata"] = bounded(self.metadata)
         return out
@@ -136,6 +138,83 @@ class Turn:
     def log(self) -> None:
         if log.isEnabledFor(logging.INFO):
             log.info("turn", extra={"turn": self.fields()})
+
+
+# What the stages record of a turn, typed: metrics read these fields and the log line
+# prints them, so neither depends on the other's spelling. UNSET: not recorded (left out
+# of the line), where None is a recorded "none".
+
+
+class _Note(msgspec.Struct, kw_only=True):
+    pass
+
+
+class AttemptNote(_Note):
+    target: str
+    ms: float
+    error: str | UnsetType = UNSET  # a logged error code, or "cancelled"
+
+
+class UpstreamNote(_Note):
+    alias: str | UnsetType = UNSET  # on a plan of several targets, or an alias
+    attempts: list[AttemptNote] | UnsetType = UNSET
+    hedges: int | UnsetType = UNSET
+    apology: bool | UnsetType = UNSET  # on_stream_error: whether it was said
+
+
+class RagNote(_Note):
+    retrieval_ms: float | UnsetType = UNSET
+    hits: int | UnsetType = UNSET
+    top_score: float | UnsetType | None = UNSET
+    error: str | UnsetType = UNSET  # the search failed: its class name
+    waiting: bool | UnsetType = UNSET  # the waiting phrase was said
+
+
+class ToolCallNote(_Note):
+    name: str
+    round: int
+    ok: bool
+    ms: float | UnsetType = UNSET
+    server: str | UnsetType = UNSET  # an MCP tool's [tools.NAME]
+    error: str | UnsetType = UNSET
+
+
+class ToolsNote(_Note):
+    calls: list[ToolCallNote] = msgspec.field(default_factory=list)
+    rounds: int | UnsetType = UNSET
+    not_run: int | UnsetType = UNSET  # calls over a round's max_tool_calls
+    filler: bool | UnsetType = UNSET
+
+
+class AudioNote(_Note):
+    engine: str
+    first_audio_ms: float | None
+    audio_s: float
+
+
+class SpeechNote(_Note):
+    dropped_chars: int
+
+
+class Notes:
+    """One per turn that has stages or several targets; each stage fills its own."""
+
+    __slots__ = ("audio", "rag", "speech", "tools", "upstream")
+
+    def __init__(self) -> None:
+        self.upstream = UpstreamNote()
+        self.rag = RagNote()
+        self.tools: ToolsNote | None = None
+        self.audio: AudioNote | None = None
+        self.speech: SpeechNote | None = None
+
+    def fields(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name in ("upstream", "rag", "tools", "audio", "speech"):
+            note = getattr(self, name)
+            if note is not None and (shown := _to_builtins(note)):
+                out[name] = shown
+        return out
 
 
 def _ms(seconds: float | None) -> float | None:

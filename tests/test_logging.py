@@ -10,7 +10,7 @@ import logging
 import pytest
 
 from llmgate.obs.logging import FLUSH_S, _BatchingHandler, _Formatter, setup
-from llmgate.turn import Turn
+from llmgate.turn import SpeechNote, Turn
 
 
 def record(turn: Turn, exc: BaseException | None = None) -> logging.LogRecord:
@@ -127,6 +127,9 @@ def test_usage_adds_up_across_rounds_and_the_last_finish_reason_stands():
 
 def test_stages_note_their_fields_under_their_name():
     turn = Turn("/chat/completions")
-    turn.note("speech", dropped_chars=3)
-    turn.note("speech", sentences=2)
-    assert turn.fields()["speech"] == {"dropped_chars": 3, "sentences": 2}
+    turn.noted().speech = SpeechNote(dropped_chars=3)
+    turn.noted().rag.waiting = True
+    fields = turn.fields()
+    assert fields["speech"] == {"dropped_chars": 3}
+    assert fields["rag"] == {"waiting": True}  # what was not recorded is left out
+    assert "tools" not in fields and "upstream" not in fields

@@ -13,7 +13,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from llmgate.server.handlers import MetricsPage
 from tests.conftest import API_KEY, eventually
+from tests.test_rag import kb_path  # noqa: F401 (fixture)
 from tests.test_resilience import backup, providers, streamed  # noqa: F401 (fixture)
+from tests.test_tools import CITY, service  # noqa: F401 (fixture)
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -180,12 +182,13 @@ async def test_model_first_token_apart_from_a_waiting_phrase(make_gateway, conne
 
 def test_an_mcp_call_is_counted_under_its_server_section():
     from llmgate.obs import metrics
-    from llmgate.turn import Turn
+    from llmgate.turn import ToolCallNote, ToolsNote, Turn
 
     turn = Turn("/tools/chat/completions")
-    turn.note("tools", calls=[
-        {"name": "lookup_customer", "server": "crm", "ok": True},  # an MCP server's tool
-        {"name": "weather", "ok": False},  # an HTTP tool: its section is its name
+    turn.noted().tools = ToolsNote(calls=[
+        # an MCP server's tool
+        ToolCallNote(name="lookup_customer", round=1, server="crm", ok=True),
+        ToolCallNote(name="weather", round=1, ok=False),  # an HTTP tool: its section is its name
     ])
     names = metrics.Names(set(), {"crm", "weather"})
     sample = metrics.TOOL_CALLS.labels("crm", "ok")._value.get()
@@ -193,3 +196,41 @@ def test_an_mcp_call_is_counted_under_its_server_section():
     metrics.observe(turn, names)
     assert metrics.TOOL_CALLS.labels("crm", "ok")._value.get() == sample + 1
     assert metrics.TOOL_CALLS.labels("other", "ok")._value.get() == other
+
+
+async def test_every_stage_metric_is_read_from_its_turn(
+    make_gateway, upstream, connect, kb_path, service, tmp_path  # noqa: F811
+):
+    """Retrieval time, tool calls and first audio are read from the turn's typed notes:
+    one turn on each stage's route moves each one (a note renamed or left unset fails)."""
+    (tmp_path / "hi.pcm").write_bytes(b"\0\1" * 8000)
+    (tmp_path / "hi.txt").write_text("Hello.\n")
+    gateway = await make_gateway(
+        kb={"shop": {"path": str(kb_path)}},
+        rag={"shop": {"kb": "shop"}},
+        tools={"weather": {"kind": "http", "url": service.url + "weather",
+                           "parameters": CITY}},
+        audio={"hi": {"engine": "file", "pcm_file": str(tmp_path / "hi.pcm"),
+                      "text_file": str(tmp_path / "hi.txt"), "pace": False}},
+        routes=[
+            {"path": "/rag/chat/completions", "rag": "shop"},
+            {"path": "/tools/chat/completions", "tools": ["weather"]},
+            {"path": "/audio/chat/completions", "audio": "hi"},
+        ],
+    )
+    before = await scrape(gateway)
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    messages = [{"role": "user", "content": "Do you ship to Canada?"}]
+    async with aiohttp.ClientSession() as session:
+        for path, model in [("/rag", "text"), ("/tools", "use-tools-weather"), ("/audio", "text")]:
+            body = {"model": model, "stream": True, "messages": messages}
+            async with session.post(
+                gateway.make_url(path + "/chat/completions"), json=body, headers=headers
+            ) as resp:
+                assert resp.status == 200
+                assert (await resp.read()).endswith(b"data: [DONE]\n\n")
+    after = await scrape(gateway)
+    assert delta(before, after, "llmgate_retrieval_seconds_count",
+                 route="/rag/chat/completions") == 1
+    assert delta(before, after, "llmgate_tool_calls_total", tool="weather", outcome="ok") == 1
+    assert delta(before, after, "llmgate_time_to_first_audio_seconds_count", engine="file") == 1

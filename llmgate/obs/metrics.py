@@ -28,7 +28,7 @@ from prometheus_client import (
 )
 
 if TYPE_CHECKING:
-    from llmgate.turn import Turn
+    from llmgate.turn import Notes, Turn
 
 MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -167,38 +167,34 @@ def observe(turn: Turn, names: Names) -> None:
             count = usage.get(f"{kind}_tokens")
             if type(count) is int and count > 0:
                 TOKENS.labels(provider, kind).inc(count)
-    if turn.notes:
-        _notes(turn, names)
+    if turn.notes is not None:
+        _notes(turn, turn.notes, names)
 
 
-def _notes(turn: Turn, names: Names) -> None:
-    notes = turn.notes or {}
-    upstream = notes.get("upstream")
-    if upstream and "alias" in upstream:
-        alias = names.model(upstream["alias"])
-        attempts = upstream.get("attempts") or []
-        if turn.status == 200 and len(attempts) > 1 and "error" in attempts[0]:
+def _notes(turn: Turn, notes: Notes, names: Names) -> None:
+    upstream = notes.upstream
+    if isinstance(upstream.alias, str) and isinstance(upstream.attempts, list):
+        alias = names.model(upstream.alias)
+        attempts = upstream.attempts
+        if turn.status == 200 and len(attempts) > 1 and attempts[0].error:
             FALLBACKS.labels(alias).inc()
-        if upstream.get("hedges"):
-            HEDGES.labels(alias).inc(upstream["hedges"])
+        if upstream.hedges:
+            HEDGES.labels(alias).inc(upstream.hedges)
         for attempt in attempts:
-            error = attempt.get("error")
-            if error and error != "cancelled":
-                target = str(attempt.get("target", ""))
-                ATTEMPT_FAILURES.labels(target.partition("/")[0], _code(error)).inc()
-    rag = notes.get("rag")
-    if rag and isinstance(rag.get("retrieval_ms"), int | float):
-        RETRIEVAL.labels(turn.route).observe(rag["retrieval_ms"] / 1000)
-    tools = notes.get("tools")
-    if tools:
-        for call in tools.get("calls") or ():
-            outcome = "ok" if call.get("ok") else "error"
+            if attempt.error and attempt.error != "cancelled":
+                provider = attempt.target.partition("/")[0]
+                ATTEMPT_FAILURES.labels(provider, _code(attempt.error)).inc()
+    if isinstance(notes.rag.retrieval_ms, float | int):
+        RETRIEVAL.labels(turn.route).observe(notes.rag.retrieval_ms / 1000)
+    if notes.tools is not None:
+        for call in notes.tools.calls:
             # an MCP call under its [tools.NAME] (the server's own tool names are its to
             # choose, and to change: not a bounded label)
-            TOOL_CALLS.labels(names.tool(call.get("server") or call.get("name")), outcome).inc()
-    audio = notes.get("audio")
-    if audio and isinstance(audio.get("first_audio_ms"), int | float):
-        FIRST_AUDIO.labels(str(audio.get("engine"))).observe(audio["first_audio_ms"] / 1000)
+            section = call.server if isinstance(call.server, str) else call.name
+            TOOL_CALLS.labels(names.tool(section), "ok" if call.ok else "error").inc()
+    audio = notes.audio
+    if audio is not None and audio.first_audio_ms is not None:
+        FIRST_AUDIO.labels(audio.engine).observe(audio.first_audio_ms / 1000)
 
 
 _CODES = {

@@ -31,6 +31,7 @@ from llmgate.tts.base import Engine, EngineError
 from llmgate.tts.file import FileEngine
 from llmgate.tts.pcm import Framer, Resampler, frame_size
 from llmgate.tts.sentences import SentenceSplitter
+from llmgate.turn import AudioNote
 from llmgate.upstream.call import model_audio
 
 _END = object()
@@ -91,7 +92,7 @@ class AudioStage:
                 await end_task(reader)
                 for synthesis in syntheses:  # a barge-in: no engine keeps working
                     await end_task(synthesis.task)
-                ask.turn.note("audio", **speech.fields(self.engine.name))
+                ask.turn.noted().audio = speech.note(self.engine.name)
 
         return call
 
@@ -175,7 +176,7 @@ class AudioStage:
         finally:
             if synthesis is not None:
                 await end_task(synthesis.task)
-            ask.turn.note("audio", **speech.fields(self.engine.name))
+            ask.turn.noted().audio = speech.note(self.engine.name)
 
 
 def unspoken(engine: str, exc: EngineError) -> ApiError:
@@ -314,12 +315,9 @@ class _Speech:
         self.sent += len(frame)
         return self.chunk({"data": base64.b64encode(frame).decode()})
 
-    def fields(self, engine: str) -> dict[str, Any]:
-        return {
-            "engine": engine,
-            "first_audio_ms": self.first_audio_ms,
-            "audio_s": round(self.sent / self.bytes_per_s, 3),
-        }
+    def note(self, engine: str) -> AudioNote:
+        audio_s = round(self.sent / self.bytes_per_s, 3)
+        return AudioNote(engine=engine, first_audio_ms=self.first_audio_ms, audio_s=audio_s)
 
 
 def _split(piece: Piece) -> tuple[str, _Upstream | None, Piece | None]:

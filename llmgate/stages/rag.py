@@ -84,7 +84,8 @@ class RagStage:
                     await end_task(search)
             top = round(hits[0].score, 3) if hits else None
             elapsed = round((time.monotonic() - started) * 1000, 2)
-            ask.turn.note("rag", retrieval_ms=elapsed, hits=len(hits), top_score=top)
+            note = ask.turn.noted().rag
+            note.retrieval_ms, note.hits, note.top_score = elapsed, len(hits), top
             _insert(ask.body["messages"], self._system_message(hits))
             async with aclosing(inner(ask)) as items:
                 while filler:  # no answer yet: the phrase goes out if none comes in time
@@ -122,7 +123,7 @@ class RagStage:
                 log.error("rag: kb '%s' cannot be searched: %s", self.retriever.name, exc)
             else:
                 log.error("rag: kb '%s' search failed", self.retriever.name, exc_info=True)
-            ask.turn.note("rag", error=type(exc).__name__)
+            ask.turn.noted().rag.error = type(exc).__name__
             return []
 
     def _system_message(self, hits: list[Hit]) -> dict[str, Any]:
@@ -149,7 +150,7 @@ class RagStage:
     def _waiting(self, ask: Ask) -> Piece:
         """A whole chat.completion.chunk the openai SDKs parse, spoken like any answer."""
         phrase = next(self._phrases)
-        ask.turn.note("rag", waiting=True)
+        ask.turn.noted().rag.waiting = True
         return Piece.of(  # whole: spoken at once, not held for the answer's next word
             {
                 **own_head(ask),

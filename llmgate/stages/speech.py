@@ -22,6 +22,7 @@ from typing import Any
 from llmgate.pipeline import Ask, Call, Opened, Piece
 from llmgate.protocol import generic_decoder
 from llmgate.text.speakable import Speakable, SpeechOptions
+from llmgate.turn import SpeechNote
 
 SLICE = 8192  # characters cleaned in one go: about 10 ms of the event loop
 
@@ -60,7 +61,7 @@ class SpeechStage:
             finally:
                 dropped = sum(t.dropped for t in texts.values())
                 if dropped:
-                    ask.turn.note("speech", dropped_chars=dropped)
+                    ask.turn.noted().speech = SpeechNote(dropped_chars=dropped)
 
         return call
 

@@ -35,6 +35,7 @@ from contextlib import aclosing
 from typing import Any
 
 import jsonschema
+from msgspec import UNSET
 
 from llmgate.config import FillerConfig
 from llmgate.obs import tracing
@@ -42,6 +43,7 @@ from llmgate.pipeline import OPENED, Ask, Call, Opened, Piece, end_task, own_hea
 from llmgate.protocol import generic_decoder
 from llmgate.tools.base import Tool, ToolError
 from llmgate.tools.registry import Toolbox
+from llmgate.turn import ToolCallNote, ToolsNote
 
 log = logging.getLogger("llmgate.tools")
 _ARGS_SHOWN = 200  # characters of a bad argument string the model is shown
@@ -113,9 +115,7 @@ class ToolStage:
                 if answer.usage_wanted and answer.usage is not None:
                     yield answer.usage_piece()
             finally:
-                ask.turn.note("tools", calls=answer.calls_noted, rounds=answer.rounds)
-                if answer.not_run:
-                    ask.turn.note("tools", not_run=answer.not_run)
+                ask.turn.noted().tools = answer.note()
 
         return call
 
@@ -130,7 +130,7 @@ class ToolStage:
             if self.filler is not None and self.filler.phrases and answer.ask.stream:
                 _, pending = await asyncio.wait(tasks, timeout=self.filler.after_ms / 1000)
                 if pending:
-                    answer.ask.turn.note("tools", filler=True)
+                    answer.filler = True
                     yield answer.content_piece(next(self._phrases) + " ", whole=True)
             results = await asyncio.gather(*tasks)
         finally:
@@ -161,16 +161,15 @@ class ToolStage:
         except Exception as exc:  # a tool's own bug: the model hears a failure, never a trace
             log.error("tool %s failed (%s)", name, type(exc).__name__)
             error, result = type(exc).__name__, f"error: tool {name} failed"
-        noted: dict[str, Any] = {
-            "name": name,
-            "round": round_no + 1,
-            "ms": round((time.perf_counter() - started) * 1000, 1),
-            "ok": error is None,
-        }
-        if tool.spec.server:
-            noted["server"] = tool.spec.server  # the name is the server's, not config's
-        if error is not None:
-            noted["error"] = error[:200]
+        noted = ToolCallNote(
+            name=name,
+            round=round_no + 1,
+            ok=error is None,
+            ms=round((time.perf_counter() - started) * 1000, 1),
+            # an MCP tool's name is the server's, not config's: its section is noted too
+            server=tool.spec.server or UNSET,
+            error=UNSET if error is None else error[:200],
+        )
         if log.isEnabledFor(logging.DEBUG):
             log.debug("tool %s arguments %s", name, call["function"]["arguments"][:2000])
         answer.calls_noted.append(noted)
@@ -190,8 +189,9 @@ class _Answer:
         self.usage: dict[str, Any] | None = None
         self.usage_wanted = False
         self.round_usage: dict[str, Any] | None = None
-        self.calls_noted: list[dict[str, Any]] = []
+        self.calls_noted: list[ToolCallNote] = []
         self.not_run = 0  # calls of ours over the cap of their round, answered unrun
+        self.filler = False  # a filler phrase was said
         self.rounds = 0
         self.round_no = 0
         # The round's calls, by (the model's index, the how-many-th call at that index: a
@@ -335,11 +335,19 @@ class _Answer:
         """Whether the round ended in calls of ours alone (mixed: ours are dropped)."""
         if self._calls and self._theirs:
             for call in self._calls.values():
-                self.calls_noted.append(
-                    {"name": call["function"]["name"], "round": self.round_no + 1,
-                     "ok": False, "error": "dropped: the round had the caller's calls too"}
-                )
+                self.calls_noted.append(ToolCallNote(
+                    name=call["function"]["name"], round=self.round_no + 1, ok=False,
+                    error="dropped: the round had the caller's calls too",
+                ))
         return self._finished and self._ours_only() and not self._last
+
+    def note(self) -> ToolsNote:
+        return ToolsNote(
+            calls=self.calls_noted,
+            rounds=self.rounds,
+            not_run=self.not_run or UNSET,
+            filler=self.filler or UNSET,
+        )
 
     def our_calls(self) -> list[dict[str, Any]]:
         calls = [self._calls[key] for key in sorted(self._calls)]

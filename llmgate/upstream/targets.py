@@ -20,9 +20,12 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from msgspec import UNSET
+
 from llmgate.config import BreakerConfig
 from llmgate.errors import ApiError, UpstreamError, logged_error
 from llmgate.obs import metrics
+from llmgate.turn import AttemptNote
 
 if TYPE_CHECKING:
     from llmgate.turn import Turn
@@ -169,7 +172,7 @@ class Attempts:
         # hold this.
         self.failures: list[tuple[Target, int, str, float | None, tuple[str, str | None]]] = []
         self.hedges = 0
-        self._records: list[dict[str, Any]] = []
+        self._records: list[AttemptNote] = []
         self._started: dict[int, float] = {}
         self._begun: list[Target] = []  # begun, no verdict yet
         # Health matters where there is a choice: a one-target turn neither reads nor
@@ -252,20 +255,15 @@ class Attempts:
 
     def note(self) -> None:
         if self.plan.alias or len(self._records) > 1:
-            fields: dict[str, Any] = {"alias": self.plan.name, "attempts": self._records}
+            note = self.turn.noted().upstream
+            note.alias, note.attempts = self.plan.name, self._records
             if self.hedges:
-                fields["hedges"] = self.hedges
-            self.turn.note("upstream", **fields)
+                note.hedges = self.hedges
 
     def _record(self, target: Target, error: str | None = None) -> None:
         started = self._started.get(id(target), time.perf_counter())
-        record: dict[str, Any] = {
-            "target": target.name,
-            "ms": round((time.perf_counter() - started) * 1000, 1),
-        }
-        if error is not None:
-            record["error"] = error
-        self._records.append(record)
+        ms = round((time.perf_counter() - started) * 1000, 1)
+        self._records.append(AttemptNote(target=target.name, ms=ms, error=error or UNSET))
 
 
 def _order(targets: tuple[Target, ...]) -> list[Target]:
