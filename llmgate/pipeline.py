@@ -41,7 +41,7 @@ class Ask:
 
 
 class Piece:
-    __slots__ = ("data", "raw", "view", "whole")
+    __slots__ = ("data", "more", "raw", "view", "whole")
 
     def __init__(self, raw: bytes, data: bytes, view: ChunkView, whole: bool = False) -> None:
         self.raw = raw  # the SSE frame, `data: ...\n\n`, as the caller will get it
@@ -50,6 +50,9 @@ class Piece:
         # A phrase llmgate says itself (a waiting phrase, a filler, an apology): whole the
         # moment it is said, so a stage that cuts text into sentences speaks it at once.
         self.whole = whole
+        # More of the provider's chunks came in the same read and follow at once: the
+        # writer sends them together, one write for a read as on the plain route.
+        self.more = False
 
     @classmethod
     def of(cls, chunk: dict[str, Any], whole: bool = False) -> Piece:

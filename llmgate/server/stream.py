@@ -211,13 +211,21 @@ async def _fail(
 
 
 class Staged:
-    """A staged route's Call, read by the writer the way it reads a plain UpstreamCall."""
+    """A staged route's Call, read by the writer the way it reads a plain UpstreamCall.
 
-    __slots__ = ("_held", "_items", "finish_reason")
+    The pieces of one provider read go out in one write (`Piece.more`), as the plain
+    route's do: a write per chunk cost more than everything else a chunk costs. Should a
+    stage drop the last piece of a read, what was held is written as soon as the turn's
+    task waits, by a task of its own (never later than that)."""
+
+    __slots__ = ("_flushing", "_held", "_items", "_later", "_pending", "finish_reason")
 
     def __init__(self, items: AsyncIterator[Piece | Opened]) -> None:
         self._items = items
         self._held: Piece | None = None
+        self._pending: list[bytes] = []  # frames of a read whose last piece is still to come
+        self._later: asyncio.Handle | None = None
+        self._flushing: asyncio.Task | None = None
         self.finish_reason: str | None = None
 
     async def open(self) -> None:
@@ -228,20 +236,68 @@ class Staged:
             return
 
     async def relay(self, write: Write) -> bytes:
-        """Each piece in a write of its own."""
+        """The pieces, a read's together; what is held when the answer ends is returned,
+        for the writer's last write."""
         if self._held is not None:
             await self._write(self._held, write)
             self._held = None
         async for item in self._items:
             if isinstance(item, Piece):
                 await self._write(item, write)
-        return b""
+        await self._flushed()
+        rest, self._pending = b"".join(self._pending), []
+        self._cancel_later()
+        return rest
 
     async def _write(self, piece: Piece, write: Write) -> None:
         finish = piece.finish_reason
         if finish:
             self.finish_reason = finish
-        await write(piece.raw)
+        if piece.more or finish:  # (the end: [DONE] goes in the same write)
+            self._pending.append(piece.raw)
+            if self._later is None:
+                loop = asyncio.get_running_loop()
+                self._later = loop.call_soon(self._flush_later, write)
+            return
+        await self._flushed()
+        if self._pending:
+            self._cancel_later()
+            self._pending.append(piece.raw)
+            data, self._pending = b"".join(self._pending), []
+            await write(data)
+        else:
+            await write(piece.raw)
+
+    def _flush_later(self, write: Write) -> None:
+        """The turn's task waited with frames held: they go out now."""
+        self._later = None
+        if self._pending:
+            data, self._pending = b"".join(self._pending), []
+            self._flushing = asyncio.ensure_future(_after(self._flushing, write, data))
+
+    async def _flushed(self) -> None:
+        """A held write in flight is done before the next (their order is the stream's)."""
+        if self._flushing is not None:
+            flushing, self._flushing = self._flushing, None
+            await flushing
+
+    def _cancel_later(self) -> None:
+        if self._later is not None:
+            self._later.cancel()
+            self._later = None
 
     async def aclose(self) -> None:
+        self._cancel_later()
+        flushing, self._flushing = self._flushing, None
+        if flushing is not None:
+            flushing.cancel()  # the turn ends (a hang-up, a failure): its writes end too
+            await asyncio.wait({flushing})
+            if not flushing.cancelled():
+                flushing.exception()  # (seen: the caller was gone, say)
         await self._items.aclose()  # type: ignore[attr-defined]
+
+
+async def _after(before: asyncio.Task | None, write: Write, data: bytes) -> None:
+    if before is not None:
+        await before
+    await write(data)

@@ -215,6 +215,8 @@ class UpstreamCall:
                 view = self._view(payload)
                 ready.append(Piece(event.frame(), payload, view))
             tally.note([p.view for p in ready])
+            for piece in ready[:-1]:
+                piece.more = True
             if not done and tally.finish_reason is None and self._resp.content.at_eof():
                 # The stream's end came in this read too, unfinished: the same failure
                 # the writer would find one read later, before these chunks go on.

@@ -1,0 +1,99 @@
+"""A staged route sends the chunks of one provider read in one write, as the plain route
+does; and a stage that drops a read's last chunk holds nothing back."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from llmgate.server import stream
+from tests.conftest import API_KEY
+
+HEAD = {"id": "chatcmpl-x", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+
+
+def frame(delta: dict | None = None, finish: str | None = None, usage: dict | None = None):
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
+    chunk = {**HEAD, "choices": choices, **({"usage": usage} if usage else {})}
+    return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+
+class Upstream:
+    """Two reads: the first ends in a usage-only chunk (the tools stage drops it, to send
+    one summed usage at the end); the second waits until the test lets it go."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.app = web.Application()
+        self.app.router.add_post("/v1/chat/completions", self.handle)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        words = [frame({"role": "assistant", "content": ""}), frame({"content": "Hello"}),
+                 frame({"content": " there."})]
+        if body["model"] == "one-read":
+            await resp.write(b"".join([*words, frame({}, "stop"), b"data: [DONE]\n\n"]))
+            return resp
+        await resp.write(b"".join([*words, frame(usage={"prompt_tokens": 1})]))
+        await self.gate.wait()
+        await resp.write(frame({}, "stop") + b"data: [DONE]\n\n")
+        return resp
+
+
+@pytest.fixture
+async def staged(aiohttp_server, make_gateway):
+    upstream = Upstream()
+    server = await aiohttp_server(upstream.app)
+    gateway = await make_gateway(
+        providers={"up": {"base_url": str(server.make_url("/v1"))}},
+        tools={"lookup": {"kind": "http", "url": "http://127.0.0.1:9/lookup"}},
+        routes=[{"path": "/tools/chat/completions", "tools": ["lookup"]}],
+    )
+    return upstream, gateway
+
+
+def post(session, gateway, model: str):
+    body = {"model": model, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    return session.post(
+        gateway.make_url("/tools/chat/completions"), json=body,
+        headers={"Authorization": f"Bearer {API_KEY}"},
+    )
+
+
+async def test_one_read_is_one_write(staged, monkeypatch):
+    _, gateway = staged
+    writes: list[bytes] = []
+    real_write, real_eof = stream.SSEResponse.write, stream.SSEResponse.write_eof
+
+    async def write(self, data):
+        writes.append(data)
+        await real_write(self, data)
+
+    async def write_eof(self, data=b""):
+        writes.append(data)
+        await real_eof(self, data)
+
+    monkeypatch.setattr(stream.SSEResponse, "write", write)
+    monkeypatch.setattr(stream.SSEResponse, "write_eof", write_eof)
+    async with aiohttp.ClientSession() as session, post(session, gateway, "one-read") as resp:
+        raw = await resp.read()
+    assert raw.count(b"data: ") == 5 and raw.endswith(b"data: [DONE]\n\n")
+    assert [w for w in writes if w] == [raw]  # the role, two words, the finish and [DONE]: one write
+
+
+async def test_a_dropped_last_chunk_holds_nothing_back(staged):
+    upstream, gateway = staged
+    async with aiohttp.ClientSession() as session, post(session, gateway, "held") as resp:
+        seen = b""
+        async with asyncio.timeout(5):  # (held back, it would come only after the gate)
+            while b" there." not in seen:
+                seen += await resp.content.readany()
+        upstream.gate.set()
+        rest = await resp.read()
+    assert (seen + rest).endswith(b"data: [DONE]\n\n")
