@@ -19,7 +19,9 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from llmgate.protocol import ChunkView, encoder, view_decoder
+import msgspec
+
+from llmgate.protocol import ChunkView, encoder, generic_decoder, view_decoder
 
 if TYPE_CHECKING:
     import aiohttp
@@ -41,12 +43,25 @@ class Ask:
 
 
 class Piece:
-    __slots__ = ("data", "more", "raw", "view", "whole")
+    """One chunk of the answer. A provider's is decoded once, into its small `view`; one a
+    stage made keeps the dict it was made from, so the next stage that changes it does not
+    decode what was just encoded (`decoded()`), and its view is decoded only if asked for."""
 
-    def __init__(self, raw: bytes, data: bytes, view: ChunkView, whole: bool = False) -> None:
+    __slots__ = ("_chunk", "_finish", "_view", "data", "more", "raw", "whole")
+
+    def __init__(
+        self,
+        raw: bytes,
+        data: bytes,
+        view: ChunkView | None,
+        whole: bool = False,
+        chunk: dict[str, Any] | None = None,
+    ) -> None:
         self.raw = raw  # the SSE frame, `data: ...\n\n`, as the caller will get it
         self.data = data  # its JSON payload
-        self.view = view
+        self._view = view
+        self._chunk = chunk
+        self._finish: str | None = None
         # A phrase llmgate says itself (a waiting phrase, a filler, an apology): whole the
         # moment it is said, so a stage that cuts text into sentences speaks it at once.
         self.whole = whole
@@ -58,14 +73,40 @@ class Piece:
     def of(cls, chunk: dict[str, Any], whole: bool = False) -> Piece:
         """A piece for a chunk a stage made or changed."""
         data = encoder.encode(chunk)
-        return cls(b"data: " + data + b"\n\n", data, view_decoder.decode(data), whole)
+        piece = cls(b"data: " + data + b"\n\n", data, None, whole, chunk)
+        for choice in chunk.get("choices") or ():
+            if isinstance(choice, dict) and choice.get("finish_reason"):
+                piece._finish = choice["finish_reason"]
+                break
+        return piece
+
+    @property
+    def view(self) -> ChunkView:
+        if self._view is None:
+            # from the dict it was made from while this piece still holds it: no JSON parse
+            chunk = self._chunk
+            view = view_decoder.decode(self.data) if chunk is None else _as_view(chunk)
+            self._view = view
+        return self._view
+
+    def decoded(self) -> dict[str, Any]:
+        """The chunk as a dict the caller may change: the one a stage made it from (handed
+        over once), else decoded from its bytes."""
+        chunk, self._chunk = self._chunk, None
+        return chunk if chunk is not None else generic_decoder.decode(self.data)
 
     @property
     def finish_reason(self) -> str | None:
-        for choice in self.view.choices:
+        if self._view is None:
+            return self._finish
+        for choice in self._view.choices:
             if choice.finish_reason:
                 return choice.finish_reason
         return None
+
+
+def _as_view(chunk: dict[str, Any]) -> ChunkView:
+    return msgspec.convert(chunk, ChunkView)
 
 
 class Opened:

@@ -83,8 +83,10 @@ async def test_one_read_is_one_write(staged, monkeypatch):
     monkeypatch.setattr(stream.SSEResponse, "write_eof", write_eof)
     async with aiohttp.ClientSession() as session, post(session, gateway, "one-read") as resp:
         raw = await resp.read()
-    assert raw.count(b"data: ") == 5 and raw.endswith(b"data: [DONE]\n\n")
-    assert [w for w in writes if w] == [raw]  # the role, two words, the finish and [DONE]: one write
+    assert raw.count(b"data: ") == 5
+    assert raw.endswith(b"data: [DONE]\n\n")
+    # the role, two words, the finish and [DONE]: one write
+    assert [w for w in writes if w] == [raw]
 
 
 async def test_a_dropped_last_chunk_holds_nothing_back(staged):
@@ -97,3 +99,46 @@ async def test_a_dropped_last_chunk_holds_nothing_back(staged):
         upstream.gate.set()
         rest = await resp.read()
     assert (seen + rest).endswith(b"data: [DONE]\n\n")
+
+
+class _Counting:
+    def __init__(self, decoder, seen: list[bytes]) -> None:
+        self._decoder, self._seen = decoder, seen
+
+    def decode(self, data):
+        self._seen.append(bytes(data))
+        return self._decoder.decode(data)
+
+
+async def test_a_chunk_is_decoded_once_on_an_audio_and_speech_route(
+    make_gateway, upstream, monkeypatch
+):
+    """What a stage made is not decoded again by the next (a chunk was decoded up to four
+    times on its way through speech and audio), and an audio frame not at all."""
+    import llmgate.pipeline
+    import llmgate.stages.audio
+    import llmgate.stages.speech
+    import llmgate.upstream.call
+
+    seen: list[bytes] = []
+    for module in (llmgate.pipeline, llmgate.stages.audio, llmgate.stages.speech,
+                   llmgate.upstream.call):
+        for name in ("generic_decoder", "view_decoder"):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, _Counting(getattr(module, name), seen))
+    gateway = await make_gateway(
+        audio={"voice": {"engine": "piper", "pace": False}},
+        routes=[{"path": "/voice/chat/completions", "audio": "voice", "speech": True}],
+    )
+    body = {"model": "markdown", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    async with aiohttp.ClientSession() as session, session.post(
+        gateway.make_url("/voice/chat/completions"), json=body,
+        headers={"Authorization": f"Bearer {API_KEY}"},
+    ) as resp:
+        raw = await resp.read()
+    assert raw.count(b'"data":') > 10  # it spoke
+    provider = [d for d in seen if d.startswith(b'{"id": "chatcmpl-fake"')]
+    chunks = len(upstream_chunks := set(provider))
+    assert chunks > 5 and upstream_chunks
+    assert len(seen) <= 2 * chunks, len(seen)  # its view, and at most one dict for stages
+    assert set(seen) == upstream_chunks  # nothing a stage made is parsed again

@@ -26,7 +26,6 @@ from llmgate.config import AudioConfig
 from llmgate.errors import ApiError
 from llmgate.obs import tracing
 from llmgate.pipeline import OPENED, Ask, Call, Opened, Piece, end_task, own_head
-from llmgate.protocol import generic_decoder
 from llmgate.tts.base import Engine, EngineError
 from llmgate.tts.file import FileEngine
 from llmgate.tts.pcm import Framer, Resampler, frame_size
@@ -334,7 +333,7 @@ def _split(piece: Piece) -> tuple[str, _Upstream | None, Piece | None]:
         audio = audio or isinstance(c.delta.audio, dict)
     if not texts and not audio:
         return "", None, piece
-    chunk = generic_decoder.decode(piece.data)
+    chunk = piece.decoded()
     keep = bool(chunk.get("usage"))
     transcript, pcm = "", b""
     for choice in chunk.get("choices") or ():

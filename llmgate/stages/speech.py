@@ -20,7 +20,6 @@ from contextlib import aclosing
 from typing import Any
 
 from llmgate.pipeline import Ask, Call, Opened, Piece
-from llmgate.protocol import generic_decoder
 from llmgate.text.speakable import Speakable, SpeechOptions
 from llmgate.turn import SpeechNote
 
@@ -95,7 +94,7 @@ def _spoken(piece: Piece, texts: dict[int, Speakable], options: SpeechOptions) -
         return piece
     if _only_text(piece) and not any(changed.values()):
         return None  # a delta of nothing but markup: nothing to send
-    chunk = generic_decoder.decode(piece.data)
+    chunk = piece.decoded()
     for choice in chunk.get("choices") or ():
         index = choice.get("index", 0)
         if index in changed:
@@ -119,7 +118,7 @@ _Leading = list[tuple[int, Any, str]]  # (choice index, its role or None, text)
 def _cut_off(piece: Piece) -> tuple[dict[str, Any], _Leading, Piece]:
     """A delta too long to clean at once: its chunk's head, each long content but its last
     slice (with the role, which goes first), and the piece left with those last slices."""
-    chunk = generic_decoder.decode(piece.data)
+    chunk = piece.decoded()
     head = {k: v for k, v in chunk.items() if k not in ("choices", "usage")}
     leading: _Leading = []
     for choice in chunk.get("choices") or ():
@@ -161,7 +160,7 @@ def _held(piece: Piece, texts: dict[int, Speakable]) -> Piece | None:
     ]
     if not choices:
         return None
-    chunk = generic_decoder.decode(piece.data)
+    chunk = piece.decoded()
     head = {k: chunk[k] for k in ("id", "object", "created", "model") if k in chunk}
     return Piece.of({**head, "choices": choices})
 

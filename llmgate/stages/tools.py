@@ -40,7 +40,6 @@ from msgspec import UNSET
 from llmgate.config import FillerConfig
 from llmgate.obs import tracing
 from llmgate.pipeline import OPENED, Ask, Call, Opened, Piece, end_task, own_head
-from llmgate.protocol import generic_decoder
 from llmgate.tools.base import Tool, ToolError
 from llmgate.tools.registry import Toolbox
 from llmgate.turn import ToolCallNote, ToolsNote
@@ -234,7 +233,7 @@ class _Answer:
                 c.delta is not None and c.delta.role for c in view.choices
             )
             return piece
-        chunk = generic_decoder.decode(piece.data)
+        chunk = piece.decoded()
         if self.head is not None:
             chunk.update(self.head)
         if "usage" in chunk:
