@@ -17,16 +17,16 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from llmgate.bargein import CHANNELS, Channels
 from llmgate.config import Config, KbConfig, Loaded, RouteConfig, ServerConfig
 from llmgate.obs import metrics, tracing
 from llmgate.obs.metrics import Names
 from llmgate.pipeline import Call, Stage, compose
 from llmgate.server.auth import Key, KeyCheck, Rule
 from llmgate.server.handlers import ChatCompletions, MetricsPage, ModelList, Settings, healthz
-from llmgate.server.limits import LocalLimits, default_global_max
+from llmgate.server.limits import default_global_max
 from llmgate.server.middleware import error_envelopes
 from llmgate.server.serve import IN_FLIGHT
+from llmgate.state import STATE, State, state_ctx, state_for
 from llmgate.upstream import catalog
 from llmgate.upstream.client import SESSION, client_session
 from llmgate.upstream.failover import provider_call
@@ -46,7 +46,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class Generation:
     """What one reading of the config serves, from its start to its last turn's end."""
 
-    def __init__(self, loaded: Loaded, limits: LocalLimits, in_flight: set) -> None:
+    def __init__(self, loaded: Loaded, state: State, in_flight: set) -> None:
         config = loaded.config
         self.in_flight = in_flight  # every generation's turns' tasks (server.serve's drain)
         self.loaded = loaded
@@ -55,10 +55,10 @@ class Generation:
             name: Provider(name, provider, loaded.unset_env.get(name, ()))
             for name, provider in config.providers.items()
         }
-        self.router = Router(providers, config.models)  # type: ignore[arg-type]
+        self.router = Router(providers, config.models, state.board)  # type: ignore[arg-type]
         self.settings = Settings(
             keys=_keys(config.server, self.router),
-            limits=limits,
+            limits=state.limits,
             max_body=max_body,
             keepalive_s=config.server.keepalive_s,
             apology=config.server.apology if config.server.on_stream_error == "apology" else None,
@@ -183,15 +183,16 @@ LIVE = web.AppKey("live", Live)
 
 
 def create_app(loaded: Loaded) -> web.Application:
-    limits = LocalLimits(_global_max(loaded.config))
+    state = state_for(loaded.config, _global_max(loaded.config))
     in_flight: set[asyncio.Task] = set()
-    generation = Generation(loaded, limits, in_flight)
+    generation = Generation(loaded, state, in_flight)
     # The handler reads a body itself, bounded by its generation's server.max_body_mb.
     app = web.Application(middlewares=[error_envelopes])
     live = app[LIVE] = Live(generation)
-    app[CHANNELS] = Channels()
+    app[STATE] = state
     app[IN_FLIGHT] = in_flight
     app.cleanup_ctx.append(client_session)
+    app.cleanup_ctx.append(state_ctx)
     app.on_startup.append(lambda app: live.current.start(app[SESSION]))
     if loaded.config.server.metrics:
         app.on_startup.append(_count_start)
@@ -210,15 +211,15 @@ async def reload(app: web.Application, loaded: Loaded) -> None:
     reload at a time: a second SIGHUP waits for the first, so the last file read wins."""
     live = app[LIVE]
     async with live.reloading:
-        limits = live.current.settings.limits
-        new = Generation(loaded, limits, app[IN_FLIGHT])  # type: ignore[arg-type]
+        state = app[STATE]
+        new = Generation(loaded, state, app[IN_FLIGHT])
         try:
             await new.start(app[SESSION])
         except BaseException:
             await new.aclose()
             raise
         old, live.current = live.current, new
-        limits.max_concurrent = _global_max(loaded.config)  # type: ignore[attr-defined]
+        state.limits.max_concurrent = _global_max(loaded.config)
         old.retire()
 
 

@@ -92,7 +92,7 @@ def test_requests_per_minute_on_a_clock():
             asyncio.run(limits.admit(caller))
         except Exception as exc:
             return int(exc.headers["Retry-After"])  # type: ignore[attr-defined]
-        limits.release(caller)
+        asyncio.run(limits.release(caller))
         return None
 
     assert [admit() for _ in range(4)] == [None] * 4  # a minute's budget at once

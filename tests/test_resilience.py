@@ -273,7 +273,8 @@ def test_health_circuit_states_on_a_clock():
     now = [0.0]
     from llmgate.upstream.targets import Health
 
-    health = Health("p", BreakerConfig(failures=3, window_s=10, cooldown_s=5), lambda: now[0])
+    breaker = BreakerConfig(failures=3, window_s=10, cooldown_s=5)
+    health = Health("p", breaker, clock=lambda: now[0])
     failure = UpstreamUnavailable("down")
     for t in (0, 11, 12):  # the first fell out of the window
         now[0] = t
@@ -284,11 +285,11 @@ def test_health_circuit_states_on_a_clock():
     assert health.state == "open" and not health.usable()
     now[0] = 18
     assert health.usable() and health.state == "half_open"
-    health.begin()
+    assert asyncio.run(health.begin())
     assert not health.usable()  # one probe at a time
     health.abandoned()  # its caller hung up: no verdict, another may probe
     assert health.usable()
-    health.begin()
+    asyncio.run(health.begin())
     health.succeeded()
     assert health.state == "closed" and health.usable()
     limited = UpstreamStatus(429, "slow down", headers={"Retry-After": "2"})

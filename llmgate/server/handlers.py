@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import msgspec
 from aiohttp import web
 
-from llmgate.bargein import CHANNELS
 from llmgate.config import is_loopback
 from llmgate.errors import ApiError, UpstreamTimeout, caller_error
 from llmgate.obs import metrics, tracing
@@ -23,6 +22,7 @@ from llmgate.server.collect import collect
 from llmgate.server.limits import LimitState
 from llmgate.server.serve import SHUTDOWN
 from llmgate.server.stream import Staged, require_finish, shutting_down, stream_answer
+from llmgate.state import STATE
 from llmgate.turn import CLIENT_CLOSED, Turn
 from llmgate.upstream.call import UpstreamCall
 from llmgate.upstream.client import SESSION
@@ -110,11 +110,11 @@ class ChatCompletions:
         settings = self.settings
         caller = settings.keys(request)
         turn.key = caller.name
-        await settings.limits.admit(caller)  # a 429 here, before any upstream work
+        slot = await settings.limits.admit(caller)  # a 429 here, before any upstream work
         try:
             return await self._admitted(request, turn, settings, caller)
         finally:
-            settings.limits.release(caller)
+            await settings.limits.release(slot)
 
     async def _admitted(
         self, request: web.Request, turn: Turn, settings: Settings, caller: Caller
@@ -135,8 +135,8 @@ class ChatCompletions:
         turn.stream = bool(chat.stream)
         upstream_body, turn.metadata = build(raw, target.model, plan.forward)
         session = request.app[SESSION]
-        channels = request.app[CHANNELS]
-        channel = channels.enter(turn)
+        channels = request.app[STATE].channels
+        channel = await channels.enter(turn)
         apology = settings.apology if chat.stream else None
         try:
             # A plain route relays one target's bytes; several targets (an alias) are read
@@ -173,7 +173,7 @@ class ChatCompletions:
             turn.mark_first_token()
             return _json(turn, answer)
         finally:
-            channels.leave(channel, turn)
+            await channels.leave(channel, turn)
 
 
 @contextlib.asynccontextmanager

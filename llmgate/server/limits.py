@@ -1,8 +1,9 @@
 """Limits per caller key: streams in flight and requests per minute, and streams in flight
 in all; over a limit, a 429 with Retry-After before any upstream work.
 
-The state lives behind `LimitState` (two calls: `admit` and `release`), kept in this process
-by `LocalLimits`; several replicas would share one kept elsewhere (Redis, say).
+The state lives behind `LimitState` (two calls: `admit`, which gives a slot, and `release`),
+kept in this process by `LocalLimits`, or shared by several through Redis
+(`llmgate.state.redis`).
 
 Requests per minute are a GCRA (the generic cell rate algorithm, as in redis-cell): each
 key keeps one time, when its budget is next whole; a burst of N is let through at once,
@@ -17,7 +18,7 @@ import math
 import resource
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from llmgate.errors import ApiError
 from llmgate.server.auth import Caller
@@ -26,11 +27,15 @@ WINDOW_S = 60.0
 
 
 class LimitState(Protocol):
-    async def admit(self, caller: Caller) -> None:
-        """Take a slot for `caller`, or raise a 429 ApiError saying when to come back."""
+    max_concurrent: int  # streams in flight in this process, its most (a reload may change it)
 
-    def release(self, caller: Caller) -> None:
-        """Give back the slot `admit` took (the turn ended, however it ended)."""
+    async def admit(self, caller: Caller) -> Any:
+        """Take a slot for `caller` (returned, for `release`), or raise a 429 ApiError
+        saying when to come back."""
+
+    async def release(self, slot: Any) -> None:
+        """Give back a slot `admit` gave (the turn ended, however it ended); never waits
+        on a shared store."""
 
 
 class LocalLimits:
@@ -43,10 +48,20 @@ class LocalLimits:
         self._in_flight: dict[str, int] = {}
         self._full_at: dict[str, float] = {}  # name -> when its budget is whole again (GCRA)
 
-    async def admit(self, caller: Caller) -> None:
+    async def admit(self, caller: Caller) -> Caller:
+        self.check(caller)
+        self.take(caller)
+        return caller
+
+    def check(self, caller: Caller, in_flight: bool = True) -> None:
+        """A 429 if `caller` may not start a stream now, else its request is counted against
+        its rate (with `in_flight` False, only this process's own bound is looked at: a
+        shared store counts the rest)."""
         name, rule = caller.name, caller.rule
         if self.active >= self.max_concurrent:
             raise _limited(f"llmgate has {self.active} streams in flight, its most", 1)
+        if not in_flight:
+            return
         most = rule.max_concurrent
         if most is not None and self._in_flight.get(name, 0) >= most:
             raise _limited(f"key '{name}' has {most} streams in flight, its most", 1)
@@ -60,10 +75,15 @@ class LocalLimits:
                     f"key '{name}' is over its {rate} requests a minute", full_at - WINDOW_S - now
                 )
             self._full_at[name] = full_at
-        self._in_flight[name] = self._in_flight.get(name, 0) + 1
+
+    def take(self, caller: Caller) -> None:
+        self._in_flight[caller.name] = self._in_flight.get(caller.name, 0) + 1
         self.active += 1
 
-    def release(self, caller: Caller) -> None:
+    async def release(self, slot: Caller) -> None:
+        self.give_back(slot)
+
+    def give_back(self, caller: Caller) -> None:
         self.active -= 1
         left = self._in_flight[caller.name] - 1
         if left:

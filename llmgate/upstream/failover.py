@@ -80,7 +80,7 @@ async def _attempt(ask: Ask, target: Target) -> AsyncIterator[Piece | Opened]:
 
 async def _one(ask: Ask, attempts: Attempts, won: _Won) -> AsyncIterator[Piece | Opened]:
     """A plan of one target: no tasks, no race."""
-    target = attempts.next()
+    target = await attempts.next()
     assert target is not None
     pieces = _attempt(ask, target)
     try:
@@ -113,9 +113,9 @@ async def _race(ask: Ask, attempts: Attempts, won: _Won) -> AsyncIterator[Piece 
     racing: dict[asyncio.Task, tuple[Target, AsyncIterator[Piece | Opened]]] = {}
     hedge_at = 0.0
 
-    def start() -> bool:
+    async def start() -> bool:
         nonlocal hedge_at
-        target = attempts.next()
+        target = await attempts.next()
         if target is None:
             return False
         pieces = _attempt(ask, target)
@@ -125,7 +125,7 @@ async def _race(ask: Ask, attempts: Attempts, won: _Won) -> AsyncIterator[Piece 
 
     to_close: list[AsyncIterator[Piece | Opened]] = []  # done with, not yet closed
     try:
-        start()
+        await start()
         while racing:
             timeout = None
             if hedge and len(racing) < width and attempts.queue:
@@ -133,7 +133,7 @@ async def _race(ask: Ask, attempts: Attempts, won: _Won) -> AsyncIterator[Piece 
             done, _ = await asyncio.wait(racing, timeout=timeout, return_when=FIRST)
             if not done:  # no token yet: the next target starts as well
                 attempts.hedges += 1
-                start()
+                await start()
                 continue
             winner: tuple[Target, AsyncIterator[Piece | Opened], Piece] | None = None
             for task in [t for t in racing if t in done]:  # in the order they started
@@ -164,7 +164,7 @@ async def _race(ask: Ask, attempts: Attempts, won: _Won) -> AsyncIterator[Piece 
                 yield item
                 return
             if not racing:
-                start()  # the next at once; with hedging, the one after waits its turn
+                await start()  # the next at once; with hedging, the one after waits its turn
         raise attempts.error()
     finally:
         # The verdicts first: a second cancellation during the waits below must not leave
@@ -194,7 +194,7 @@ async def complete(ask: Ask) -> bytes:
     """A plain route's non-streamed answer from its one target: the provider's JSON as it
     came. (A plan of several targets is collected from `provider_call` instead.)"""
     attempts = Attempts(ask.plan, ask.turn)
-    target = attempts.next()
+    target = await attempts.next()
     assert target is not None and len(ask.plan.targets) == 1
     body = encoder.encode(ask.plan.body(ask.body, target))
     call = UpstreamCall(ask.session, target.provider, body, ask.caller_key, ask.turn, False)

@@ -2,23 +2,33 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from llmgate.config import AliasConfig
 from llmgate.errors import ApiError
 from llmgate.upstream.provider import Provider
 from llmgate.upstream.targets import Health, Plan, Target
+
+if TYPE_CHECKING:
+    from llmgate.state import HealthBoard
 
 MAX_PLANS = 1024
 
 
 class Router:
     def __init__(
-        self, providers: dict[str, Provider], aliases: dict[str, AliasConfig] | None = None
+        self,
+        providers: dict[str, Provider],
+        aliases: dict[str, AliasConfig] | None = None,
+        board: HealthBoard | None = None,
     ) -> None:
         if not providers:
             raise ValueError("a router needs at least one provider")
         self.providers = providers
         self.default = next(iter(providers.values()))
-        self.health = {name: Health(name, p.config.breaker) for name, p in providers.items()}
+        self.health = {
+            name: Health(name, p.config.breaker, board) for name, p in providers.items()
+        }
         self.aliases = {
             name: Plan(
                 name,

@@ -28,6 +28,7 @@ from llmgate.obs import metrics
 from llmgate.turn import AttemptNote
 
 if TYPE_CHECKING:
+    from llmgate.state import HealthBoard
     from llmgate.turn import Turn
     from llmgate.upstream.provider import Provider
 
@@ -41,17 +42,27 @@ MAX_RETRY_AFTER_S = 600.0  # the longest a Retry-After may cool a provider down
 class Health:
     """A provider's circuit: `failures` failures within `window_s` open it for
     `cooldown_s`; then one request at a time probes it (half-open) until one succeeds.
-    A 429 with Retry-After cools the provider down for that long, circuit aside."""
+    A 429 with Retry-After cools the provider down for that long, circuit aside.
+
+    Every failure and every close is also told to `board`, and what other processes
+    learned arrives through `remote` (llmgate.state): with Redis, a circuit one process
+    opens is open on every one, and a half-open circuit's probe is one across them all."""
 
     __slots__ = (
-        "_clock", "_config", "_failures", "_opened_at", "_probe_started", "cooling_until",
-        "last_failure", "name", "probing", "state",
+        "_clock", "_config", "_failures", "_opened_at", "_probe_started", "board",
+        "cooling_until", "last_failure", "name", "probing", "state",
     )
 
-    def __init__(self, name: str, config: BreakerConfig, clock=time.monotonic) -> None:
+    def __init__(
+        self, name: str, config: BreakerConfig, board: HealthBoard | None = None,
+        clock=time.monotonic,
+    ) -> None:
         self.name = name
         self._config = config
+        self.board = board
         self._clock = clock
+        if board is not None:
+            board.watch(self)
         self._failures: deque[float] = deque()
         self._opened_at = 0.0
         self.state = CLOSED
@@ -72,16 +83,39 @@ class Health:
             self.probing = False  # a probe that never came back (a bug's, not the caller's)
         return not (self.state == HALF_OPEN and self.probing)
 
-    def begin(self) -> None:
-        """An attempt starts on this provider: in half-open, it is the probe."""
+    async def begin(self) -> bool:
+        """An attempt starts on this provider: in half-open, it is the probe, if no other
+        process has one in flight (False: this one may not probe)."""
         if self.state == HALF_OPEN:
+            if self.board is not None and not await self.board.claim_probe(
+                self.name, self._config.cooldown_s
+            ):
+                return False
             self.probing = True
             self._probe_started = self._clock()
+        return True
 
     def succeeded(self) -> None:
         self.probing = False
         self._failures.clear()
         if self.state != CLOSED:
+            self._set(CLOSED)
+            if self.board is not None:
+                self.board.succeeded(self.name)
+
+    def remote(self, state: str, for_s: float = 0.0) -> None:
+        """What another process learned: the circuit `open` (for `for_s` more), `closed`,
+        or the provider cooling down (`cooling`) for `for_s`."""
+        now = self._clock()
+        if state == "cooling":
+            self.cooling_until = max(self.cooling_until, now + for_s)
+        elif state == OPEN and self.state != OPEN:
+            self._opened_at = now - max(0.0, self._config.cooldown_s - for_s)
+            self._failures.clear()
+            self._set(OPEN)
+        elif state == CLOSED and self.state != CLOSED:
+            self._failures.clear()
+            self.probing = False
             self._set(CLOSED)
 
     def abandoned(self) -> None:
@@ -92,8 +126,11 @@ class Health:
         now = self._clock()
         self.probing = False
         self.last_failure = now
-        if exc.status == 429:
-            self.cooling_until = max(self.cooling_until, now + retry_after_s(exc, 1.0))
+        wait = retry_after_s(exc, 1.0) if exc.status == 429 else None
+        if self.board is not None:
+            self.board.failed(self.name, exc.status, wait)
+        if wait is not None:
+            self.cooling_until = max(self.cooling_until, now + wait)
             return  # a rate limit is not a breakdown: it cools, the circuit stays as it is
         if self.state == HALF_OPEN:
             self._open(now)
@@ -179,13 +216,15 @@ class Attempts:
         # writes it (the plain relay of one target never looks, so neither does the rest).
         self._watch = len(plan.targets) > 1
 
-    def next(self) -> Target | None:
-        """The next target to try, marked begun; None when none is left."""
+    async def next(self) -> Target | None:
+        """The next target to try, marked begun; None when none is left. A half-open
+        provider whose probe another process holds is passed over, unless it is the last."""
         if not self.queue:
             return None
         target = self.queue.popleft()
         if self._watch:
-            target.health.begin()
+            while not await target.health.begin() and self.queue:
+                target = self.queue.popleft()
         self._started[id(target)] = time.perf_counter()
         self._begun.append(target)
         return target
