@@ -203,6 +203,14 @@ class RouteConfig(_Strict, kw_only=True):
     tool_filler: FillerConfig | None = None  # said while a round of tools runs long
 
 
+class StateConfig(_Strict):
+    # redis://[:password@]host:port/db or rediss:// (TLS); "" (or no [state]): this process's own
+    redis_url: str = ""
+    key_prefix: str = "llmgate:"  # several deployments may share one Redis
+    timeout_ms: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 50  # slower: Redis is down
+    lease_s: Annotated[float, msgspec.Meta(ge=1, le=3600)] = 30.0  # a dead process's slots
+
+
 class OtelConfig(_Strict):
     # OTLP over HTTP (protobuf), e.g. "http://127.0.0.1:4318/v1/traces"; traces are off
     # without an [otel] section
@@ -216,6 +224,7 @@ class Config(_Strict):
     server: ServerConfig = ServerConfig()
     log: LogConfig = LogConfig()
     otel: OtelConfig | None = None
+    state: StateConfig = StateConfig()
     providers: dict[str, ProviderConfig] = {}
     models: dict[str, list[str] | AliasConfig] = {}  # aliases: ordered targets
     kb: dict[str, KbConfig] = {}
