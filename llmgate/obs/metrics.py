@@ -116,6 +116,12 @@ LAST_RELOAD = Gauge(
     "When the running config was loaded (start-up or the last reload that took)",
     registry=REGISTRY, multiprocess_mode="max",
 )
+STATE_SHARED = Gauge(
+    "llmgate_state_shared",
+    "1: limits, circuits and barge-in shared through Redis; 0: this process's own (Redis is "
+    "down, or [state] is not configured)",
+    registry=REGISTRY, multiprocess_mode="min",
+)
 FIRST_AUDIO = Histogram(
     "llmgate_time_to_first_audio_seconds", "Request received to first audio frame sent",
     ("engine",), buckets=_LATENCY, registry=REGISTRY,
@@ -223,6 +229,10 @@ def reloaded(ok: bool) -> None:
 
 def circuit(provider: str, state: str) -> None:
     CIRCUIT.labels(provider).set(_CIRCUIT.get(state, 0))
+
+
+def state_shared(value: int) -> None:
+    STATE_SHARED.set(value)
 
 
 def render() -> bytes:

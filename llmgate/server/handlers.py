@@ -324,4 +324,8 @@ def _proxied(request: web.Request) -> bool:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    shared = request.app[STATE].shared
+    if shared is None:
+        return web.json_response({"status": "ok"})
+    # still 200 when local: a voice call does not fail because Redis did
+    return web.json_response({"status": "ok", "state": "shared" if shared else "local"})

@@ -59,19 +59,19 @@ class LocalLimits:
         shared store counts the rest)."""
         name, rule = caller.name, caller.rule
         if self.active >= self.max_concurrent:
-            raise _limited(f"llmgate has {self.active} streams in flight, its most", 1)
+            raise limited(f"llmgate has {self.active} streams in flight, its most", 1)
         if not in_flight:
             return
         most = rule.max_concurrent
         if most is not None and self._in_flight.get(name, 0) >= most:
-            raise _limited(f"key '{name}' has {most} streams in flight, its most", 1)
+            raise limited(f"key '{name}' has {most} streams in flight, its most", 1)
         rate = rule.requests_per_minute
         if rate is not None:
             now = self._clock()
             step = WINDOW_S / rate
             full_at = max(self._full_at.get(name, now), now) + step
             if full_at - now > WINDOW_S + 1e-9:  # more than a minute's budget in use
-                raise _limited(
+                raise limited(
                     f"key '{name}' is over its {rate} requests a minute", full_at - WINDOW_S - now
                 )
             self._full_at[name] = full_at
@@ -114,7 +114,7 @@ def raise_open_files() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def _limited(message: str, wait_s: float) -> ApiError:
+def limited(message: str, wait_s: float) -> ApiError:
     retry = max(1, math.ceil(wait_s))
     return ApiError(429, f"{message}; retry after {retry}s", headers={"Retry-After": str(retry)})
 

@@ -71,6 +71,10 @@ class Health:
         self.cooling_until = 0.0
         self.last_failure = float("-inf")
 
+    @property
+    def breaker(self) -> BreakerConfig:
+        return self._config
+
     def usable(self) -> bool:
         now = self._clock()
         if now < self.cooling_until:

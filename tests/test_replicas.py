@@ -1,0 +1,157 @@
+"""Replicas sharing limits, circuits and barge-in through a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import aiohttp
+import pytest
+
+from llmgate.app import LIVE
+from llmgate.state import STATE
+from tests.conftest import API_KEY, eventually
+from tests.redis_server import redis_server  # noqa: F401 (fixture)
+from tests.test_cancellation import agora_body
+
+HEADERS = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+HI = [{"role": "user", "content": "hi"}]
+
+
+def body(model: str = "text", stream: bool = True) -> dict:
+    return {"model": model, "stream": stream, "messages": HI}
+
+
+@pytest.fixture
+def replicas(make_gateway, redis_server):  # noqa: F811
+    async def make(n: int = 2, **sections):
+        state = {"redis_url": redis_server.url, "timeout_ms": 200, **sections.pop("state", {})}
+        made = [await make_gateway(state=state, **sections) for _ in range(n)]
+        for gateway in made:
+            await eventually(lambda g=gateway: g.app[STATE].shared)
+        return made
+
+    return make
+
+
+async def post(session, gateway, payload: dict) -> tuple[int, bytes]:
+    async with session.post(
+        gateway.make_url("/v1/chat/completions"), json=payload, headers=HEADERS
+    ) as resp:
+        return resp.status, await resp.read()
+
+
+async def test_requests_per_minute_holds_across_replicas(replicas):
+    a, b = await replicas(server={"limits": {"requests_per_minute": 5}})
+    statuses = []
+    async with aiohttp.ClientSession() as session:
+        for i in range(10):  # alternately
+            status, _ = await post(session, (a, b)[i % 2], body())
+            statuses.append(status)
+    assert statuses.count(200) == 5 and statuses.count(429) == 5
+
+
+async def test_max_concurrent_holds_across_replicas(replicas, upstream):
+    a, b = await replicas(server={"limits": {"max_concurrent": 2}})
+    async with aiohttp.ClientSession() as session:
+        held = []
+        for gateway in (a, b):  # a stream held open on each replica
+            resp = await session.post(
+                gateway.make_url("/v1/chat/completions"), json=body("stall-mid"), headers=HEADERS
+            )
+            assert resp.status == 200
+            await resp.content.readline()
+            held.append(resp)
+        for gateway in (a, b):
+            status, raw = await post(session, gateway, body())
+            assert status == 429, raw
+            assert json.loads(raw)["error"]["code"] == "rate_limit_exceeded"
+        held[0].close()  # a slot comes back when its turn ends: on the other replica too
+        await eventually(lambda: upstream.open_streams == 1)
+        await asyncio.sleep(0.05)  # (the release is sent in the background)
+        status, _ = await post(session, b, body())
+        assert status == 200
+        held[1].close()
+
+
+async def test_a_newer_turn_on_another_replica_ends_the_older_one(replicas, upstream, caplog):
+    caplog.set_level(logging.INFO, logger="llmgate.turn")
+    a, b = await replicas()
+    async with aiohttp.ClientSession() as session:
+        old = await session.post(
+            a.make_url("/v1/chat/completions"), data=agora_body("stall-mid", 4), headers=HEADERS
+        )
+        await old.content.readline()  # turn 4 streams on A
+        async with session.post(
+            b.make_url("/v1/chat/completions"), data=agora_body("text", 5), headers=HEADERS
+        ) as new:  # turn 5 of the same channel on B
+            assert (await new.read()).endswith(b"data: [DONE]\n\n")
+        await eventually(lambda: upstream.cancelled == 1)  # A's upstream request closed
+        assert b"[DONE]" not in await old.read()
+    ends = [(r.turn["status"], r.turn.get("error")) for r in caplog.records
+            if r.name == "llmgate.turn"]
+    assert (499, "superseded") in ends
+
+
+async def test_a_late_older_turn_leaves_the_newer_one_alone(replicas, upstream):
+    a, b = await replicas()
+    async with aiohttp.ClientSession() as session:
+        live = await session.post(
+            a.make_url("/v1/chat/completions"), data=agora_body("stall-mid", 5), headers=HEADERS
+        )
+        await live.content.readline()  # turn 5 streams on A
+        async with session.post(
+            b.make_url("/v1/chat/completions"), data=agora_body("text", 4), headers=HEADERS
+        ) as late:  # turn 4, late, on B
+            assert (await late.read()).endswith(b"data: [DONE]\n\n")
+        async with session.post(
+            b.make_url("/v1/chat/completions"), data=agora_body("text", 5), headers=HEADERS
+        ) as again:  # turn 5 repeated on B
+            assert (await again.read()).endswith(b"data: [DONE]\n\n")
+        await asyncio.sleep(0.2)  # what B announced has reached A by now
+        assert upstream.cancelled == 0 and upstream.open_streams == 1
+        live.close()
+
+
+async def test_a_circuit_opened_on_one_replica_is_open_on_the_other(replicas, upstream):
+    providers = {
+        "down": {"base_url": "http://127.0.0.1:9/v1",
+                 "breaker": {"failures": 2, "window_s": 30, "cooldown_s": 30}},
+        "fake": {"base_url": upstream.url},
+    }
+    a, b = await replicas(providers=providers, models={"voice": ["down/m", "fake/text"]})
+    async with aiohttp.ClientSession() as session:
+        for _ in range(2):  # two failures on A open the circuit of `down`
+            status, _ = await post(session, a, body("voice"))
+            assert status == 200  # (the fallback served them)
+        health_b = b.app[LIVE].current.router.health["down"]
+        await eventually(lambda: health_b.state == "open")
+        assert not health_b.usable()
+
+
+async def test_redis_down_serves_locally_and_shares_again(replicas, redis_server, caplog):  # noqa: F811
+    caplog.set_level(logging.INFO, logger="llmgate.state")
+    a, b = await replicas(server={"limits": {"requests_per_minute": 3}})
+    async with aiohttp.ClientSession() as session:
+        stream = await session.post(
+            a.make_url("/v1/chat/completions"), json=body("slow-words"), headers=HEADERS
+        )
+        redis_server.stop()  # mid-stream
+        assert (await stream.read()).endswith(b"data: [DONE]\n\n")  # it finishes normally
+        status, _ = await post(session, a, body())
+        assert status == 200  # a new request is served
+        await eventually(lambda: not a.app[STATE].shared)
+        async with session.get(a.make_url("/healthz")) as resp:
+            assert resp.status == 200 and (await resp.json())["state"] == "local"
+        down = [r for r in caplog.records if "own until it is back" in r.getMessage()]
+        assert len(down) == 1
+        redis_server.start()
+        await eventually(lambda: a.app[STATE].shared and b.app[STATE].shared, timeout=10)
+        back = [r for r in caplog.records if "shared again" in r.getMessage()]
+        assert len([r for r in back if r.getMessage()]) >= 1
+        async with session.get(a.make_url("/healthz")) as resp:
+            assert (await resp.json())["state"] == "shared"
+        # a limit holds across both replicas again
+        statuses = [(await post(session, (a, b)[i % 2], body()))[0] for i in range(6)]
+        assert statuses.count(200) == 3
