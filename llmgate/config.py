@@ -413,6 +413,10 @@ def _decode(raw: dict[str, Any]) -> Config:
         for tool in route.tools:
             if tool not in config.tools:
                 raise ConfigError(f"routes[{i}].tools: no [tools.{tool}] section")
+    redis_url = config.state.redis_url
+    if redis_url and URL(redis_url).scheme not in ("redis", "rediss", "unix"):
+        # (the value is not repeated: it may hold a password)
+        raise ConfigError("state.redis_url: expected redis://, rediss:// (TLS) or unix://")
     seen = {"/models", "/healthz"}  # served by llmgate itself
     for i, route in enumerate(config.routes):
         if not route.path.startswith("/"):

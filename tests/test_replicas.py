@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
+import sys
 
 import aiohttp
 import pytest
@@ -14,6 +16,9 @@ from llmgate.state import STATE
 from tests.conftest import API_KEY, eventually
 from tests.redis_server import redis_server  # noqa: F401 (fixture)
 from tests.test_cancellation import agora_body
+from tests.test_operations import config_text
+from tests.test_upstream_failures import free_port
+from tests.test_workers import children, fresh
 
 HEADERS = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
 HI = [{"role": "user", "content": "hi"}]
@@ -155,3 +160,97 @@ async def test_redis_down_serves_locally_and_shares_again(replicas, redis_server
         # a limit holds across both replicas again
         statuses = [(await post(session, (a, b)[i % 2], body()))[0] for i in range(6)]
         assert statuses.count(200) == 3
+
+
+def state_extra(redis_url: str, limits: str, lease_s: int = 30) -> str:
+    return (f"[server.limits]\n{limits}\n"
+            f'[state]\nredis_url = "{redis_url}"\nlease_s = {lease_s}\n')
+
+
+async def test_a_limit_holds_across_two_workers(tmp_path, upstream, redis_server):  # noqa: F811
+    port = free_port()
+    config = tmp_path / "c.toml"
+    config.write_text(config_text(port, upstream.url,
+                                  state_extra(redis_server.url, "requests_per_minute = 4")))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "llmgate", "--config", str(config), "--workers", "2",
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await eventually(lambda: len(children(proc.pid)) == 2, timeout=20)
+        await _both_shared(url)
+        statuses = [await fresh(url) for _ in range(8)]  # each on a connection of its own
+        assert statuses.count(200) == 4 and statuses.count(429) == 4, statuses
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await proc.wait()
+
+
+async def _both_shared(url: str) -> None:
+    """Every worker has reached Redis (each answers /healthz on connections of its own)."""
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        seen = 0
+        for _ in range(500):
+            try:
+                async with session.get(url + "/healthz") as resp:
+                    state = (await resp.json()).get("state")
+                seen = seen + 1 if state == "shared" else 0
+                if seen >= 20:
+                    return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.02)
+    raise AssertionError("the workers did not reach Redis")
+
+
+async def test_a_killed_replicas_slots_come_back_within_the_lease(
+    tmp_path, upstream, redis_server, replicas  # noqa: F811
+):
+    port = free_port()
+    config = tmp_path / "c.toml"
+    config.write_text(config_text(
+        port, upstream.url, state_extra(redis_server.url, "max_concurrent = 2", lease_s=2)
+    ))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "llmgate", "--config", str(config),
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    b, = await replicas(1, server={"limits": {"max_concurrent": 2}}, state={"lease_s": 2})
+    async with aiohttp.ClientSession() as session:
+        try:
+            await _both_shared(url)
+            held = []
+            for _ in range(2):  # both of the key's slots, held by the child
+                resp = await session.post(url + "/v1/chat/completions", json=body("stall-mid"),
+                                          headers=HEADERS)
+                assert resp.status == 200
+                await resp.content.readline()
+                held.append(resp)
+            assert (await post(session, b, body()))[0] == 429
+            await asyncio.sleep(3)  # past lease_s: a living holder keeps its slots
+            assert (await post(session, b, body()))[0] == 429
+        finally:
+            proc.kill()  # SIGKILL: no turn end gives its slot back
+            await proc.wait()
+        loop = asyncio.get_running_loop()
+        killed = loop.time()
+        while (await post(session, b, body()))[0] == 429:
+            assert loop.time() - killed < 2 + 1.5, "the slots did not come back"
+            await asyncio.sleep(0.1)
+        for resp in held:
+            resp.close()
+
+
+def test_a_redis_url_is_checked_and_its_password_never_shown(caplog):
+    from llmgate.config import ConfigError, parse
+    from llmgate.state.redis import where
+
+    raw = {"providers": {"p": {"base_url": "http://x/v1"}},
+           "state": {"redis_url": "http://user:hunter2@cache:6379"}}
+    with pytest.raises(ConfigError) as info:
+        parse(raw, {})
+    assert str(info.value).startswith("state.redis_url:") and "hunter2" not in str(info.value)
+    assert where("rediss://:hunter2@cache.internal:6380/2") == "rediss://cache.internal:6380/2"
