@@ -4,7 +4,8 @@
                 in flight (a sorted set of leases) and the key's GCRA time, checked and
                 taken at once; a key without limits never asks Redis. Each process holds
                 its own bound on streams in flight in all (its descriptors), as before.
-    release     queued, sent with others in one pipeline: a turn's end never waits on Redis
+    release     never waited on: carried by this process's next admission of that key, or
+                sent with others in one pipeline within RELEASE_S
     leases      refreshed by each process for the slots it holds; a killed process's come
                 back after `lease_s`
     barge-in    a turn with a channel and a turn_id is announced (queued, never waited on):
@@ -50,12 +51,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("llmgate.state")
 
 RETRY_S = 1.0  # between reconnection attempts while Redis is down
+RELEASE_S = 0.02  # a slot given back waits this long for an admission to carry it
 FAILURES = (RedisError, OSError, TimeoutError, asyncio.TimeoutError)
 
 # KEYS: the key's slots (zset), its GCRA time. ARGV: max in flight (0: none), requests a
-# minute (0: none), the slot's id, its lease in ms. -> {0} admitted, {1} too many in flight,
+# minute (0: none), the slot's id, its lease in ms, then slots this process gives back
+# (their turns ended since its last call). -> {0} admitted, {1} too many in flight,
 # {2, ms} over the rate (ms: when one more fits).
 ADMIT = """
+for i = 5, #ARGV do redis.call('ZREM', KEYS[1], ARGV[i]) end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local most, rate, lease = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[4])
@@ -166,6 +170,8 @@ class RedisState(State):
         self._tasks: list[asyncio.Task] = []
         self._ids = itertools.count()
         self.held: dict[str, str] = {}  # slot id -> its key's slots (for the lease refresh)
+        self.released: dict[str, list[str]] = {}  # a key's slots -> slot ids given back
+        self._releasing: asyncio.TimerHandle | None = None
         self._reconnecting: asyncio.Task | None = None
         # The loops end on this, not on cancellation alone: redis-py may swallow a cancel
         # that lands inside one of its reads.
@@ -207,6 +213,9 @@ class RedisState(State):
 
     async def aclose(self) -> None:
         self._closing = True
+        if self._releasing is not None:
+            self._releasing.cancel()
+        self._send_released()
         self._wake.set()
         tasks = [*self._tasks, *([self._reconnecting] if self._reconnecting else [])]
         for task in tasks:
@@ -353,6 +362,23 @@ class RedisState(State):
             keys=[turn_key], args=[number, self.topic, message], client=pipe
         ))
 
+    def give_back(self, key: str, slot_id: str) -> None:
+        """A slot's turn ended: the next admission of its key here takes it back in the
+        same script; if none comes within RELEASE_S, a pipeline does."""
+        self.released.setdefault(key, []).append(slot_id)
+        if self._releasing is None:
+            loop = asyncio.get_running_loop()
+            self._releasing = loop.call_later(RELEASE_S, self._send_released)
+
+    def take_released(self, key: str) -> list[str]:
+        return self.released.pop(key, [])
+
+    def _send_released(self) -> None:
+        self._releasing = None
+        released, self.released = self.released, {}
+        for key, slots in released.items():
+            self.queue(lambda pipe, key=key, slots=slots: pipe.zrem(key, *slots))
+
     def next_slot(self) -> str:
         return f"{self.origin}:{next(self._ids)}"
 
@@ -387,10 +413,11 @@ class SharedLimits:
         slots_key = f"{state.prefix}{{key:{name}}}:slots"
         rate_key = f"{state.prefix}{{key:{name}}}:rate"
         slot_id = state.next_slot()
+        args = [most or 0, rate or 0, slot_id, state.lease_ms, *state.take_released(slots_key)]
         try:
-            verdict, wait_ms = await state.call(lambda: state.script(
-                "admit", [slots_key, rate_key], [most or 0, rate or 0, slot_id, state.lease_ms]
-            ))
+            verdict, wait_ms = await state.call(
+                lambda: state.script("admit", [slots_key, rate_key], args)
+            )
         except Down:
             local.check(caller)
             local.take(caller)
@@ -408,9 +435,8 @@ class SharedLimits:
     async def release(self, slot: _Slot) -> None:
         state = self.state
         state.local.give_back(slot.caller)
-        if slot.id is not None and state.held.pop(slot.id, None) is not None:
-            key, member = slot.key, slot.id
-            state.queue(lambda pipe: pipe.zrem(key, member))
+        if slot.id is not None and slot.key is not None and state.held.pop(slot.id, None):
+            state.give_back(slot.key, slot.id)
 
 
 class Board:
