@@ -254,3 +254,13 @@ def test_a_redis_url_is_checked_and_its_password_never_shown(caplog):
         parse(raw, {})
     assert str(info.value).startswith("state.redis_url:") and "hunter2" not in str(info.value)
     assert where("rediss://:hunter2@cache.internal:6380/2") == "rediss://cache.internal:6380/2"
+
+
+async def test_a_half_open_circuit_probes_once_across_replicas(replicas):
+    a, b = await replicas()
+    boards = [g.app[STATE].board for g in (a, b)]
+    claims = await asyncio.gather(*(board.claim_probe("fake", 5.0) for board in boards))
+    assert sorted(claims) == [False, True]
+    health = b.app[LIVE].current.router.health["fake"]
+    health.state = "half_open"
+    assert not await health.begin()  # A holds the probe: B may not probe
