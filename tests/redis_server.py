@@ -28,7 +28,7 @@ class RedisServer:
     """One redis-server process, started and stopped by PID; `stop()` and `start()` again
     on the same port (Redis going down and coming back)."""
 
-    def __init__(self, tmp_path) -> None:
+    def __init__(self, tmp_path, password: str | None = None) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             if os.environ.get("LLMGATE_CI"):
@@ -38,12 +38,15 @@ class RedisServer:
         self.port = free_port()
         self.dir = tmp_path
         self.proc: subprocess.Popen | None = None
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.password = password
+        auth = f":{password}@" if password else ""
+        self.url = f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.dir), "--protected-mode", "no"],
+             "--appendonly", "no", "--dir", str(self.dir), "--protected-mode", "no",
+             *(["--requirepass", self.password] if self.password else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
@@ -51,7 +54,7 @@ class RedisServer:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
                     s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
+                    if s.recv(64).startswith((b"+PONG", b"-NOAUTH")):
                         return
             except OSError:
                 pass

@@ -264,3 +264,23 @@ async def test_a_half_open_circuit_probes_once_across_replicas(replicas):
     health = b.app[LIVE].current.router.health["fake"]
     health.state = "half_open"
     assert not await health.begin()  # A holds the probe: B may not probe
+
+
+async def test_a_password_in_the_url_works_and_is_never_logged(
+    make_gateway, tmp_path, caplog
+):
+    from tests.redis_server import RedisServer
+
+    caplog.set_level(logging.INFO, logger="llmgate.state")
+    server = RedisServer(tmp_path, password="s3cret-pw")
+    server.start()
+    try:
+        gateway = await make_gateway(state={"redis_url": server.url},
+                                     server={"limits": {"requests_per_minute": 2}})
+        await eventually(lambda: gateway.app[STATE].shared)
+        async with aiohttp.ClientSession() as session:
+            statuses = [(await post(session, gateway, body()))[0] for _ in range(3)]
+        assert statuses == [200, 200, 429]
+        assert "s3cret-pw" not in caplog.text and "shared through Redis" in caplog.text
+    finally:
+        server.stop()
