@@ -501,3 +501,24 @@ def _gauge(value: int) -> None:
     from llmgate.obs import metrics
 
     metrics.state_shared(value)
+
+
+async def probe(settings: StateConfig, timeout_s: float) -> str:
+    """`check`'s row: PING and the scripts loaded, within `timeout_s`; what it found, or
+    an exception whose text names no password."""
+    client = aioredis.from_url(
+        settings.redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+    )
+    try:
+        async with asyncio.timeout(timeout_s):
+            await client.ping()
+            for lua in (ADMIT, REFRESH, ANNOUNCE, FAILED):
+                await client.script_load(lua)
+            info = await client.info("server")
+        version = info.get("redis_version")
+        return f"{where(settings.redis_url)}: PING and scripts ok (Redis {version})"
+    except FAILURES as exc:
+        raise ConnectionError(f"{where(settings.redis_url)}: {type(exc).__name__}") from None
+    finally:
+        with contextlib.suppress(*FAILURES):
+            await client.aclose()
