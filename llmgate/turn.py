@@ -28,9 +28,12 @@ _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 class Turn:
     __slots__ = (
+        "admitted",
         "chunks",
         "error",
         "finish_reason",
+        "first_audio",
+        "first_sentence",
         "first_token",
         "id",
         "key",
@@ -46,6 +49,7 @@ class Turn:
         "status",
         "stream",
         "superseded",
+        "timing",
         "upstream_first",
         "usage",
     )
@@ -65,7 +69,12 @@ class Turn:
         self.status = 200
         self.error: str | None = None
         self.superseded = False  # set by Channels: a newer turn on the channel took over
+        # The turn's clock, in seconds since it arrived (None: not reached).
+        self.admitted: float | None = None  # key, limits and body done: the turn may start
         self.first_token: float | None = None
+        self.first_sentence: float | None = None  # (a route with a speech or audio stage)
+        self.first_audio: float | None = None
+        self.timing = False  # the caller asked for the clock (X-Llmgate-Timing: 1)
         self.upstream_first: float | None = None  # the provider's own: request -> first chunk
         self.model_first: float | None = None  # turn start -> the provider's first chunk
         self.staged = False  # on a route with stages (one may speak before the model)
@@ -87,6 +96,14 @@ class Turn:
     def mark_first_token(self) -> None:
         if self.first_token is None:
             self.first_token = time.perf_counter() - self.started
+
+    def elapsed(self) -> float:
+        """Seconds since the request arrived."""
+        return time.perf_counter() - self.started
+
+    def mark_first_sentence(self) -> None:
+        if self.first_sentence is None:
+            self.first_sentence = time.perf_counter() - self.started
 
     def add_round(self, chunks: int, finish_reason: str | None, usage: Any) -> None:
         """One upstream answer ended: chunks and usage add up, the last finish_reason stands."""
@@ -113,10 +130,15 @@ class Turn:
             "provider": self.provider,
             "stream": self.stream,
             "status": self.status,
+            "admitted_ms": _ms(self.admitted),
             "ttft_ms": _ms(self.first_token),
             "duration_ms": _ms(time.perf_counter() - self.started),
             "chunks": self.chunks,
         }
+        if self.first_sentence is not None:
+            out["first_sentence_ms"] = _ms(self.first_sentence)
+        if self.first_audio is not None:
+            out["first_audio_ms"] = _ms(self.first_audio)
         if self.rounds > 1:
             out["rounds"] = self.rounds
         if self.finish_reason:
@@ -152,6 +174,7 @@ class _Note(msgspec.Struct, kw_only=True):
 class AttemptNote(_Note):
     target: str
     ms: float
+    start_ms: float | UnsetType = UNSET  # since the turn arrived
     error: str | UnsetType = UNSET  # a logged error code, or "cancelled"
 
 
@@ -163,11 +186,13 @@ class UpstreamNote(_Note):
 
 
 class RagNote(_Note):
+    start_ms: float | UnsetType = UNSET  # retrieval began, since the turn arrived
     retrieval_ms: float | UnsetType = UNSET
     hits: int | UnsetType = UNSET
     top_score: float | UnsetType | None = UNSET
     error: str | UnsetType = UNSET  # the search failed: its class name
     waiting: bool | UnsetType = UNSET  # the waiting phrase was said
+    waiting_ms: float | UnsetType = UNSET  # when, since the turn arrived
 
 
 class ToolCallNote(_Note):
@@ -184,6 +209,8 @@ class ToolsNote(_Note):
     rounds: int | UnsetType = UNSET
     not_run: int | UnsetType = UNSET  # calls over a round's max_tool_calls
     filler: bool | UnsetType = UNSET
+    # each round of llmgate's own tools: [start, end] in ms since the turn arrived
+    round_ms: list[list[float]] = msgspec.field(default_factory=list)
 
 
 class AudioNote(_Note):

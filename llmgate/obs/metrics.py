@@ -116,6 +116,12 @@ LAST_RELOAD = Gauge(
     "When the running config was loaded (start-up or the last reload that took)",
     registry=REGISTRY, multiprocess_mode="max",
 )
+FIRST_SENTENCE = Histogram(
+    "llmgate_time_to_first_sentence_seconds",
+    "Request received to the answer's first whole sentence, on a route with a speech or "
+    "audio stage (first token to first sentence is Agora's llm_ftfs)",
+    ("route",), buckets=_LATENCY, registry=REGISTRY,
+)
 STATE_SHARED = Gauge(
     "llmgate_state_shared",
     "1: limits, circuits and barge-in shared through Redis; 0: this process's own (Redis is "
@@ -167,6 +173,8 @@ def observe(turn: Turn, names: Names) -> None:
             _child(OVERHEAD, route).observe(overhead)
     if turn.model_first is not None and turn.staged:
         _child(MODEL_FIRST, route, provider).observe(turn.model_first)
+    if turn.first_sentence is not None:
+        _child(FIRST_SENTENCE, route).observe(turn.first_sentence)
     usage = turn.usage
     if usage:
         for kind in ("prompt", "completion"):

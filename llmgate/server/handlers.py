@@ -14,7 +14,7 @@ from aiohttp import web
 
 from llmgate.config import is_loopback
 from llmgate.errors import ApiError, UpstreamTimeout, caller_error
-from llmgate.obs import metrics, tracing
+from llmgate.obs import clock, metrics, tracing
 from llmgate.pipeline import Ask, Call
 from llmgate.protocol import ChatRequest, encoder, error_path, generic_decoder, request_decoder
 from llmgate.server.auth import Caller, Key, KeyCheck, Rule
@@ -67,6 +67,7 @@ class ChatCompletions:
         # A span per turn with [otel] on (continuing the caller's traceparent); else free.
         with tracing.turn_span(request.headers, route=self.route) as span:
             turn = Turn(self.route, request.headers.get("X-Request-Id"))
+            turn.timing = request.headers.get("X-Llmgate-Timing") == "1"
             try:
                 return await self._measured(request, turn)
             finally:
@@ -125,6 +126,7 @@ class ChatCompletions:
         except ApiError:
             turn.stream = _asked_to_stream(body)  # the log line says what was asked
             raise
+        turn.admitted = turn.elapsed()
         plan = self.router.resolve(chat.model)
         target = plan.first
         turn.model, turn.provider = target.model, target.provider.name
@@ -214,9 +216,10 @@ async def _collected(turn: Turn, call: Call, ask: Ask) -> web.Response:
 
 
 def _json(turn: Turn, raw: bytes) -> web.Response:
-    return web.Response(
-        body=raw, content_type="application/json", headers={"X-Request-Id": turn.id}
-    )
+    headers = {"X-Request-Id": turn.id}
+    if turn.timing:  # the turn's clock, asked for
+        headers["Server-Timing"] = clock.server_timing(turn)
+    return web.Response(body=raw, content_type="application/json", headers=headers)
 
 
 async def _read_body(request: web.Request, limit: int, gap_s: float) -> bytes:

@@ -18,6 +18,7 @@ from typing import Protocol
 from aiohttp import web
 
 from llmgate.errors import ApiError, UpstreamUnavailable, caller_error
+from llmgate.obs import clock
 from llmgate.pipeline import Opened, Piece, apologize, turn_head
 from llmgate.protocol import encoder
 from llmgate.server.serve import SHUTDOWN
@@ -178,6 +179,8 @@ async def _pump(sse: SSEResponse, turn: Turn, source: Source) -> None:
     if last and turn.first_token is None:
         turn.mark_first_token()
     if source.finish_reason:  # the last frames, [DONE] and the chunked end in one send
+        if turn.timing:  # the turn's clock, asked for: a comment line SSE clients skip
+            last += clock.comment(turn)
         await _write(sse, last + DONE_FRAME, last=True)
         return
     if last:

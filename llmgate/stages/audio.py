@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
@@ -105,6 +104,8 @@ class AudioStage:
         splitter = SentenceSplitter(self.config.max_words, first_words=first)
 
         async def said(sentences: list[str]) -> None:
+            if sentences:
+                ask.turn.mark_first_sentence()
             for sentence in sentences:
                 after = syntheses[-1] if syntheses else None
                 syntheses.append(_Synthesis(sentence, self.engine, after))
@@ -302,7 +303,9 @@ class _Speech:
         now = loop.time()
         if self.started is None:
             self.started = now
-            self.first_audio_ms = round((time.perf_counter() - self.ask.turn.started) * 1000, 2)
+            turn = self.ask.turn
+            turn.first_audio = turn.elapsed()
+            self.first_audio_ms = round(turn.first_audio * 1000, 2)
         if self.pacing:
             if self.started + self.sent / self.bytes_per_s < now:
                 # The caller's player ran dry (a slow model, a tool): pace from now, or

@@ -65,6 +65,7 @@ class RagStage:
     def wrap(self, inner: Call) -> Call:
         async def call(ask: Ask) -> AsyncIterator[Piece | Opened]:
             started = time.monotonic()
+            ask.turn.noted().rag.start_ms = round(ask.turn.elapsed() * 1000, 2)
             waiting = self.config.waiting
             filler = ask.stream and bool(waiting.phrases)
             if filler and waiting.after_ms == 0:
@@ -150,7 +151,8 @@ class RagStage:
     def _waiting(self, ask: Ask) -> Piece:
         """A whole chat.completion.chunk the openai SDKs parse, spoken like any answer."""
         phrase = next(self._phrases)
-        ask.turn.noted().rag.waiting = True
+        note = ask.turn.noted().rag
+        note.waiting, note.waiting_ms = True, round(ask.turn.elapsed() * 1000, 2)
         return Piece.of(  # whole: spoken at once, not held for the answer's next word
             {
                 **own_head(ask),

@@ -15,6 +15,7 @@ one is handed more than a slice's text at once.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
@@ -56,6 +57,8 @@ class SpeechStage:
                             if spoken is None:
                                 continue
                             item = spoken
+                            if ask.turn.first_sentence is None and _ends_sentence(item):
+                                ask.turn.mark_first_sentence()
                         yield item
             finally:
                 dropped = sum(t.dropped for t in texts.values())
@@ -63,6 +66,20 @@ class SpeechStage:
                     ask.turn.noted().speech = SpeechNote(dropped_chars=dropped)
 
         return call
+
+
+_SENTENCE_END = re.compile(r"[.!?\u2026\u3002\uff01\uff1f](?:\s|$)")
+
+
+def _ends_sentence(piece: Piece) -> bool:
+    """Whether the piece ends a sentence (the turn's clock: its first sentence, whole)."""
+    for choice in piece.view.choices:
+        content = choice.delta.content if choice.delta is not None else None
+        if isinstance(content, str) and _SENTENCE_END.search(content):
+            return True
+        if choice.finish_reason:
+            return True
+    return False
 
 
 def _spoken(piece: Piece, texts: dict[int, Speakable], options: SpeechOptions) -> Piece | None:

@@ -122,6 +122,8 @@ class ToolStage:
         """This round's calls of ours (the first `max_calls`), in parallel; a filler phrase if
         they run long."""
         calls = answer.our_calls()
+        turn = answer.ask.turn
+        began = round(turn.elapsed() * 1000, 1)
         answer.ask.body["messages"].append(answer.assistant_message(calls))
         run, over = calls[: self.max_calls], calls[self.max_calls :]
         tasks = [asyncio.ensure_future(self._one(answer, call, round_no)) for call in run]
@@ -135,6 +137,7 @@ class ToolStage:
         finally:
             for task in tasks:
                 await end_task(task)  # a barge-in: every tool call stops, its request closed
+            answer.round_ms.append([began, round(turn.elapsed() * 1000, 1)])
         if over:
             answer.not_run += len(over)
             results += [
@@ -191,6 +194,7 @@ class _Answer:
         self.calls_noted: list[ToolCallNote] = []
         self.not_run = 0  # calls of ours over the cap of their round, answered unrun
         self.filler = False  # a filler phrase was said
+        self.round_ms: list[list[float]] = []
         self.rounds = 0
         self.round_no = 0
         # The round's calls, by (the model's index, the how-many-th call at that index: a
@@ -346,6 +350,7 @@ class _Answer:
             rounds=self.rounds,
             not_run=self.not_run or UNSET,
             filler=self.filler or UNSET,
+            round_ms=self.round_ms,
         )
 
     def our_calls(self) -> list[dict[str, Any]]:

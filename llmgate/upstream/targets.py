@@ -306,7 +306,10 @@ class Attempts:
     def _record(self, target: Target, error: str | None = None) -> None:
         started = self._started.get(id(target), time.perf_counter())
         ms = round((time.perf_counter() - started) * 1000, 1)
-        self._records.append(AttemptNote(target=target.name, ms=ms, error=error or UNSET))
+        start_ms = round((started - self.turn.started) * 1000, 1)
+        self._records.append(
+            AttemptNote(target=target.name, ms=ms, start_ms=start_ms, error=error or UNSET)
+        )
 
 
 def _order(targets: tuple[Target, ...]) -> list[Target]:

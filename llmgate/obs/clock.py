@@ -1,0 +1,112 @@
+"""A turn's clock, for a caller that asks (`X-Llmgate-Timing: 1`): where its time went.
+
+Every mark is in ms since the request arrived. The names of the three totals follow
+Agora's turn analytics: `llm_ttft` (first token), `llm_ftfs` (first token to first
+sentence), `llm_ttfa` (first audio). On a stream the clock is one SSE comment line just
+before `data: [DONE]` (`: llmgate-timing {...}`: every SSE client skips comments); on a
+non-streamed answer, a `Server-Timing` header.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from llmgate.turn import Turn
+
+_encode = msgspec.json.Encoder().encode
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 2)
+
+
+def clock(turn: Turn) -> dict[str, Any]:
+    """The turn's marks as its caller may see them (no message text, no key)."""
+    out: dict[str, Any] = {"request_id": turn.id}
+    turn_id = turn.metadata.get("turn_id")
+    if type(turn_id) is int:
+        out["turn_id"] = turn_id
+    out["admitted"] = _ms(turn.admitted)
+    notes = turn.notes
+    if notes is not None:
+        rag = notes.rag
+        if isinstance(rag.start_ms, float | int):
+            end = rag.retrieval_ms if isinstance(rag.retrieval_ms, float | int) else None
+            out["retrieval"] = {
+                "start": rag.start_ms,
+                "end": None if end is None else round(rag.start_ms + end, 2),
+                "passages": rag.hits if isinstance(rag.hits, int) else 0,
+            }
+        if isinstance(rag.waiting_ms, float | int):
+            out["waiting_phrase"] = rag.waiting_ms
+    attempts = _attempts(turn)
+    if attempts:
+        out["attempts"] = attempts
+    if notes is not None and notes.tools is not None and notes.tools.round_ms:
+        calls = notes.tools.calls
+        out["tool_rounds"] = [
+            {
+                "start": start,
+                "end": end,
+                "calls": [
+                    {"tool": c.name, "ms": c.ms if isinstance(c.ms, float) else None,
+                     "ok": c.ok}
+                    for c in calls if c.round == i + 1
+                ],
+            }
+            for i, (start, end) in enumerate(notes.tools.round_ms)
+        ]
+    out["first_token"] = _ms(turn.first_token)
+    # a stage marks the sentence whole as it passes, just before the writer sends its first
+    # token: it is heard no sooner than that token
+    sentence = turn.first_sentence
+    if sentence is not None and turn.first_token is not None:
+        sentence = max(sentence, turn.first_token)
+    out["first_sentence"] = _ms(sentence)
+    out["first_audio"] = _ms(turn.first_audio)
+    out["done"] = _ms(turn.elapsed())
+    out["llm_ttft"] = out["first_token"]
+    if sentence is not None and turn.first_token is not None:
+        out["llm_ftfs"] = _ms(sentence - turn.first_token)
+    out["llm_ttfa"] = out["first_audio"]
+    return out
+
+
+def _attempts(turn: Turn) -> list[dict[str, Any]]:
+    notes = turn.notes
+    if notes is not None and isinstance(notes.upstream.attempts, list):
+        return [
+            {
+                "target": a.target,
+                "start": a.start_ms if isinstance(a.start_ms, float | int) else None,
+                "end": round(a.start_ms + a.ms, 2) if isinstance(a.start_ms, float | int) else None,
+                "outcome": a.error if isinstance(a.error, str) else "won",
+            }
+            for a in notes.upstream.attempts
+        ]
+    if turn.provider is None or turn.model_first is None:
+        return []
+    return [{"target": f"{turn.provider}/{turn.model}", "first_token": _ms(turn.model_first),
+             "outcome": "won" if turn.status < 400 else str(turn.error)}]
+
+
+def comment(turn: Turn) -> bytes:
+    """The SSE comment line that carries the clock on a stream."""
+    return b": llmgate-timing " + _encode(clock(turn)) + b"\n\n"
+
+
+def server_timing(turn: Turn) -> str:
+    """The clock's marks as a Server-Timing header (RFC: `name;dur=ms`)."""
+    marks = clock(turn)
+    parts = [
+        f"{name};dur={marks[name]}"
+        for name in ("admitted", "waiting_phrase", "first_token", "first_sentence",
+                     "first_audio", "done")
+        if isinstance(marks.get(name), float | int)
+    ]
+    retrieval = marks.get("retrieval")
+    if retrieval and retrieval.get("end") is not None:
+        parts.insert(1, f"retrieval;dur={round(retrieval['end'] - retrieval['start'], 2)}")
+    return ", ".join(parts)
