@@ -3,8 +3,10 @@
 `run()` is what `python -m llmgate` does; `start()` serves the same app on a socket inside
 a running loop (tests, a worker). Every connection gets what a voice call needs: a caller
 that hangs up cancels its turn; one that acknowledges nothing for `send_timeout_s` is
-dropped by the kernel; one whose request headers do not arrive within `read_timeout_s` is
-dropped by us (aiohttp has no such limit; the body's own limit is the handler's).
+dropped by the kernel; one whose request headers do not arrive within `read_timeout_s`, or
+pass `MAX_HEAD_BYTES`, is dropped by us, and so is one opened past what the open-file limit
+holds (aiohttp has no such limits: aiohttp_compat.py's `GuardedSite` adds them; the body's
+own limit is the handler's).
 
 Signals: SIGTERM (or SIGINT) stops accepting and lets streams in flight finish for up to
 `drain_s`, then the process exits 0; a second one exits at once. SIGHUP calls `on_hup`
@@ -28,8 +30,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
 
+from llmgate.server.aiohttp_compat import GuardedSite
 from llmgate.server.limits import open_files
 
 log = logging.getLogger("llmgate")
@@ -66,83 +68,6 @@ def listen(host: str, port: int, send_timeout_s: float, reuse_port: bool = False
     return sock
 
 
-class _GuardedHandler(RequestHandler):
-    """A connection whose first request's headers must arrive within `read_timeout_s` of
-    its opening, and each next request's within `read_timeout_s` of its first byte: a
-    client that sends nothing, or a trickle (slowloris), cannot hold a connection. Body
-    bytes of a request being handled do not arm it (the handler bounds those); between
-    requests, aiohttp's keep-alive timeout (`IDLE_S`) closes an idle connection."""
-
-    read_timeout_s = 30.0
-    max_connections = 100_000
-    _read_timer: asyncio.TimerHandle | None = None
-    _armed_at_count = 0
-    _head_bytes = 0  # of the request headers still arriving
-    _body: Any = None  # the last request's body, while it is still arriving
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        manager = self._manager
-        if manager is not None and len(manager.connections) > self.max_connections:
-            # Past what the open-file limit holds: this one goes, the others are served.
-            log.warning("%d connections open, the most: a new one is closed",
-                        self.max_connections)
-            transport.close()
-            return
-        self._read_timer = self._loop.call_later(self.read_timeout_s, self._too_slow)
-
-    def data_received(self, data: bytes) -> None:
-        count = self._request_count
-        super().data_received(data)
-        if self._request_count != count:  # headers whole: the handler takes over
-            self._disarm()
-            self._head_bytes = 0
-            self._body = self._messages[-1][1] if self._messages else None
-        elif self._body is not None and not self._body.is_eof():
-            pass  # a body's bytes (the handler bounds those)
-        elif not self._request_in_progress and data and not self._force_close:
-            # aiohttp keeps headers still arriving (up to ~1 MB of them): a connection
-            # that sends more than a request's headers could be before any key is
-            # checked is closed, so silent callers cannot hold much memory each.
-            self._head_bytes += len(data)
-            if self._head_bytes > MAX_HEAD_BYTES and self.transport is not None:
-                log.info("a client's request headers passed %d bytes: dropped", MAX_HEAD_BYTES)
-                self.transport.close()
-                return
-            if self._read_timer is None:
-                self._armed_at_count = count
-                self._read_timer = self._loop.call_later(self.read_timeout_s, self._too_slow)
-
-    def _too_slow(self) -> None:
-        self._read_timer = None
-        if self._request_in_progress or self._current_request is not None or self._messages:
-            return  # a request is being handled (armed on its body in the turn before)
-        if self._request_count == self._armed_at_count and self.transport is not None:
-            log.info("a client's request headers did not arrive within %gs: dropped",
-                     self.read_timeout_s)  # (nothing at all, or a trickle)
-            self.transport.close()
-
-    def _disarm(self) -> None:
-        if self._read_timer is not None:
-            self._read_timer.cancel()
-            self._read_timer = None
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        self._disarm()
-        super().connection_lost(exc)
-
-
-class _GuardedServer(web.Server):
-    read_timeout_s = 30.0
-    max_connections = 100_000
-
-    def __call__(self) -> RequestHandler:
-        handler = _GuardedHandler(self, loop=self._loop, **self._kwargs)
-        handler.read_timeout_s = self.read_timeout_s
-        handler.max_connections = self.max_connections
-        return handler
-
-
 async def start(
     app: web.Application, sock: socket.socket, drain_s: float = 5.0, read_timeout_s: float = 30.0
 ) -> web.AppRunner:
@@ -152,14 +77,14 @@ async def start(
         app, shutdown_timeout=drain_s, keepalive_timeout=IDLE_S, **RUNNER_OPTIONS
     )  # (`drain` waits itself first: once it has, this timeout finds nothing left to wait)
     await runner.setup()
-    # aiohttp makes its own Server; ours differs only in the handler it makes per
-    # connection (tests/test_serve.py fails should an aiohttp release change that).
-    server = runner.server
-    assert server is not None and type(server) is web.Server
-    server.__class__ = _GuardedServer
-    server.read_timeout_s = read_timeout_s  # type: ignore[attr-defined]
-    server.max_connections = max_connections()  # type: ignore[attr-defined]
-    await web.SockSite(runner, sock).start()
+    # Every connection guarded: its headers timed and capped, and open ones counted.
+    await GuardedSite(
+        runner,
+        sock,
+        read_timeout_s=read_timeout_s,
+        max_connections=max_connections(),
+        max_head_bytes=MAX_HEAD_BYTES,
+    ).start()
     return runner
 
 
