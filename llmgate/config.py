@@ -141,6 +141,10 @@ class RagConfig(_Strict):
     waiting: WaitingConfig = msgspec.field(default_factory=WaitingConfig)  # phrases = []: none
     # the passages' budget, estimated as characters / 4: a small context is not overflowed
     max_context_tokens: Annotated[int, msgspec.Meta(ge=50, le=1_000_000)] = 2000
+    # where the passages go: just before the newest user message(s), so everything before
+    # them is what the last turn sent (the provider's prompt cache holds); in that message's
+    # text (providers that merge every system message into one); or after the system prompt
+    placement: Literal["before_question", "in_question", "system"] = "before_question"
 
 
 class AudioConfig(_Strict):
