@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -57,7 +58,7 @@ CONVERSATION = [
 ]
 
 
-async def test_passages_reach_the_provider_after_the_callers_system_messages(
+async def test_passages_reach_the_provider_just_before_the_question(
     rag_gateway, connect, upstream
 ):
     client = rag_client(connect, await rag_gateway())
@@ -69,10 +70,10 @@ async def test_passages_reach_the_provider_after_the_callers_system_messages(
     assert text == PHRASE + " " + "".join(WORDS)
     assert chunks[-1].choices[0].finish_reason == "stop"
     sent = upstream.requests[0]["messages"]
-    assert sent[0] == CONVERSATION[0]
-    assert sent[1]["role"] == "system" and "4.95 pounds" in sent[1]["content"]
-    assert "Delivery" in sent[1]["content"]
-    assert sent[2:] == CONVERSATION[1:]
+    assert sent[:3] == CONVERSATION[:3] and sent[4] == CONVERSATION[3]
+    assert sent[3]["role"] == "system" and "4.95 pounds" in sent[3]["content"]
+    assert "Delivery" in sent[3]["content"]
+    assert len(sent) == len(CONVERSATION) + 1
 
 
 async def test_nothing_found_says_so(rag_gateway, connect, upstream):
@@ -125,7 +126,7 @@ async def test_no_waiting_message_in_a_non_streamed_answer(rag_gateway, connect,
     client = rag_client(connect, await rag_gateway())
     completion = await client.chat.completions.create(model="text", messages=CONVERSATION)
     assert completion.choices[0].message.content == "".join(WORDS)
-    assert "4.95 pounds" in upstream.requests[0]["messages"][1]["content"]
+    assert "4.95 pounds" in upstream.requests[0]["messages"][3]["content"]
 
 
 async def test_the_turn_line_has_the_retrieval(rag_gateway, caplog):
@@ -235,3 +236,77 @@ async def test_a_failing_retrieval_service_still_gets_an_answer(
     assert upstream.requests[0]["messages"][0]["content"] == NOTHING_FOUND
     [line] = [r.turn for r in caplog.records if r.name == "llmgate.turn"]
     assert line["rag"]["error"] == "KbError"
+
+
+def _conversation(turns: int) -> list[dict]:
+    """A call's history after `turns` turns, as Agora's engine sends it back."""
+    messages = [{"role": "system", "content": "You are the Lumen store's assistant."}]
+    questions = ["How much does express delivery cost?", "And the standard one?",
+                 "Do you ship to Canada?"]
+    for i in range(turns):
+        messages.append({"role": "user", "content": questions[i]})
+        if i < turns - 1:
+            messages.append({"role": "assistant", "content": f"Answer {i}."})
+    return messages
+
+
+@pytest.mark.parametrize("placement", ["before_question", "system"])
+async def test_each_turns_prompt_extends_the_last_up_to_its_passages(
+    make_gateway, kb_path, connect, upstream, placement
+):
+    gateway = await make_gateway(
+        kb={"shop": {"path": str(kb_path)}},
+        rag={"shop": {"kb": "shop", "placement": placement, "waiting": {"phrases": []}}},
+        routes=[{"path": "/rag/chat/completions", "rag": "shop"}],
+    )
+    client = rag_client(connect, gateway)
+    for turns in (1, 2, 3):
+        await client.chat.completions.create(model="text", messages=_conversation(turns))
+    bodies = [json.dumps(body).encode() for body in upstream.requests]
+    prefixes = [body[: body.index(b"the knowledge base")] for body in bodies]
+    prefixes = [p[: p.rindex(b'{"role": "system"')] for p in prefixes]
+    pairs = list(itertools.pairwise(prefixes))
+    extends = [later.startswith(earlier) for earlier, later in pairs]
+    grows = [len(later) > len(earlier) for earlier, later in pairs]
+    if placement == "before_question":
+        assert extends == [True, True] and grows == [True, True]  # the cache holds it all
+    else:
+        assert grows == [False, False]  # only the system prompt stays the same
+
+
+@pytest.mark.parametrize("placement", ["before_question", "in_question", "system"])
+async def test_appended_user_turns_and_a_trailing_assistant_message(
+    make_gateway, kb_path, connect, upstream, placement
+):
+    gateway = await make_gateway(
+        kb={"shop": {"path": str(kb_path)}},
+        rag={"shop": {"kb": "shop", "placement": placement, "query_turns": 2}},
+        routes=[{"path": "/rag/chat/completions", "rag": "shop"}],
+    )
+    appended = [  # interruption off: the engine appends the next user turn
+        {"role": "system", "content": "You are the Lumen store's assistant."},
+        {"role": "user", "content": "How much is delivery"},
+        {"role": "user", "content": "to Canada?"},
+    ]
+    ending = [*appended, {"role": "assistant", "content": "Let me"}]
+    for messages in (appended, ending):
+        upstream.requests.clear()
+        completion = await rag_client(connect, gateway).chat.completions.create(
+            model="text", messages=messages
+        )
+        assert completion.choices[0].message.content
+        sent = upstream.requests[0]["messages"]
+        roles = [m["role"] for m in sent]
+        with_passages = [i for i, m in enumerate(sent) if "knowledge base" in str(m)]
+        assert len(with_passages) == 1
+        at = with_passages[0]
+        if placement == "before_question":
+            assert roles[at] == "system" and roles[at + 1 : at + 3] == ["user", "user"]
+        elif placement == "in_question":
+            assert sent[at]["role"] == "user" and sent[at]["content"].endswith("to Canada?")
+        else:
+            assert at == 1 and roles[at] == "system"
+        # nothing assumes user and assistant alternate: the request's end is its own
+        assert roles[-len(messages) + 1 :] == [m["role"] for m in messages[1:]]
+        if messages[-1]["role"] == "assistant":
+            assert sent[-1] == messages[-1]

@@ -6,10 +6,15 @@ say "one moment" while the caller would otherwise hear nothing.
                                    [rag.docs.waiting] phrases, after_ms
 
 The query is the last `query_turns` user messages (so "and on weekends?" still finds the
-opening hours). The passages go in as a system message after the caller's own system
-messages. With `after_ms = 0` a waiting phrase goes out at once, before retrieval; with
-N > 0 only if no answer token has come N ms after the request, and never when the answer
-is quicker. Non-streamed requests get no waiting phrase.
+opening hours). Where the passages go is `placement`: by default a system message just
+before the newest user message(s), so that everything before it is byte for byte what the
+previous turn sent and the provider's prompt cache keeps it warm; `in_question` puts them
+in the newest user message's text (a provider that merges every system message into one
+would move them to the top); `system` after the caller's own system messages. The
+passages of earlier turns are never carried forward (the engine's history holds none).
+With `after_ms = 0` a waiting phrase goes out at once, before retrieval; with N > 0 only
+if no answer token has come N ms after the request, and never when the answer is
+quicker. Non-streamed requests get no waiting phrase.
 
 The passages are held to `max_context_tokens`, estimated as characters / 4 (English text
 runs about 4 characters a token; no tokenizer on the voice path): the passages that fit go
@@ -87,7 +92,7 @@ class RagStage:
             elapsed = round((time.monotonic() - started) * 1000, 2)
             note = ask.turn.noted().rag
             note.retrieval_ms, note.hits, note.top_score = elapsed, len(hits), top
-            _insert(ask.body["messages"], self._system_message(hits))
+            _place(ask.body["messages"], self._system_message(hits), self.config.placement)
             async with aclosing(inner(ask)) as items:
                 while filler:  # no answer yet: the phrase goes out if none comes in time
                     step = asyncio.ensure_future(anext(items))
@@ -186,14 +191,41 @@ def query_text(messages: list[Any], turns: int) -> str:
     return "\n".join(reversed(texts))
 
 
-def _insert(messages: list[Any], system: dict[str, Any]) -> None:
-    """After the caller's own leading system (or developer) messages."""
-    at = 0
-    while at < len(messages) and isinstance(messages[at], dict) and messages[at].get(
-        "role"
-    ) in ("system", "developer"):
-        at += 1
-    messages.insert(at, system)
+def _place(messages: list[Any], system: dict[str, Any], placement: str) -> None:
+    """The passages' system message where `placement` says (see the module's notes)."""
+    question = _question(messages)
+    if placement == "system" or question is None:
+        at = 0  # after the caller's own leading system (or developer) messages
+        while at < len(messages) and _role(messages[at]) in ("system", "developer"):
+            at += 1
+        messages.insert(at, system)
+    elif placement == "before_question":
+        messages.insert(question, system)
+    else:  # in_question: the passages, then the newest question's own text
+        newest = max(i for i in range(question, len(messages)) if _role(messages[i]) == "user")
+        message = messages[newest]
+        content = message.get("content")
+        if isinstance(content, list):
+            message["content"] = [{"type": "text", "text": system["content"]}, *content]
+        else:
+            message["content"] = f"{system['content']}\n\n{content or ''}"
+
+
+def _question(messages: list[Any]) -> int | None:
+    """Where the newest user message(s) begin: the last run of user messages (two or more
+    in a row when the engine appended turns; the request may end with an assistant's)."""
+    at = len(messages)
+    while at > 0 and _role(messages[at - 1]) != "user":
+        at -= 1
+    if at == 0:
+        return None
+    while at > 0 and _role(messages[at - 1]) == "user":
+        at -= 1
+    return at
+
+
+def _role(message: Any) -> Any:
+    return message.get("role") if isinstance(message, dict) else None
 
 
 def _has_answer(piece: Piece) -> bool:
