@@ -3,6 +3,10 @@
 Three processes: the mock upstream (scripts/bench_mock.py), llmgate, and the load driver
 (scripts/bench_load.py). Each scenario runs direct first, then through llmgate, so the
 difference is llmgate's; llmgate's CPU time and RSS are read from /proc around each run.
+c1 and c50 also run through a thin aiohttp relay (scripts/bench_relay.py) in the same
+rounds: "llmgate minus relay" is what llmgate adds over any aiohttp proxy. plain-rss starts
+a second llmgate with only a plain route: its start-up, import time and RSS after 200 streams.
+--src PATH (or LLMGATE_SRC) runs llmgate from another source tree, e.g. a worktree of main.
 """
 
 from __future__ import annotations
@@ -63,6 +67,16 @@ SCENARIOS: dict[str, dict] = {
     # c1 on a tools route whose tool the model never calls: what the tools stage costs an
     # answer that needs no tool (llmgate's tools offered, every chunk looked at).
     "tools": {"requests": 1000, "concurrency": 1, "chunks": 20, "warmup": 20, "rounds": 2},
+    # A second llmgate whose config has only a plain route (no RAG, tools or audio routes):
+    # its start-up, `import llmgate.cli`, and RSS after 200 streams, 50 at a time, paced like
+    # paced-c200 (a chunk every 20 ms, first requests spread over 400 ms).
+    "plain-rss": {
+        "requests": 200,
+        "concurrency": 50,
+        "chunks": 20,
+        "gap_ms": 20,
+        "stagger_ms": 400,
+    },
 }
 # The plain route through a model alias (config below): one target keeps the byte relay;
 # two targets take the failover path (chunks read one by one, headers at the first token).
@@ -81,7 +95,11 @@ QUICK = {
     "alias-c1": (30, 1),
     "alias-c50": (100, 10),
     "failover-c1": (30, 1),
+    "plain-rss": (20, 10),
 }
+# Scenarios also run through the thin relay (scripts/bench_relay.py), in the same rounds.
+RELAYED = {"c1", "c50"}
+STARTS, STARTS_QUICK = 3, 1  # plain-rss: start-up and import times are the best of these
 KB_CHUNKS, KB_CHUNKS_QUICK = 100_000, 1_000
 REAL_KB_MB, REAL_KB_MB_QUICK, REAL_CHANGELOG_KB = 10.0, 0.5, 16
 RAG_PATHS = {"rag": "/rag/chat/completions", "rag-real": "/rag-real/chat/completions"}
@@ -97,7 +115,49 @@ BUDGET = {
     "rag_retrieval_p99_ms": 20.0,
     "rag_waiting_p50_ms": 5.0,
     "kb_ingest_mb_per_s": 2.0,
+    "c1_minus_relay_ttft_p50_ms": 0.15,
+    "plain_rss_mb_after_200": 48.0,
 }
+# The llmgate source tree the bench runs (--src / LLMGATE_SRC); None: the installed one.
+SRC: Path | None = None
+
+
+def llmgate_env() -> dict[str, str] | None:
+    """The environment of an llmgate process: with SRC, its llmgate package comes first.
+    PYTHONSAFEPATH keeps `python -m` from putting the working directory (this tree) ahead."""
+    if SRC is None:
+        return None
+    return {**os.environ, "PYTHONPATH": str(SRC), "PYTHONSAFEPATH": "1"}
+
+
+@contextlib.contextmanager
+def src_environ():
+    """SRC for the processes started meanwhile from code not written for it (bench_audio)."""
+    env = llmgate_env()
+    if env is None:
+        yield
+        return
+    saved = dict(os.environ)
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def describe_src() -> dict:
+    """Which llmgate the bench ran: its folder, commit and whether it had changes."""
+    tree = SRC or HERE.parent
+    git = ["git", "-C", str(tree)]
+    try:
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = bool(subprocess.run([*git, "status", "--porcelain", "--", "llmgate"],
+                                    capture_output=True, text=True, check=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        commit, dirty = None, None
+    return {"path": str(tree), "commit": commit, "llmgate_changed": dirty}
 
 
 def free_port() -> int:
@@ -106,7 +166,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, timeout: float = 15.0) -> None:
+def wait_http(url: str, timeout: float = 15.0, poll_s: float = 0.02) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -115,7 +175,7 @@ def wait_http(url: str, timeout: float = 15.0) -> None:
         except OSError:
             if time.monotonic() > deadline:
                 raise SystemExit(f"bench: {url} did not come up") from None
-            time.sleep(0.02)
+            time.sleep(poll_s)
 
 
 def get_json(url: str) -> dict:
@@ -180,10 +240,10 @@ def build_kb(workdir: Path, kb: str, write_docs) -> dict:
     kb_args = ["--config", str(workdir / "bench.toml"), "--kb", kb]
     started = time.monotonic()
     subprocess.run([*kb_cli, "ingest", *kb_args, str(docs)], check=True, capture_output=True,
-                   cwd=HERE.parent)
+                   cwd=HERE.parent, env=llmgate_env())
     seconds = time.monotonic() - started
     stats = subprocess.run([*kb_cli, "stats", *kb_args], check=True, capture_output=True,
-                           text=True, cwd=HERE.parent).stdout
+                           text=True, cwd=HERE.parent, env=llmgate_env()).stdout
     return {"kb_mb": round(size / 2**20, 1), "ingest_s": round(seconds, 2),
             "ingest_mb_per_s": round(size / 2**20 / seconds, 2),
             "kb_chunks": int(re.search(r"(\d+) chunks", stats)[1])}
@@ -252,6 +312,17 @@ BENCH_LIMITS = (
 )
 
 
+def _plain_config(port: int, mock_port: int) -> str:
+    """The server, the mock provider and the plain route: all plain-rss's llmgate has."""
+    return (
+        f'[server]\nport = {port}\napi_keys = ["bench"]\n'
+        + ("metrics = false\n" if os.environ.get("BENCH_NO_METRICS") else "")
+        + BENCH_LIMITS
+        + f'[providers.mock]\nbase_url = "http://127.0.0.1:{mock_port}/v1"\n'
+        '[[routes]]\npath = "/chat/completions"\n'
+    )
+
+
 def _config(port: int, mock_port: int) -> str:
     return (
         f'[server]\nport = {port}\napi_keys = ["bench"]\n'
@@ -274,20 +345,38 @@ def _config(port: int, mock_port: int) -> str:
 
 
 def start_llmgate(
-    mock_port: int, workdir: Path, workers: int = 1
+    mock_port: int, workdir: Path, workers: int = 1, name: str = "bench", config_of=_config
 ) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    config = workdir / "bench.toml"
-    config.write_text(_config(port, mock_port))
-    log = open(workdir / "llmgate.log", "w")  # noqa: SIM115 - lives as long as the process
+    config = workdir / f"{name}.toml"
+    config.write_text(config_of(port, mock_port))
+    log_name = "llmgate.log" if name == "bench" else f"{name}.log"
+    log = open(workdir / log_name, "w")  # noqa: SIM115 - lives as long as the process
     extra = ["--workers", str(workers)] if workers > 1 else []
     proc = subprocess.Popen(
-        [PY, "-m", "llmgate", "--config", str(config), *extra], stderr=log, cwd=HERE.parent
+        [PY, "-m", "llmgate", "--config", str(config), *extra], stderr=log, cwd=HERE.parent,
+        env=llmgate_env(),
     )
-    wait_http(f"http://127.0.0.1:{port}/healthz")
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", poll_s=0.005)
+    except SystemExit:
+        proc.kill()
+        raise
     if workers > 1:
         time.sleep(1.0)  # every worker listening, not only the first
     return proc, port
+
+
+def start_relay(mock_port: int) -> tuple[subprocess.Popen, int]:
+    upstream = f"http://127.0.0.1:{mock_port}/v1/chat/completions"
+    proc = subprocess.Popen(
+        [PY, str(HERE / "bench_relay.py"), "--upstream", upstream],
+        stdout=subprocess.PIPE, text=True,
+    )
+    line = proc.stdout.readline() if proc.stdout else ""
+    if "listening" not in line:
+        raise SystemExit("bench: the relay did not start")
+    return proc, int(line.rsplit(":", 1)[1])
 
 
 def drive(url: str, options: dict) -> dict:
@@ -324,7 +413,12 @@ def summarize(run: dict) -> dict:
 
 
 def run_scenario(
-    options: dict, mock_url: str, gw_url: str, gw: Proc, path: str = "/chat/completions"
+    options: dict,
+    mock_url: str,
+    gw_url: str,
+    gw: Proc,
+    path: str = "/chat/completions",
+    relay: tuple[str, Proc] | None = None,
 ) -> dict:
     options = dict(options)
     rounds = options.pop("rounds", 1)
@@ -344,11 +438,16 @@ def run_scenario(
     stop, peaks = threading.Event(), []
     sampler = threading.Thread(target=gw.sample_peak, args=(stop, peaks))
     sampler.start()
-    directs, throughs, cpu = [], [], 0.0
+    directs, throughs, relayed, cpu, relay_cpu = [], [], [], 0.0, 0.0
     try:
-        # Direct and through llmgate take turns, so drift on the machine hits both alike.
+        # Direct, the relay and llmgate take turns, so drift on the machine hits all alike.
         for r in range(rounds):
             directs.append(drive(direct_url, {**options, **_tag(hang_up, f"d{r}_")}))
+            if relay is not None:
+                relay_url, relay_proc = relay
+                cpu0 = relay_proc.cpu_s()
+                relayed.append(drive(f"{relay_url}/v1{path}", options))
+                relay_cpu += relay_proc.cpu_s() - cpu0
             cpu0 = gw.cpu_s()
             throughs.append(drive(gw_chat, {**options, **gw_only, **_tag(hang_up, f"g{r}_")}))
             cpu += gw.cpu_s() - cpu0
@@ -370,6 +469,23 @@ def run_scenario(
         "rss_mb_before": round(rss0, 1),
         "fds_before": fds0,
     }
+    if relay is not None:
+        raw_relay = _merge(relayed)
+        thin = summarize(raw_relay)
+        relay_cpu_ms = round(
+            relay_cpu * 1000 / max(thin["requests"] + raw_relay["warmup_requests"], 1), 3
+        )
+        out.update(
+            relay=thin,
+            relay_added_ttft_p50_ms=_diff(thin["ttft_p50_ms"], direct["ttft_p50_ms"]),
+            relay_added_ttft_p99_ms=_diff(thin["ttft_p99_ms"], direct["ttft_p99_ms"]),
+            relay_cpu_ms_per_request=relay_cpu_ms,
+            llmgate_minus_relay_ttft_p50_ms=_diff(through["ttft_p50_ms"], thin["ttft_p50_ms"]),
+            llmgate_minus_relay_ttft_p99_ms=_diff(through["ttft_p99_ms"], thin["ttft_p99_ms"]),
+            llmgate_minus_relay_cpu_ms_per_request=round(
+                out["cpu_ms_per_request"] - relay_cpu_ms, 3
+            ),
+        )
     if hang_up:
         out["direct"].update(_close_lags(raw_direct, mock_url))
         out["llmgate"].update(_close_lags(raw, mock_url))
@@ -380,6 +496,54 @@ def run_scenario(
             # The same storm ran twice before: a leak would climb past their peak.
             rss_mb_warm_peak=round(warm_peak, 1),
         )
+    return out
+
+
+def best_wall_s(argv: list[str], times: int) -> tuple[float, list[float]]:
+    """The shortest of `times` wall times of a command run to its end (an llmgate env)."""
+    runs = []
+    for _ in range(times):
+        started = time.monotonic()
+        subprocess.run(argv, check=True, capture_output=True, cwd=HERE.parent, env=llmgate_env())
+        runs.append(round(time.monotonic() - started, 3))
+    return min(runs), runs
+
+
+def plain_rss(options: dict, mock_port: int, workdir: Path, starts: int) -> dict:
+    """A second llmgate with only the plain route: how long it takes to answer /healthz from
+    its process start (best of `starts`: the first may also write .pyc files), what
+    `import llmgate.cli` costs alone, and its RSS after the streams in `options`."""
+    startup = []
+    for _ in range(starts):
+        started = time.monotonic()
+        proc, port = start_llmgate(mock_port, workdir, name="plain", config_of=_plain_config)
+        startup.append(round(time.monotonic() - started, 3))
+        if len(startup) < starts:
+            proc.terminate()
+            proc.wait(timeout=10)
+    try:
+        gw = Proc(proc.pid)
+        startup_peak = gw.rss_mb("VmHWM")  # run_scenario resets VmHWM to time its own run
+        out = run_scenario(options, f"http://127.0.0.1:{mock_port}", f"http://127.0.0.1:{port}",
+                           gw)
+        rss_after, hwm_after = gw.rss_mb(), gw.rss_mb("VmHWM")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    bare_s, _ = best_wall_s([PY, "-c", "pass"], starts)
+    import_s, import_runs = best_wall_s([PY, "-c", "import llmgate.cli"], starts)
+    out.update(
+        streams=out["llmgate"]["requests"],
+        startup_s=min(startup),
+        startup_s_runs=startup,
+        import_s=import_s,
+        import_s_runs=import_runs,
+        python_bare_s=bare_s,
+        rss_mb_after_startup=out["rss_mb_before"],
+        rss_mb_after_200=round(rss_after, 1),
+        # VmHWM since start-up: the higher of the start-up's and the streams' peaks
+        peak_rss_mb=round(max(startup_peak, hwm_after, out["peak_rss_mb"]), 1),
+    )
     return out
 
 
@@ -443,6 +607,13 @@ def budget(results: dict) -> list[tuple[str, bool, str]]:
         added = results["c1"]["added_ttft_p50_ms"]
         ok = added is not None and added <= 0.5
         checks.append(("c1 added ttft p50 <= 0.5 ms", ok, f"{added} ms"))
+        if "llmgate_minus_relay_ttft_p50_ms" in results["c1"]:
+            over, limit = results["c1"]["llmgate_minus_relay_ttft_p50_ms"], BUDGET[
+                "c1_minus_relay_ttft_p50_ms"
+            ]
+            ok = over is not None and over <= limit
+            label = f"c1 ttft p50 <= the thin relay's + {limit:g} ms"
+            checks.append((label, ok, f"{_signed(over)} ms"))
     for name in ("c1", "c50"):
         if name in results:
             cpu = results[name]["cpu_ms_per_request"]
@@ -477,6 +648,12 @@ def budget(results: dict) -> list[tuple[str, bool, str]]:
             f"RSS kept <= {RETAINED_KB_PER_HANG_UP} KB a hang-up"
         )
         checks.append((label, ok, value))
+    if "plain-rss" in results:
+        r = results["plain-rss"]
+        rss, limit = r["rss_mb_after_200"], BUDGET["plain_rss_mb_after_200"]
+        label = f"plain-route process RSS after {r['streams']} streams <= {limit:g} MB"
+        ok = rss <= limit and r["llmgate"]["failed"] == 0
+        checks.append((label, ok, f"{rss} MB (peak {r['peak_rss_mb']} MB)"))
     if "rag" in results:
         r = results["rag"]
         for key, label in (("retrieval_p50_ms", "p50"), ("retrieval_p99_ms", "p99")):
@@ -529,12 +706,42 @@ def print_table(results: dict, checks: list) -> None:
                     "",
                 )
             )
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+        plain = (
+            ("startup_s", "start until /healthz, s (best)"),
+            ("import_s", "import llmgate.cli, s (best)"),
+            ("python_bare_s", "python -c pass, s (best)"),
+            ("rss_mb_after_startup", "rss MB after start-up"),
+            ("rss_mb_after_200", "rss MB after the streams"),
+        )
+        for key, label in plain:
+            if key in r:
+                rows.append((name, label, "", str(r[key]), ""))
+    _print_rows(rows)
+    relayed = {name: r for name, r in results.items() if "relay" in r}
+    if relayed:
+        print("\nthe same rounds through a thin aiohttp relay (scripts/bench_relay.py)")
+        rows = [("scenario", "metric", "direct", "relay", "llmgate", "llmgate - relay")]
+        for name, r in relayed.items():
+            d, t, g = r["direct"], r["relay"], r["llmgate"]
+            for metric in ("ttft_p50_ms", "ttft_p99_ms", "total_p50_ms", "rps", "failed"):
+                rows.append((name, metric, str(d[metric]), str(t[metric]), str(g[metric]),
+                             _signed(_diff(g[metric], t[metric]))))
+            rows.append((name, "added ttft_p50_ms", "", _signed(r["relay_added_ttft_p50_ms"]),
+                         _signed(r["added_ttft_p50_ms"]),
+                         _signed(r["llmgate_minus_relay_ttft_p50_ms"])))
+            rows.append((name, "cpu ms/request", "", str(r["relay_cpu_ms_per_request"]),
+                         str(r["cpu_ms_per_request"]),
+                         _signed(r["llmgate_minus_relay_cpu_ms_per_request"])))
+        _print_rows(rows)
     print()
     for label, ok, value in checks:
         print(f"{'PASS' if ok else 'MISS'}  {label}: {value}")
+
+
+def _print_rows(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
 
 
 def print_audio(audio: dict) -> None:
@@ -577,7 +784,21 @@ def main() -> int:
     parser.add_argument(
         "--workers", type=int, default=1, help="llmgate --workers N (CPU: all of them)"
     )
+    parser.add_argument(
+        "--src", metavar="PATH", default=os.environ.get("LLMGATE_SRC"),
+        help="run llmgate from this source tree (e.g. a git worktree of main), not the "
+        "installed one: PYTHONPATH for the llmgate processes only (default: $LLMGATE_SRC)",
+    )
     args = parser.parse_args()
+    global SRC
+    if args.src:
+        SRC = Path(args.src).resolve()
+        if not (SRC / "llmgate" / "__init__.py").is_file():
+            parser.error(f"--src {args.src}: no llmgate package there")
+    src = describe_src()
+    print(f"llmgate from {src['path']} at {src['commit']}"
+          + (" (llmgate/ changed since)" if src["llmgate_changed"] else ""),
+          file=sys.stderr, flush=True)
     unknown = set(args.scenarios) - set(SCENARIOS)
     if unknown:
         parser.error(f"unknown scenario {', '.join(sorted(unknown))}")
@@ -595,17 +816,23 @@ def main() -> int:
         docs = real_docs(REAL_KB_MB_QUICK if args.quick else REAL_KB_MB)
         kb_built["rag-real"] = build_kb(workdir, "real", docs)
     mock, mock_port = start_mock()
-    gateway = None
+    gateway = relay = None
     try:
         gateway, gw_port = start_llmgate(mock_port, workdir, args.workers)
         gw = Proc(gateway.pid)
+        if RELAYED & set(names):
+            relay, relay_port = start_relay(mock_port)
+            relay_at = (f"http://127.0.0.1:{relay_port}", Proc(relay.pid))
         results = {}
         for name in names:
             if name == "audio":
                 import bench_audio  # its own upstream and llmgate; it imports from here
 
                 print("running audio ...", file=sys.stderr, flush=True)
-                audio = asyncio.run(bench_audio.run(bench_audio.available(), args.quick))
+                if SRC is not None:  # its engines run in this process too
+                    sys.path.insert(0, str(SRC))
+                with src_environ():
+                    audio = asyncio.run(bench_audio.run(bench_audio.available(), args.quick))
                 continue
             options = dict(SCENARIOS[name])
             if args.quick:
@@ -613,6 +840,10 @@ def main() -> int:
                 options["warmup"] = min(options.get("warmup", 0), 1)
                 options["rounds"] = 1
             print(f"running {name} ...", file=sys.stderr, flush=True)
+            if name == "plain-rss":
+                starts = STARTS_QUICK if args.quick else STARTS
+                results[name] = plain_rss(options, mock_port, workdir, starts)
+                continue
             path = "/chat/completions"
             if name in RAG_PATHS:
                 kb = "bench" if name == "rag" else "real"
@@ -622,13 +853,14 @@ def main() -> int:
             if name == "tools":
                 path = TOOLS_PATH
             results[name] = run_scenario(
-                options, f"http://127.0.0.1:{mock_port}", f"http://127.0.0.1:{gw_port}", gw, path
+                options, f"http://127.0.0.1:{mock_port}", f"http://127.0.0.1:{gw_port}", gw, path,
+                relay_at if name in RELAYED else None,
             )
             if name in RAG_PATHS:
                 log = _retrieval_times(workdir / "llmgate.log", log_at)
                 results[name].update(kb_built[name], **log)
     finally:
-        for proc in (gateway, mock):
+        for proc in (gateway, relay, mock):
             if proc is not None:
                 proc.terminate()
                 proc.wait(timeout=10)
@@ -653,6 +885,7 @@ def main() -> int:
                 "platform": platform.platform(),
                 "steal_percent": steal,
             },
+            "llmgate_src": src,
             "budget": BUDGET,
             "checks": [{"check": c, "ok": ok, "value": v} for c, ok, v in checks],
             "scenarios": {**results, **({"audio": audio} if audio else {})},
