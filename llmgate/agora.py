@@ -39,6 +39,41 @@ def take_engine_fields(raw: dict[str, Any], forward: frozenset[str]) -> dict[str
     return metadata
 
 
+def own_phrases_out(messages: list[Any], phrases: tuple[str, ...]) -> None:
+    """llmgate's own phrases (a waiting phrase, a tool filler, the apology) taken out of the
+    assistant messages of the history the engine sends back (its memory holds what the
+    agent said, and so what llmgate said): matched at the start of a message, as the whole
+    message, or (the apology, said after a cut answer) at its end. A message left empty is
+    dropped (some providers refuse an empty assistant content), unless it has tool calls.
+    So the model never learns to open its answers with "One moment, let me check."."""
+    drop = []
+    for i, message in enumerate(messages):
+        if type(message) is not dict or message.get("role") != "assistant":
+            continue
+        content = message.get("content")
+        if type(content) is not str or not content:
+            continue
+        text = content.strip()
+        if not (text.startswith(phrases) or text.endswith(phrases)):
+            continue  # (most messages: one C call for every phrase)
+        changed = True
+        while changed and text:
+            changed = False
+            for phrase in phrases:
+                if text.startswith(phrase):
+                    text, changed = text[len(phrase):].lstrip(), True
+                elif text.endswith(phrase):
+                    text, changed = text[: -len(phrase)].rstrip(), True
+        if text == content.strip():
+            continue
+        if text or message.get("tool_calls"):
+            message["content"] = text
+        else:
+            drop.append(i)
+    for i in reversed(drop):
+        del messages[i]
+
+
 def channel_key(metadata: dict[str, Any]) -> str | None:
     """ "app/channel" from Agora's `context` object, else from `llm.params` fields."""
     context = metadata.get("context")

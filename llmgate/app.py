@@ -90,7 +90,9 @@ class Generation:
         self.routes: dict[str, tuple[str, Handler]] = {}
         for route in config.routes:
             call = _call(route, config, self.retrievers, self.engines, self.toolbox)
-            handler = ChatCompletions(route.path, call, self.settings, self.router)
+            handler = ChatCompletions(
+                route.path, call, self.settings, self.router, _own_phrases(route, config)
+            )
             for path in _with_v1(route.path):
                 self.routes[path] = ("POST", self._counted(handler.handle))
         models = ModelList(self.settings, self.router)
@@ -229,6 +231,18 @@ async def _count_start(_: web.Application) -> None:
     except importlib.metadata.PackageNotFoundError:
         version = "unknown"
     metrics.started(version)
+
+
+def _own_phrases(route: RouteConfig, config: Config) -> tuple[str, ...]:
+    """What llmgate itself may say on `route`, longest first (one may begin another)."""
+    phrases: list[str] = []
+    if route.rag is not None:
+        phrases += config.rag[route.rag].waiting.phrases
+    if route.tools and route.tool_filler is not None:
+        phrases += route.tool_filler.phrases
+    if config.server.on_stream_error == "apology" and config.server.apology:
+        phrases.append(config.server.apology)
+    return tuple(sorted({p.strip() for p in phrases if p.strip()}, key=len, reverse=True))
 
 
 def _global_max(config: Config) -> int:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import msgspec
 from aiohttp import web
 
+from llmgate.agora import own_phrases_out
 from llmgate.config import is_loopback
 from llmgate.errors import ApiError, UpstreamTimeout, caller_error
 from llmgate.obs import clock, metrics, tracing
@@ -56,10 +57,18 @@ class ChatCompletions:
     """
 
     def __init__(
-        self, route: str, call: Call | None, settings: Settings, router: Router
+        self,
+        route: str,
+        call: Call | None,
+        settings: Settings,
+        router: Router,
+        phrases: tuple[str, ...] = (),
     ) -> None:
         self.route = route
         self.call = call
+        # what llmgate itself says on this route, taken out of the history's assistant
+        # messages (agora.own_phrases_out); none on a plain route without an apology
+        self.phrases = phrases
         self.settings = settings
         self.router = router
 
@@ -136,6 +145,8 @@ class ChatCompletions:
         caller_key = caller.key
         turn.stream = bool(chat.stream)
         upstream_body, turn.metadata = build(raw, target.model, plan.forward)
+        if self.phrases:
+            own_phrases_out(upstream_body["messages"], self.phrases)
         session = request.app[SESSION]
         channels = request.app[STATE].channels
         channel = await channels.enter(turn)
