@@ -337,7 +337,7 @@ async def test_a_body_read_just_after_its_headers_does_not_arm_the_header_timer(
     sock = serve.listen("127.0.0.1", 0, 30)
     runner = await serve.start(app, sock, read_timeout_s=0.2)
     try:
-        handler = runner.server()  # type: ignore[misc]
+        handler = next(iter(runner.sites)).connection()  # a guarded connection
         transport = _Transport()
         handler.connection_made(transport)
         body = b'{"a": 1}'

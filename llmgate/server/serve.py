@@ -51,6 +51,9 @@ MAX_HEAD_BYTES = 64 * 1024  # a request's headers (Agora's are well under 2 KB)
 IDLE_S = 75.0  # a connection with no request in flight is closed after this (nginx's default)
 
 
+BACKLOG = 1024  # connections the kernel holds before llmgate accepts them
+
+
 def listen(host: str, port: int, send_timeout_s: float, reuse_port: bool = False):
     host = host.strip("[]")  # "[::1]", as a URL spells it, is ::1
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -63,7 +66,7 @@ def listen(host: str, port: int, send_timeout_s: float, reuse_port: bool = False
         # nothing for this long, which cancels its turn. Once here, not per response.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(send_timeout_s * 1000))
     sock.bind((host, port))
-    sock.listen(1024)
+    sock.listen(BACKLOG)
     sock.setblocking(False)
     return sock
 
@@ -84,6 +87,7 @@ async def start(
         read_timeout_s=read_timeout_s,
         max_connections=max_connections(),
         max_head_bytes=MAX_HEAD_BYTES,
+        backlog=BACKLOG,  # as listen() set it (aiohttp's own sites listen again at 128)
     ).start()
     return runner
 
