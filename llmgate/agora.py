@@ -8,6 +8,7 @@ go upstream: they become the turn's metadata.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 # The engine's own fields on a message (a provider would refuse them).
@@ -72,6 +73,15 @@ def own_phrases_out(messages: list[Any], phrases: tuple[str, ...]) -> None:
             drop.append(i)
     for i in reversed(drop):
         del messages[i]
+
+
+def cache_key(metadata: dict[str, Any]) -> str | None:
+    """A stable hash of the call's channel (app id and channel name, never the names):
+    one call's turns share the provider's prompt cache."""
+    channel = channel_key(metadata)
+    if channel is None:
+        return None
+    return "llmgate-" + hashlib.sha256(channel.encode()).hexdigest()[:32]
 
 
 def channel_key(metadata: dict[str, Any]) -> str | None:

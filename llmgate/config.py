@@ -105,6 +105,9 @@ class ProviderConfig(_Strict, kw_only=True):
     idle_timeout_s: _Positive = 30.0
     breaker: BreakerConfig = BreakerConfig()
     models_refresh_s: _Positive = 600.0  # how often a provider's own /models is read again
+    # "channel": send OpenAI's prompt_cache_key as a hash of the Agora channel (never its
+    # name) unless the caller sent one; off by default (a provider may refuse the field)
+    prompt_cache_key: Literal["off", "channel"] = "off"
 
 
 class SpeechConfig(_Strict):

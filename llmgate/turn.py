@@ -149,6 +149,10 @@ class Turn:
                 for k, v in list(self.usage.items())[:16]
                 if len(k) <= 64 and k.endswith("_tokens") and type(v) is int
             }
+            details = self.usage.get("prompt_tokens_details")
+            cached = details.get("cached_tokens") if type(details) is dict else None
+            if type(cached) is int:
+                out["cached_tokens"] = cached
         if self.error:
             out["error"] = self.error
         if self.notes is not None:
@@ -255,6 +259,8 @@ def _add_usage(total: dict[str, Any] | None, usage: dict[str, Any]) -> dict[str,
     for key, value in usage.items():
         if type(value) is int and type(out.get(key, 0)) is int:
             out[key] = out.get(key, 0) + value
+        elif type(value) is dict and type(out.get(key)) is dict:  # *_tokens_details
+            out[key] = _add_usage(out[key], value)
         elif key not in out:
             out[key] = value
     return out

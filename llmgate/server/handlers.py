@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import msgspec
 from aiohttp import web
 
-from llmgate.agora import own_phrases_out
+from llmgate.agora import cache_key, own_phrases_out
 from llmgate.config import is_loopback
 from llmgate.errors import ApiError, UpstreamTimeout, caller_error
 from llmgate.obs import clock, metrics, tracing
@@ -147,6 +147,10 @@ class ChatCompletions:
         upstream_body, turn.metadata = build(raw, target.model, plan.forward)
         if self.phrases:
             own_phrases_out(upstream_body["messages"], self.phrases)
+        if plan.cache_by_channel and "prompt_cache_key" not in upstream_body:
+            key = cache_key(turn.metadata)
+            if key is not None:
+                upstream_body["prompt_cache_key"] = key
         session = request.app[SESSION]
         channels = request.app[STATE].channels
         channel = await channels.enter(turn)

@@ -180,6 +180,11 @@ class Plan:
         return self.targets[0]
 
     @property
+    def cache_by_channel(self) -> bool:
+        """Every target's provider asks for a prompt_cache_key by channel."""
+        return all(t.provider.config.prompt_cache_key == "channel" for t in self.targets)
+
+    @property
     def forward(self) -> frozenset[str]:
         """The top-level fields any target forwards (each target drops the rest)."""
         out = self.targets[0].provider.forward
