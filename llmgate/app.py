@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from llmgate.calls import CALLS, Calls, calls_ctx
 from llmgate.config import Config, KbConfig, Loaded, RouteConfig, ServerConfig
 from llmgate.obs import metrics, tracing
 from llmgate.obs.metrics import Names
@@ -192,9 +193,12 @@ def create_app(loaded: Loaded) -> web.Application:
     app = web.Application(middlewares=[error_envelopes])
     live = app[LIVE] = Live(generation)
     app[STATE] = state
+    server = loaded.config.server
+    app[CALLS] = Calls(server.call_idle_s, metrics=server.metrics)
     app[IN_FLIGHT] = in_flight
     app.cleanup_ctx.append(client_session)
     app.cleanup_ctx.append(state_ctx)
+    app.cleanup_ctx.append(calls_ctx)
     app.on_startup.append(lambda app: live.current.start(app[SESSION]))
     if loaded.config.server.metrics:
         app.on_startup.append(_count_start)
@@ -222,6 +226,7 @@ async def reload(app: web.Application, loaded: Loaded) -> None:
             raise
         old, live.current = live.current, new
         state.limits.max_concurrent = _global_max(loaded.config)
+        app[CALLS].idle_s = loaded.config.server.call_idle_s
         old.retire()
 
 

@@ -67,6 +67,8 @@ class ServerConfig(_Strict):
     # a request's headers (from its first byte) and its body must each arrive this soon
     read_timeout_s: _Positive = 30.0
     answer_timeout_s: _Positive = 300.0  # a non-streamed answer must be whole within this
+    # a channel with no turn for this long has ended: its `call` line is written
+    call_idle_s: Annotated[float, msgspec.Meta(gt=0, le=86_400)] = 120.0
     drain_s: Annotated[float, msgspec.Meta(ge=0)] = 20.0  # SIGTERM: streams in flight finish
     # no caller key: a loopback host starts open (with a warning); any other refuses unless
     allow_unauthenticated: bool = False

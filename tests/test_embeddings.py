@@ -131,7 +131,7 @@ async def test_the_rag_route_with_embeddings(make_gateway, connect, upstream, co
     await rag_client(connect, gateway).chat.completions.create(
         model="fake/text", messages=CONVERSATION
     )
-    assert "4.95 pounds" in upstream.requests[1]["messages"][1]["content"]
+    assert "4.95 pounds" in upstream.requests[1]["messages"][3]["content"]  # before the question
 
 
 async def test_embeddings_down_at_ingest_leaves_the_base_unchanged(config, embeddings):

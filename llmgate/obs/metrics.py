@@ -122,6 +122,14 @@ FIRST_SENTENCE = Histogram(
     "audio stage (first token to first sentence is Agora's llm_ftfs)",
     ("route",), buckets=_LATENCY, registry=REGISTRY,
 )
+CALLS = Counter(
+    "llmgate_calls", "Calls (Agora channels) that ended: no turn for server.call_idle_s",
+    registry=REGISTRY,
+)
+CALL_SECONDS = Histogram(
+    "llmgate_call_duration_seconds", "A call's first turn to its last",
+    buckets=(10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200), registry=REGISTRY,
+)
 STATE_SHARED = Gauge(
     "llmgate_state_shared",
     "1: limits, circuits and barge-in shared through Redis; 0: this process's own (Redis is "
@@ -247,6 +255,11 @@ def reloaded(ok: bool) -> None:
 
 def circuit(provider: str, state: str) -> None:
     CIRCUIT.labels(provider).set(_CIRCUIT.get(state, 0))
+
+
+def call_ended(seconds: float) -> None:
+    CALLS.inc()
+    CALL_SECONDS.observe(seconds)
 
 
 def state_shared(value: int) -> None:

@@ -13,6 +13,7 @@ import msgspec
 from aiohttp import web
 
 from llmgate.agora import cache_key, own_phrases_out
+from llmgate.calls import CALLS
 from llmgate.config import is_loopback
 from llmgate.errors import ApiError, UpstreamTimeout, caller_error
 from llmgate.obs import clock, metrics, tracing
@@ -108,6 +109,7 @@ class ChatCompletions:
             return self._failed(turn, exc)
         finally:
             turn.log()
+            request.app[CALLS].add(turn)
 
     @staticmethod
     def _failed(turn: Turn, exc: Exception) -> web.Response:
