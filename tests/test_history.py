@@ -72,3 +72,52 @@ async def test_the_plain_route_takes_out_its_apology_only(make_gateway, connect,
     said = [m["content"] for m in upstream.requests[0]["messages"] if m["role"] == "assistant"]
     first = "It costs" if apology else f"It costs {APOLOGY}"
     assert said == [first, f"{WAITING} It costs 9.95 pounds."]  # no waiting phrase here
+
+
+APPENDED = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is the weather"},
+    {"role": "user", "content": "in Paris?"},  # appended: interruption off
+]
+ENDING = [*APPENDED, {"role": "assistant", "content": "Let me"}]
+
+
+@pytest.mark.parametrize("route", ["plain", "speech", "tools", "audio"])
+@pytest.mark.parametrize("messages", [APPENDED, ENDING], ids=["appended", "assistant-last"])
+async def test_every_route_takes_turns_that_do_not_alternate(
+    make_gateway, upstream, aiohttp_server, route, messages
+):
+    import aiohttp
+    from aiohttp import web
+
+    async def weather(request: web.Request) -> web.Response:
+        return web.json_response({"sky": "sunny"})
+
+    tool_app = web.Application()
+    tool_app.router.add_post("/weather", weather)
+    tool = await aiohttp_server(tool_app)
+    sections = {
+        "plain": {"path": "/r/chat/completions"},
+        "speech": {"path": "/r/chat/completions", "speech": True},
+        "tools": {"path": "/r/chat/completions", "tools": ["weather"]},
+        "audio": {"path": "/r/chat/completions", "audio": "voice"},
+    }
+    gateway = await make_gateway(
+        tools={"weather": {"kind": "http", "url": str(tool.make_url("/weather")),
+                           "parameters": {"type": "object",
+                                          "properties": {"city": {"type": "string"}}}}},
+        audio={"voice": {"engine": "piper", "pace": False}},
+        routes=[sections[route]],
+    )
+    model = "use-tools-weather" if route == "tools" else "text"
+    async with aiohttp.ClientSession() as session, session.post(
+        gateway.make_url("/r/chat/completions"),
+        json={"model": model, "stream": True, "messages": messages},
+        headers={"Authorization": "Bearer test-key"},
+    ) as resp:
+        raw = await resp.read()
+    assert resp.status == 200 and raw.endswith(b"data: [DONE]\n\n")
+    sent = upstream.requests[-1]["messages"]
+    assert sent[: len(messages)] == messages  # the turn's own messages as they came
+    if route == "tools":  # the tools loop appends after them: the call, then its result
+        assert [m["role"] for m in sent[len(messages):]] == ["assistant", "tool"]
