@@ -45,8 +45,12 @@ async def serve(host: str, port: int, upstream: str) -> None:
     app.router.add_post("/chat/completions", relay)
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=None)
+    # No cookie jar (a relay keeps none; llmgate's client has none either)
     async with aiohttp.ClientSession(
-        connector=connector, timeout=timeout, auto_decompress=False
+        connector=connector,
+        timeout=timeout,
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
     ) as session:
         app[SESSION], app[UPSTREAM] = session, upstream
         runner = web.AppRunner(app, access_log=None)
