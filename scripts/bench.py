@@ -21,6 +21,7 @@ import os
 import platform
 import random
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -120,14 +121,24 @@ BUDGET = {
 }
 # The llmgate source tree the bench runs (--src / LLMGATE_SRC); None: the installed one.
 SRC: Path | None = None
+# Where llmgate processes keep their bytecode (main sets it in the run's folder): a start
+# reads .pyc files as a deployed one does, though PYTHONDONTWRITEBYTECODE is set or the
+# tree is read-only, and no source tree gets a __pycache__ from the bench.
+PYCACHE: Path | None = None
 
 
 def llmgate_env() -> dict[str, str] | None:
     """The environment of an llmgate process: with SRC, its llmgate package comes first.
     PYTHONSAFEPATH keeps `python -m` from putting the working directory (this tree) ahead."""
-    if SRC is None:
+    if SRC is None and PYCACHE is None:
         return None
-    return {**os.environ, "PYTHONPATH": str(SRC), "PYTHONSAFEPATH": "1"}
+    env = dict(os.environ)
+    if PYCACHE is not None:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = str(PYCACHE)
+    if SRC is not None:
+        env.update(PYTHONPATH=str(SRC), PYTHONSAFEPATH="1")
+    return env
 
 
 @contextlib.contextmanager
@@ -138,6 +149,7 @@ def src_environ():
         yield
         return
     saved = dict(os.environ)
+    os.environ.clear()
     os.environ.update(env)
     try:
         yield
@@ -511,8 +523,9 @@ def best_wall_s(argv: list[str], times: int) -> tuple[float, list[float]]:
 
 def plain_rss(options: dict, mock_port: int, workdir: Path, starts: int) -> dict:
     """A second llmgate with only the plain route: how long it takes to answer /healthz from
-    its process start (best of `starts`: the first may also write .pyc files), what
-    `import llmgate.cli` costs alone, and its RSS after the streams in `options`."""
+    its process start (best of `starts`: the first may still write .pyc files), what
+    `import llmgate.cli` costs alone (and `python -c pass`, the interpreter's share of it),
+    and its RSS after the streams in `options`."""
     startup = []
     for _ in range(starts):
         started = time.monotonic()
@@ -803,6 +816,8 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown scenario {', '.join(sorted(unknown))}")
     workdir = Path(tempfile.mkdtemp(prefix="llmgate-bench-"))
+    global PYCACHE
+    PYCACHE = workdir / "pycache"
     cpu_before = _cpu_times()
     names = args.scenarios or [n for n in SCENARIOS if n not in OPT_IN]
     kb_built: dict = {}
@@ -864,6 +879,7 @@ def main() -> int:
             if proc is not None:
                 proc.terminate()
                 proc.wait(timeout=10)
+        shutil.rmtree(PYCACHE, ignore_errors=True)
     steal = _steal_percent(cpu_before, _cpu_times())
     checks = budget(results)
     if audio:
