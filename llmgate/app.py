@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from llmgate.calls import CALLS, Calls, calls_ctx
-from llmgate.config import Config, KbConfig, Loaded, RouteConfig, ServerConfig
+from llmgate.config import Config, HttpKb, KbConfig, Loaded, RouteConfig, ServerConfig
 from llmgate.obs import metrics, tracing
 from llmgate.obs.metrics import Names
 from llmgate.pipeline import Call, Stage, compose
@@ -330,15 +330,13 @@ def _call(
 
 
 def _retriever(name: str, kb: KbConfig, loaded: Loaded) -> Retriever | HttpRetriever:
-    if kb.kind == "http":
+    if isinstance(kb, HttpKb):
         from llmgate.kb.remote import HttpRetriever
 
-        assert kb.url is not None
         return HttpRetriever(name, kb.url, kb.headers, kb.timeout_s)
     from llmgate.kb.embeddings import EmbeddingError, embedder_for
     from llmgate.kb.retriever import Retriever
 
-    assert kb.path is not None
     try:
         # A question's vector is on the voice path: a dead endpoint costs at most this.
         embedder = embedder_for(kb, loaded, timeout_s=2.0)

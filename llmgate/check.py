@@ -21,7 +21,16 @@ from aiohttp import web
 
 from llmgate import config as configuration
 from llmgate import http
-from llmgate.config import AudioConfig, Config, KbConfig, Loaded, ToolConfig
+from llmgate.config import (
+    AudioConfig,
+    Config,
+    HttpKb,
+    HttpToolConfig,
+    KbConfig,
+    Loaded,
+    McpToolConfig,
+    OpenaiAudio,
+)
 from llmgate.errors import ApiError, UpstreamStatus
 from llmgate.kb.remote import HttpRetriever
 from llmgate.kb.store import KbError, search
@@ -119,7 +128,8 @@ async def check(loaded: Loaded, timeout: float, config_path: str = "config.toml"
         name: Provider(name, provider, loaded.unset_env.get(name, ()))
         for name, provider in config.providers.items()
     }
-    if any(config.tools[name].kind == "mcp" for route in config.routes for name in route.tools):
+    used = (config.tools[name] for route in config.routes for name in route.tools)
+    if any(isinstance(tool, McpToolConfig) for tool in used):
         _mcp_probe()  # its import blocks for seconds: not while the other probes are timed
     async with _session() as session:
         probes = [
@@ -253,14 +263,14 @@ def _tool_rows(
         what = f"tool {name}"
         if name not in used:
             rows.append(_ready(Row(what, SKIP, "no route uses it")))
-        elif tool.kind == "mcp":
+        elif isinstance(tool, McpToolConfig):
             rows.append(_timed(what, _mcp(name, tool), timeout))
         else:
             rows.append(_timed(what, _reach(tool, session), timeout))
     return rows
 
 
-async def _reach(tool: ToolConfig, session: aiohttp.ClientSession) -> tuple[str, str]:
+async def _reach(tool: HttpToolConfig, session: aiohttp.ClientSession) -> tuple[str, str]:
     # HEAD, never the tool's own method: a call with made-up arguments could do something.
     # Any answer at all means it is reachable; the URL is never shown (it may hold a key).
     try:
@@ -274,7 +284,7 @@ async def _reach(tool: ToolConfig, session: aiohttp.ClientSession) -> tuple[str,
         raise Failed(str(exc)) from None
 
 
-async def _mcp(name: str, tool: ToolConfig) -> tuple[str, str]:
+async def _mcp(name: str, tool: McpToolConfig) -> tuple[str, str]:
     server = _mcp_probe()(name, tool)
     await server.start()
     try:
@@ -305,7 +315,7 @@ def _mcp_probe() -> type:
         """The server's MCP client, telling its first connection's outcome (the tools it
         listed, or why it failed) instead of logging it and retrying."""
 
-        def __init__(self, name: str, tool: ToolConfig) -> None:
+        def __init__(self, name: str, tool: McpToolConfig) -> None:
             super().__init__(
                 name, tool.url, tool.headers, tool.allowed, tool.timeout_s, retry_s=3600
             )
@@ -332,10 +342,8 @@ def _kb_row(
     name: str, kb: KbConfig, loaded: Loaded, timeout: float, config_path: str
 ) -> Awaitable[Row]:
     what = f"kb {name}"
-    if kb.kind == "http":
-        assert kb.url is not None  # the config checked it
+    if isinstance(kb, HttpKb):
         return _timed(what, _remote(name, kb), timeout)
-    assert kb.path is not None
     ingest = f"python -m llmgate kb ingest --config {config_path} --kb {name} FILES..."
     return _timed(what, _sqlite(loaded.path(kb.path), ingest), timeout)
 
@@ -368,8 +376,7 @@ def _kb_stats(path: Path) -> tuple[int, int]:
     return files, chunks
 
 
-async def _remote(name: str, kb: KbConfig) -> tuple[str, str]:
-    assert kb.url is not None
+async def _remote(name: str, kb: HttpKb) -> tuple[str, str]:
     retriever = HttpRetriever(name, kb.url, kb.headers, kb.timeout_s)
     try:
         hits = await retriever.search(QUERY, 1)
@@ -387,7 +394,7 @@ async def _audio_row(
     name: str, audio: AudioConfig, loaded: Loaded, providers: dict[str, Provider], timeout: float
 ) -> Row:
     row = await _timed(f"audio {name}", _speak(audio, loaded, providers), timeout)
-    if audio.provider in providers:  # the openai engine's errors may quote its provider
+    if isinstance(audio, OpenaiAudio):  # its errors may quote its provider
         row = dataclasses.replace(row, detail=providers[audio.provider].redact(row.detail))
     return row
 

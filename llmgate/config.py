@@ -118,18 +118,30 @@ class SpeechConfig(_Strict):
     urls: Literal["drop", "domain", "keep"] = "domain"  # a dropped link left "go to or for more"
 
 
-class KbConfig(_Strict):
-    kind: Literal["sqlite", "http"] = "sqlite"
-    # sqlite: the file, relative to the config file; created by `kb ingest`
-    path: str | None = None
+class _Kb(_Strict, tag_field="kind"):
+    """A [kb.NAME]: its `kind` (sqlite when not given) picks one of the structs below."""
+
+
+class SqliteKb(_Kb, tag="sqlite", kw_only=True):
+    """A knowledge base in one SQLite file (FTS5's BM25, and vectors if it has embeddings)."""
+
+    # the file, relative to the config file; created by `kb ingest` (needed: _check_kb)
+    path: str = ""
     chunk_tokens: Annotated[int, msgspec.Meta(ge=20, le=4000)] = 200
     overlap_tokens: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 30
     embeddings: str | None = None  # a provider whose /embeddings gives dense vectors
     embedding_model: str = "text-embedding-3-small"
-    # http: a retrieval service of the operator's own (README has its contract)
-    url: str | None = None
+
+
+class HttpKb(_Kb, tag="http", kw_only=True):
+    """A retrieval service of the operator's own (README has its contract)."""
+
+    url: str = ""  # needed, and checked as a URL (_check_kb)
     headers: dict[str, str] = {}
     timeout_s: _Positive = 2.0
+
+
+KbConfig = SqliteKb | HttpKb
 
 
 class WaitingConfig(_Strict):
@@ -152,8 +164,10 @@ class RagConfig(_Strict):
     placement: Literal["before_question", "in_question", "system"] = "before_question"
 
 
-class AudioConfig(_Strict):
-    engine: Literal["piper", "espeak", "openai", "file"] = "piper"
+class _Audio(_Strict, tag_field="engine", kw_only=True):
+    """An [audio.NAME]: its `engine` (piper when not given) picks one of the structs below;
+    what every engine has is here."""
+
     voice: str = ""  # engine-specific; "" = the engine's default voice
     sample_rate: Annotated[int, msgspec.Meta(ge=8000, le=48000)] = 16000
     chunk_ms: Annotated[int, msgspec.Meta(ge=10, le=200)] = 40
@@ -163,36 +177,81 @@ class AudioConfig(_Strict):
     # the same for the answer's first piece alone; None: the engine's own (5 for piper,
     # which makes a piece's audio all at once; max_words for the others, which stream it)
     first_words: Annotated[int, msgspec.Meta(ge=1, le=200)] | None = None
-    # openai: an OpenAI-compatible /audio/speech, configured as a [providers.NAME]
-    provider: str | None = None
-    model: str = "gpt-4o-mini-tts"
-    # file: a fixed announcement (PCM16 mono at file_rate, and its transcript)
-    pcm_file: str | None = None
-    text_file: str | None = None
-    file_rate: Annotated[int, msgspec.Meta(ge=8000, le=48000)] = 16000
     # PCM that comes with a rate of its own (the openai engine, a model's own delta.audio)
     source_rate: Annotated[int, msgspec.Meta(ge=8000, le=48000)] = 24000
 
 
-class ToolConfig(_Strict):
-    kind: Literal["http", "mcp"]
+class PiperAudio(_Audio, tag="piper"):
+    """Piper: `voice` is a .onnx file, relative to the config file."""
+
+
+class EspeakAudio(_Audio, tag="espeak"):
+    """espeak-ng: `voice` is one of its voices."""
+
+
+class OpenaiAudio(_Audio, tag="openai", kw_only=True):
+    """An OpenAI-compatible /audio/speech, configured as a [providers.NAME]."""
+
+    provider: str
+    model: str = "gpt-4o-mini-tts"
+
+
+class FileAudio(_Audio, tag="file", kw_only=True):
+    """A fixed announcement: PCM16 mono at file_rate, and its transcript."""
+
+    pcm_file: Annotated[str, msgspec.Meta(min_length=1)]
+    text_file: str | None = None
+    file_rate: Annotated[int, msgspec.Meta(ge=8000, le=48000)] = 16000
+
+
+AudioConfig = PiperAudio | EspeakAudio | OpenaiAudio | FileAudio
+
+
+class _Tool(_Strict, tag_field="kind", kw_only=True):
+    """A [tools.NAME]: its `kind` (required) picks one of the structs below; what every
+    kind has is here."""
+
     url: str
     headers: dict[str, str] = {}
     timeout_s: _Positive = 5.0
-    # http: one endpoint, one tool named after its [tools.NAME]
+    metadata: dict[str, str] = {}  # turn metadata key -> the header it goes in
+
+
+class HttpToolConfig(_Tool, tag="http", kw_only=True):
+    """One endpoint, one tool named after its [tools.NAME]."""
+
     method: Literal["GET", "POST"] = "POST"  # GET sends the arguments as query parameters
     description: str = ""
     parameters: dict[str, Any] = msgspec.field(
         default_factory=lambda: {"type": "object", "properties": {}}
     )
-    metadata: dict[str, str] = {}  # turn metadata key -> the header it goes in
-    # mcp: an MCP server (streamable HTTP) and which of its tools the model may call
+
+
+class McpToolConfig(_Tool, tag="mcp", kw_only=True):
+    """An MCP server (streamable HTTP) and which of its tools the model may call."""
+
     allowed: list[str] | None = None
     # what one server may add to every request: tools past max_tools and tools whose input
     # schema is over max_schema_bytes (as JSON) are left out, descriptions are cut
     max_tools: Annotated[int, msgspec.Meta(ge=1, le=128)] = 32
     max_description_chars: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 1024
     max_schema_bytes: Annotated[int, msgspec.Meta(ge=64, le=1_000_000)] = 8192
+
+
+ToolConfig = HttpToolConfig | McpToolConfig
+
+# A section of several kinds: the key that names its kind, the kind when none is given
+# (None: it must be), and its structs, one a kind.
+_KINDS: dict[str, tuple[str, str | None, tuple[type[msgspec.Struct], ...]]] = {
+    "kb": ("kind", "sqlite", (SqliteKb, HttpKb)),
+    "audio": ("engine", "piper", (PiperAudio, EspeakAudio, OpenaiAudio, FileAudio)),
+    "tools": ("kind", None, (HttpToolConfig, McpToolConfig)),
+}
+
+
+def kind_of(section: msgspec.Struct) -> str:
+    """What a [kb.NAME], [audio.NAME] or [tools.NAME] says its kind (or engine) is."""
+    return str(type(section).__struct_config__.tag)
 
 
 class FillerConfig(_Strict):
@@ -392,7 +451,7 @@ def _decode(raw: dict[str, Any]) -> Config:
     }
     config = _convert(raw, Config, "")
     decoded, kb, rag, audio, tools = (
-        {name: _convert(body, kinds[key], f"{key}.{name}") for name, body in named[key].items()}
+        {name: _section(body, kinds[key], key, name) for name, body in named[key].items()}
         for key in kinds
     )
     config = msgspec.structs.replace(config, kb=kb, rag=rag, audio=audio, tools=tools)
@@ -406,9 +465,7 @@ def _decode(raw: dict[str, Any]) -> Config:
     aliases = {name: _alias(name, value, decoded) for name, value in models.items()}
     _check_keys(config.server)
     for name, kb_config in config.kb.items():
-        _check_kb(name, kb_config)
-        if kb_config.embeddings is not None and kb_config.embeddings not in decoded:
-            raise ConfigError(f"kb.{name}.embeddings: no [providers.{kb_config.embeddings}]")
+        _check_kb(name, kb_config, decoded)
     for name, rag in config.rag.items():
         if rag.kb not in config.kb:
             raise ConfigError(f"rag.{name}.kb: no [kb.{rag.kb}] section")
@@ -492,23 +549,51 @@ def _convert(raw: Any, type_: type, prefix: str) -> Any:
         raise ConfigError(f"{key or 'config'}: {what}") from None
 
 
-def _check_kb(name: str, kb: KbConfig) -> None:
+def _section(raw: Any, type_: Any, section: str, name: str) -> Any:
+    """One [section.NAME]. A section of several kinds gets its default kind here, and an
+    unknown kind, or a key of another kind than its own, is told as such."""
+    key = f"{section}.{name}"
+    kinds = _KINDS.get(section)
+    if kinds is None or not isinstance(raw, dict):
+        return _convert(raw, type_, key)
+    tag_field, default, structs = kinds
+    by_tag = {str(s.__struct_config__.tag): s for s in structs}
+    allowed = ", ".join(f'"{tag}"' for tag in by_tag)
+    given = tag_field in raw
+    if not given:
+        if default is None:
+            raise ConfigError(f"{key}.{tag_field}: is required (one of {allowed})")
+        raw = {tag_field: default, **raw}
+    tag = raw[tag_field]
+    if not isinstance(tag, str) or tag not in by_tag:
+        got = f' (not "{tag}")' if isinstance(tag, str) else ""
+        raise ConfigError(f"{key}.{tag_field}: expected one of {allowed}{got}")
+    for entry in raw:
+        others = [t for t, s in by_tag.items() if entry in s.__struct_fields__]
+        if entry != tag_field and others and tag not in others:
+            theirs = " or ".join(f'{tag_field} = "{t}"' for t in others)
+            mine = f'{tag_field} = "{tag}"' + ("" if given else ", the default")
+            raise ConfigError(f"{key}.{entry}: a key of {theirs}, not of {mine}")
+    return _convert(raw, type_, key)
+
+
+def _check_kb(name: str, kb: KbConfig, providers: dict[str, ProviderConfig]) -> None:
+    # What the types do not say: a path that is not empty, a URL's shape, a provider that is.
     key = f"kb.{name}"
-    if kb.kind == "sqlite" and not kb.path:
-        raise ConfigError(f"{key}.path: a sqlite knowledge base needs its file's path")
-    if kb.kind == "http" and not _is_url(kb.url or ""):
-        raise ConfigError(f"{key}.url: expected a URL (http:// or https://)")
+    match kb:
+        case SqliteKb():
+            if not kb.path:
+                raise ConfigError(f"{key}.path: a sqlite knowledge base needs its file's path")
+            if kb.embeddings is not None and kb.embeddings not in providers:
+                raise ConfigError(f"{key}.embeddings: no [providers.{kb.embeddings}]")
+        case HttpKb():
+            if not _is_url(kb.url):
+                raise ConfigError(f"{key}.url: expected a URL (http:// or https://)")
 
 
 def _check_audio(name: str, audio: AudioConfig, providers: dict[str, ProviderConfig]) -> None:
-    key = f"audio.{name}"
-    if audio.engine == "openai":
-        if audio.provider is None:
-            raise ConfigError(f"{key}.provider: the openai engine needs a [providers.NAME]")
-        if audio.provider not in providers:
-            raise ConfigError(f"{key}.provider: no [providers.{audio.provider}]")
-    if audio.engine == "file" and not audio.pcm_file:
-        raise ConfigError(f"{key}.pcm_file: the file engine needs a PCM16 file to play")
+    if isinstance(audio, OpenaiAudio) and audio.provider not in providers:
+        raise ConfigError(f"audio.{name}.provider: no [providers.{audio.provider}]")
 
 
 def _is_url(value: str) -> bool:

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from llmgate.config import AudioConfig
+from llmgate.config import EspeakAudio
 from llmgate.errors import ApiError
 from llmgate.pipeline import Ask, Piece
 from llmgate.stages import audio
@@ -48,7 +48,7 @@ async def test_a_flood_of_sentences_is_read_only_a_little_ahead(monkeypatch):
             yield Piece.of(chunk("m", {"content": f"Sentence {i} here. "}))
         yield Piece.of(chunk("m", {}, "stop"))
 
-    stage = AudioStage(AudioConfig(engine="espeak", pace=False), _Quick())  # type: ignore[arg-type]
+    stage = AudioStage(EspeakAudio(pace=False), _Quick())  # type: ignore[arg-type]
     ask = Ask({"model": "m"}, Turn("/audio"), None, None, None)  # type: ignore[arg-type]
     items = stage.wrap(provider)(ask)
     for _ in range(5):  # the caller has heard five pieces
@@ -72,7 +72,7 @@ async def test_one_sentences_audio_is_bounded(monkeypatch):
         yield Piece.of(chunk("m", {"content": "One sentence. "}))
         yield Piece.of(chunk("m", {}, "stop"))
 
-    stage = AudioStage(AudioConfig(engine="espeak", pace=False), _Endless())  # type: ignore[arg-type]
+    stage = AudioStage(EspeakAudio(pace=False), _Endless())  # type: ignore[arg-type]
     ask = Ask({"model": "m"}, Turn("/audio"), None, None, None)  # type: ignore[arg-type]
     frames = 0
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from llmgate.app import LIVE
-from llmgate.config import AudioConfig
+from llmgate.config import EspeakAudio
 from llmgate.pipeline import Ask, Piece
 from llmgate.stages.audio import AudioStage
 from llmgate.tts.piper import PiperEngine
@@ -239,7 +239,7 @@ class _Slow:
 
 async def test_the_next_sentence_is_synthesised_while_this_one_is_spoken(upstream):
     engine = _Slow()
-    stage = AudioStage(AudioConfig(engine="espeak", lead_ms=0), engine)
+    stage = AudioStage(EspeakAudio(lead_ms=0), engine)
 
     async def provider(ask: Ask) -> AsyncIterator[Piece]:
         for text in ["First one here. ", "Second one here. ", "Third one here."]:
@@ -309,7 +309,7 @@ def _speaking(texts_and_gaps: list) -> object:
 async def test_an_engines_own_bug_ends_the_answer_with_an_error_not_a_hang():
     from llmgate.errors import ApiError
 
-    stage = AudioStage(AudioConfig(engine="espeak", pace=False), _Broken())
+    stage = AudioStage(EspeakAudio(pace=False), _Broken())
     ask = Ask({"model": "m"}, Turn("/audio"), None, None, None)  # type: ignore[arg-type]
     with pytest.raises(ApiError, match="speech engine 'slow' failed"):
         async with asyncio.timeout(2):
@@ -319,7 +319,7 @@ async def test_an_engines_own_bug_ends_the_answer_with_an_error_not_a_hang():
 
 async def test_after_a_gap_pacing_starts_again_from_now():
     engine = _Slow()  # 0.5 s of audio a sentence
-    stage = AudioStage(AudioConfig(engine="espeak", lead_ms=100), engine)
+    stage = AudioStage(EspeakAudio(lead_ms=100), engine)
     ask = Ask({"model": "m"}, Turn("/audio"), None, None, None)  # type: ignore[arg-type]
     sent: list[tuple[float, dict]] = []
     provider = _speaking(["First one here. Then", 1.5, " more here. ", "Bye."])

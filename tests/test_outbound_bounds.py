@@ -11,7 +11,7 @@ from aiohttp import web
 
 from llmgate import http
 from llmgate.check import MAX_ANSWER, main
-from llmgate.config import ProviderConfig, ToolConfig
+from llmgate.config import HttpToolConfig, ProviderConfig
 from llmgate.errors import ApiError
 from llmgate.kb import embeddings, remote
 from llmgate.kb.embeddings import Embedder, EmbeddingError
@@ -41,7 +41,7 @@ def provider(url: str) -> Provider:
 
 async def test_an_http_tools_result_is_cut(make_flood):
     flood = await make_flood(content_type="text/plain")
-    tool = HttpTool("lookup", ToolConfig(kind="http", url=flood.url + "/lookup"))
+    tool = HttpTool("lookup", HttpToolConfig(url=flood.url + "/lookup"))
     try:
         result = await tool.call({"q": "x"}, {})
     finally:

@@ -10,7 +10,7 @@ import pytest
 
 from llmgate import http
 from llmgate.check import main
-from llmgate.config import ProviderConfig, ToolConfig
+from llmgate.config import HttpToolConfig, ProviderConfig
 from llmgate.errors import ApiError
 from llmgate.kb.embeddings import Embedder, EmbeddingError
 from llmgate.kb.remote import HttpRetriever
@@ -40,8 +40,8 @@ def provider(url: str) -> Provider:
 
 async def test_an_http_tool(hosts):
     redirector, elsewhere = hosts
-    config = ToolConfig(
-        kind="http", url=redirector.url + "/weather", headers={"X-Api-Key": SECRET},
+    config = HttpToolConfig(
+        url=redirector.url + "/weather", headers={"X-Api-Key": SECRET},
         metadata={"channel": "X-Channel"},
     )
     tool = HttpTool("weather", config)

@@ -9,7 +9,7 @@ import logging
 import pytest
 from aiohttp import web
 
-from llmgate.config import ToolConfig
+from llmgate.config import HttpToolConfig
 from llmgate.tools.http import HttpTool
 
 
@@ -24,7 +24,7 @@ async def test_a_control_character_drops_its_header_not_the_call(aiohttp_server,
     app = web.Application()
     app.router.add_post("/weather", weather)
     server = await aiohttp_server(app)
-    config = ToolConfig(kind="http", url=str(server.make_url("/weather")), headers={"X-Key": "k"})
+    config = HttpToolConfig(url=str(server.make_url("/weather")), headers={"X-Key": "k"})
     tool = HttpTool("weather", config)
     caplog.set_level(logging.WARNING, logger="llmgate.tools")
     try:

@@ -112,8 +112,9 @@ def _main(argv: list[str], stop: threading.Event) -> int:
         known = ", ".join(loaded.config.kb) or "none"
         print(f"llmgate: no [kb.{args.kb}] in {args.config} (there are: {known})", file=sys.stderr)
         return EXIT_CONFIG
-    if kb.kind != "sqlite" or kb.path is None:
-        print(f"llmgate: kb.{args.kb} is a retrieval service (kind = \"{kb.kind}\"): "
+    if not isinstance(kb, configuration.SqliteKb):
+        kind = configuration.kind_of(kb)
+        print(f"llmgate: kb.{args.kb} is a retrieval service (kind = \"{kind}\"): "
               "it has no file to build here", file=sys.stderr)
         return EXIT_CONFIG
     try:
@@ -146,7 +147,7 @@ def _warn(message: str) -> None:
 def _run(
     args: argparse.Namespace,
     store: Store,
-    kb: configuration.KbConfig,
+    kb: configuration.SqliteKb,
     loaded: configuration.Loaded,
     stop: threading.Event,
 ) -> int:
@@ -180,7 +181,7 @@ def _run(
 def _ingest(
     args: argparse.Namespace,
     store: Store,
-    kb: configuration.KbConfig,
+    kb: configuration.SqliteKb,
     loaded: configuration.Loaded,
     stop: threading.Event,
 ) -> int:
@@ -222,7 +223,7 @@ def _json(hit: Hit) -> str:
 
 
 async def _search(
-    store: Store, kb: configuration.KbConfig, loaded: configuration.Loaded, q: str, k: int
+    store: Store, kb: configuration.SqliteKb, loaded: configuration.Loaded, q: str, k: int
 ) -> list[Hit]:
     """What the RAG route would find: the same retriever, embeddings and all."""
     try:

@@ -17,7 +17,7 @@ import aiohttp
 import msgspec
 
 from llmgate import http
-from llmgate.config import ToolConfig
+from llmgate.config import HttpToolConfig
 from llmgate.tools.base import MAX_RESULT, ToolError, ToolSpec, bounded
 
 log = logging.getLogger("llmgate.tools")
@@ -28,7 +28,7 @@ _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class HttpTool:
-    def __init__(self, name: str, config: ToolConfig) -> None:
+    def __init__(self, name: str, config: HttpToolConfig) -> None:
         self.spec = ToolSpec(name, config.description, config.parameters)
         self.config = config
         self.timeout = aiohttp.ClientTimeout(total=config.timeout_s)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
-from llmgate.config import ToolConfig
+from llmgate.config import HttpToolConfig, ToolConfig
 from llmgate.tools.base import Tool
 from llmgate.tools.http import HttpTool
 
@@ -26,9 +26,9 @@ class Toolbox:
         self.http: dict[str, HttpTool] = {}
         self.mcp: dict[str, McpServer] = {}
         for name, config in configs.items():
-            if config.kind == "http":
+            if isinstance(config, HttpToolConfig):
                 self.http[name] = HttpTool(name, config)
-            else:
+            else:  # McpToolConfig
                 from llmgate.tools.mcp import McpServer  # the mcp SDK: only when one is used
 
                 self.mcp[name] = McpServer(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from llmgate.config import AudioConfig, Loaded
+from typing import assert_never
+
+from llmgate.config import AudioConfig, EspeakAudio, FileAudio, Loaded, OpenaiAudio, PiperAudio
 from llmgate.tts.base import Engine
 from llmgate.tts.espeak import EspeakEngine
 from llmgate.tts.file import FileEngine
@@ -12,15 +14,17 @@ from llmgate.upstream.provider import Provider
 
 
 def engine_for(audio: AudioConfig, loaded: Loaded, providers: dict[str, Provider]) -> Engine:
-    if audio.engine == "espeak":
-        return EspeakEngine(audio.voice)
-    if audio.engine == "openai":
-        assert audio.provider is not None  # the config checked it
-        return OpenAISpeechEngine(
-            providers[audio.provider], audio.model, audio.voice, audio.source_rate
-        )
-    if audio.engine == "file":
-        assert audio.pcm_file is not None
-        text = loaded.path(audio.text_file) if audio.text_file else None
-        return FileEngine(loaded.path(audio.pcm_file), text, audio.file_rate)
-    return PiperEngine(loaded.path(audio.voice) if audio.voice else None)
+    match audio:
+        case PiperAudio():
+            return PiperEngine(loaded.path(audio.voice) if audio.voice else None)
+        case EspeakAudio():
+            return EspeakEngine(audio.voice)
+        case OpenaiAudio():
+            return OpenAISpeechEngine(
+                providers[audio.provider], audio.model, audio.voice, audio.source_rate
+            )
+        case FileAudio():
+            text = loaded.path(audio.text_file) if audio.text_file else None
+            return FileEngine(loaded.path(audio.pcm_file), text, audio.file_rate)
+        case _:
+            assert_never(audio)
