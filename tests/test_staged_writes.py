@@ -142,3 +142,58 @@ async def test_a_chunk_is_decoded_once_on_an_audio_and_speech_route(
     assert chunks > 5 and upstream_chunks
     assert len(seen) <= 2 * chunks, len(seen)  # its view, and at most one dict for stages
     assert set(seen) == upstream_chunks  # nothing a stage made is parsed again
+
+
+def _piece(n: int, more: bool):
+    from llmgate.pipeline import Piece
+
+    piece = Piece(b"data: %d\n\n" % n, b"%d" % n, None)
+    piece.more = more
+    return piece
+
+
+async def test_held_writes_keep_their_order_for_a_slow_caller():
+    """Two reads whose last chunk a stage dropped, the caller slow to take each write, then
+    a read of two chunks: they reach the caller in the order they came."""
+
+    async def items():
+        yield _piece(1, True)
+        await asyncio.sleep(0)  # the turn waits: 1 goes out on its own, slowly
+        yield _piece(2, True)
+        await asyncio.sleep(0)
+        yield _piece(3, True)
+        yield _piece(4, False)
+
+    out: list[bytes] = []
+
+    async def write(data: bytes) -> None:
+        out.append(data)  # (the transport takes it at once, then the drain waits)
+        await asyncio.sleep(0.01)
+
+    staged = stream.Staged(items())
+    await staged.open()
+    rest = await staged.relay(write)
+    await staged.aclose()
+    assert b"".join([*out, rest]) == b"".join(b"data: %d\n\n" % n for n in (1, 2, 3, 4))
+
+
+async def test_a_failure_after_a_held_read_sends_that_read_first():
+    from llmgate.errors import UpstreamUnavailable
+
+    async def items():
+        yield _piece(1, True)
+        yield _piece(2, False)  # a read of two: together
+        yield _piece(3, True)  # the next read's first chunk, held ...
+        raise UpstreamUnavailable("reset")  # ... when the next read fails at once
+
+    out: list[bytes] = []
+
+    async def write(data: bytes) -> None:
+        out.append(data)
+
+    staged = stream.Staged(items())
+    await staged.open()
+    with pytest.raises(UpstreamUnavailable):
+        await staged.relay(write)
+    await staged.aclose()
+    assert out == [b"data: 1\n\ndata: 2\n\n", b"data: 3\n\n"]

@@ -241,12 +241,24 @@ class Staged:
     async def relay(self, write: Write) -> bytes:
         """The pieces, a read's together; what is held when the answer ends is returned,
         for the writer's last write."""
-        if self._held is not None:
-            await self._write(self._held, write)
-            self._held = None
-        async for item in self._items:
-            if isinstance(item, Piece):
-                await self._write(item, write)
+        try:
+            if self._held is not None:
+                await self._write(self._held, write)
+                self._held = None
+            async for item in self._items:
+                if isinstance(item, Piece):
+                    await self._write(item, write)
+        except Exception:
+            # What came before the failure goes out before it is told (the last words of
+            # an answer cut after them, its finish): a later read's failure never takes
+            # an earlier read's chunks with it.
+            self._cancel_later()
+            with contextlib.suppress(CallerGone):
+                await self._flushed()
+                if self._pending:
+                    data, self._pending = b"".join(self._pending), []
+                    await write(data)
+            raise
         await self._flushed()
         rest, self._pending = b"".join(self._pending), []
         self._cancel_later()
@@ -279,10 +291,12 @@ class Staged:
             self._flushing = asyncio.ensure_future(_after(self._flushing, write, data))
 
     async def _flushed(self) -> None:
-        """A held write in flight is done before the next (their order is the stream's)."""
-        if self._flushing is not None:
-            flushing, self._flushing = self._flushing, None
+        """Held writes in flight are done before the next (their order is the stream's).
+        The newest stays known until it is done: one made meanwhile chains after it."""
+        while (flushing := self._flushing) is not None:
             await flushing
+            if self._flushing is flushing:
+                self._flushing = None
 
     def _cancel_later(self) -> None:
         if self._later is not None:
