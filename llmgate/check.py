@@ -6,13 +6,13 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import aiohttp
@@ -130,7 +130,7 @@ async def check(loaded: Loaded, timeout: float, config_path: str = "config.toml"
     }
     used = (config.tools[name] for route in config.routes for name in route.tools)
     if any(isinstance(tool, McpToolConfig) for tool in used):
-        _mcp_probe()  # its import blocks for seconds: not while the other probes are timed
+        _mcp_module()  # its import blocks for seconds: not while the other probes are timed
     async with _session() as session:
         probes = [
             *(_provider_row(p, session, timeout) for p in providers.values()),
@@ -285,10 +285,14 @@ async def _reach(tool: HttpToolConfig, session: aiohttp.ClientSession) -> tuple[
 
 
 async def _mcp(name: str, tool: McpToolConfig) -> tuple[str, str]:
-    server = _mcp_probe()(name, tool)
+    mcp = _mcp_module()
+    # the server's own MCP client, for one connection: the tools it listed, or why it failed
+    server = mcp.McpServer(name, tool.url, tool.headers, tool.allowed, tool.timeout_s, once=True)
     await server.start()
     try:
-        names = await server.outcome
+        names = [listed.spec.name for listed in await server.first_listing()]
+    except mcp.McpUnavailable as exc:  # its own description: no URL query, no header value
+        raise Failed(str(exc)) from None
     finally:
         await server.aclose()
     missing = sorted(set(tool.allowed or ()) - set(names))
@@ -306,33 +310,11 @@ def _names(names: list[str]) -> str:
     return f"{_plural(len(names), 'tool')}: {shown}"
 
 
-@functools.cache
-def _mcp_probe() -> type:
+def _mcp_module() -> ModuleType:
     # The mcp SDK takes seconds to import: only when a config has an MCP server.
-    from llmgate.tools.mcp import McpServer
+    from llmgate.tools import mcp
 
-    class McpProbe(McpServer):
-        """The server's MCP client, telling its first connection's outcome (the tools it
-        listed, or why it failed) instead of logging it and retrying."""
-
-        def __init__(self, name: str, tool: McpToolConfig) -> None:
-            super().__init__(
-                name, tool.url, tool.headers, tool.allowed, tool.timeout_s, retry_s=3600
-            )
-            self.outcome: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
-
-        async def _list_tools(self, client: Any) -> list[Any]:
-            tools = await super()._list_tools(client)
-            if not self.outcome.done():
-                self.outcome.set_result([tool.spec.name for tool in tools])
-            return tools
-
-        def _report_failure(self, exc: BaseException) -> None:
-            if not self._closing and not self.outcome.done():
-                # its own description: no URL query, no header value
-                self.outcome.set_exception(Failed(self._describe(exc)))
-
-    return McpProbe
+    return mcp
 
 
 # -- knowledge bases -------------------------------------------------------------------------

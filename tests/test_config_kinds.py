@@ -3,6 +3,9 @@ a key of another kind is refused by its name, and code dispatches on the struct'
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+
 import pytest
 
 from llmgate.app import _retriever
@@ -30,6 +33,7 @@ from llmgate.tts.file import FileEngine
 from llmgate.tts.openai_speech import OpenAISpeechEngine
 from llmgate.tts.piper import PiperEngine
 from llmgate.upstream.provider import Provider
+from tests.test_mcp import ServerThread, free_port
 
 PROVIDER = {"base_url": "https://api.example.com/v1"}
 
@@ -208,4 +212,52 @@ async def test_each_tool_kind_goes_where_it_is_run():
         assert toolbox.offered(["weather"])["weather"][1] == {"c": "X-C"}
     finally:
         await toolbox.aclose()
+
+
+# -- an MCP server's first connection, told (what `llmgate check` asks) ----------------------
+
+
+@pytest.fixture(scope="module")
+def mcp_server() -> Iterator[ServerThread]:
+    server = ServerThread().start()
+    yield server
+    server.stop()
+
+
+async def test_a_first_listing_tells_the_tools(mcp_server):
+    from llmgate.tools.mcp import McpServer
+
+    server = McpServer("crm", mcp_server.url, {}, ["echo"], 5.0, once=True)
+    await server.start()
+    try:
+        tools = await server.first_listing()
+    finally:
+        await server.aclose()
+    assert [tool.spec.name for tool in tools] == ["echo"]
+
+
+async def test_a_first_listing_tells_why_it_failed_without_logging_it(caplog):
+    from llmgate.tools.mcp import McpServer, McpUnavailable
+
+    url = f"http://127.0.0.1:{free_port()}/mcp?key=url-sekrit"
+    server = McpServer("dead", url, {"Authorization": "Bearer hdr-sekrit"}, None, 5.0, once=True)
+    caplog.set_level(logging.DEBUG, logger="llmgate.tools")
+    await server.start()
+    try:
+        with pytest.raises(McpUnavailable) as info:
+            await server.first_listing()
+    finally:
+        await server.aclose()
+    assert "ConnectError" in str(info.value)
+    assert "sekrit" not in str(info.value) and "sekrit" not in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_a_server_closed_before_it_answered_says_so():
+    from llmgate.tools.mcp import McpServer, McpUnavailable
+
+    server = McpServer("never", "http://127.0.0.1:1/mcp", {}, None, 5.0)
+    await server.aclose()  # never started
+    with pytest.raises(McpUnavailable, match="closed before the server answered"):
+        await server.first_listing()
 

@@ -200,6 +200,11 @@ def result_text(result: CallToolResult) -> str:
     return "\n".join(texts + others)
 
 
+class McpUnavailable(Exception):
+    """The server's first connection failed; the message says why, and is safe to show: no
+    URL query, no header value."""
+
+
 class McpTool:
     """One tool of an MCP server, as the model sees it; calls go through its server."""
 
@@ -299,7 +304,10 @@ class McpServer:
         max_tools: int = MAX_TOOLS,
         max_description_chars: int = MAX_DESCRIPTION_CHARS,
         max_schema_bytes: int = MAX_SCHEMA_BYTES,
+        once: bool = False,
     ) -> None:
+        """`once`: a probe's connection (`llmgate check`): one attempt, never retried, its
+        failure not logged but told by `first_listing`."""
         self.name = name
         self.url = url
         self.timeout_s = timeout_s
@@ -308,6 +316,7 @@ class McpServer:
         self.max_description_chars = max_description_chars
         self.max_schema_bytes = max_schema_bytes
         self.protocol_version: str | None = None  # the current connection's
+        self.once = once
         self._headers = dict(headers)  # may hold an Authorization header: never logged
         self._allowed = None if allowed is None else list(allowed)
         self._tools: list[McpTool] = []
@@ -323,6 +332,9 @@ class McpServer:
         self._down = False  # a warning was logged and the server has not answered since
         self._served = False  # the current connection attempt got as far as listing the tools
         self._last_attempt = 0.0
+        self._first_answer = asyncio.Event()  # the first attempt listed the tools, or failed
+        self._first_tools: list[McpTool] = []
+        self._first_failure: str | None = None
 
     def __repr__(self) -> str:
         return f"McpServer({self.name!r}, {_safe_url(self.url)!r})"
@@ -342,9 +354,19 @@ class McpServer:
         """The tools listed at the last connection ([] until the server has answered)."""
         return list(self._tools)
 
+    async def first_listing(self) -> list[McpTool]:
+        """The tools the first connection listed, once it has (after `start()`); McpUnavailable
+        when that attempt failed, or the server was closed first. What a one-off probe asks
+        (`llmgate check`); later connections change nothing here."""
+        await self._first_answer.wait()
+        if self._first_failure is not None:
+            raise McpUnavailable(self._first_failure)
+        return list(self._first_tools)
+
     async def aclose(self) -> None:
         """Stop the calls, end the session (it tells the server), and end the background task."""
         self._closing = True
+        self._tell_first("closed before the server answered")
         calls = list(self._calls)
         for task in calls:
             task.cancel()
@@ -380,7 +402,7 @@ class McpServer:
                 self._report_failure(exc)
             finally:
                 self._client = None
-            if self._closing:
+            if self._closing or self.once:
                 break
             if self._served and loop.time() - self._last_attempt >= MIN_RETRY_GAP:
                 continue  # a working connection was lost: try again at once, then every retry_s
@@ -419,6 +441,7 @@ class McpServer:
                 self._served = True
                 self._tools = tools
                 self._client = client
+                self._tell_first(tools)
                 log.info(
                     "MCP server %r%s: %d tools (protocol %s)",
                     self.name,
@@ -558,11 +581,24 @@ class McpServer:
             log.warning("MCP server %r: %s", self.name, told)
         self._cuts_told = told
 
+    def _tell_first(self, outcome: list[McpTool] | str) -> None:
+        """What `first_listing` says: the first attempt's tools, or why it failed."""
+        if self._first_answer.is_set():
+            return
+        if isinstance(outcome, str):
+            self._first_failure = outcome
+        else:
+            self._first_tools = list(outcome)
+        self._first_answer.set()
+
     def _report_failure(self, exc: BaseException) -> None:
         """One warning line when the server goes down; the retries after it log at debug."""
         if self._closing:
             return
         what = self._describe(exc)
+        self._tell_first(what)
+        if self.once:
+            return  # first_listing tells it
         if self._down:
             log.debug("MCP server %r still unavailable: %s", self.name, what)
             return
