@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+MAX_CHANNEL_KEY = 160  # characters of "app/channel" kept (a longer one ends in a hash)
+
 # The engine's own fields on a message (a provider would refuse them).
 ENGINE_MESSAGE_FIELDS = ("turn_id", "timestamp", "metadata")
 
@@ -92,4 +94,8 @@ def channel_key(metadata: dict[str, Any]) -> str | None:
     if not isinstance(channel, str) or not channel:
         return None
     app = context.get("appId") or metadata.get("app_id") or metadata.get("appId") or ""
-    return f"{app}/{channel}"
+    key = f"{app}/{channel}"
+    if len(key) > MAX_CHANNEL_KEY:  # a caller's own names: bounded where they are kept
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+        key = f"{key[: MAX_CHANNEL_KEY - 17]}#{digest}"
+    return key

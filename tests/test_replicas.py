@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -284,3 +285,34 @@ async def test_a_password_in_the_url_works_and_is_never_logged(
         assert "s3cret-pw" not in caplog.text and "shared through Redis" in caplog.text
     finally:
         server.stop()
+
+
+def test_a_long_channel_name_is_bounded_and_still_its_own():
+    from llmgate.agora import MAX_CHANNEL_KEY, channel_key
+
+    one = channel_key({"context": {"appId": "a", "channel": "x" * 100_000}})
+    two = channel_key({"context": {"appId": "a", "channel": "x" * 99_999 + "y"}})
+    assert len(one) == len(two) == MAX_CHANNEL_KEY and one != two
+
+
+async def test_a_lost_admission_reply_gives_its_slot_back(replicas, redis_server):  # noqa: F811
+    """Redis ran the script but its reply never came (the caller left, or Redis was slow):
+    the slot it took is given back, not held for lease_s."""
+    (a,) = await replicas(1, server={"limits": {"max_concurrent": 1}})
+    state = a.app[STATE]
+    real = state.call
+
+    async def lost(make):
+        await real(make)  # the script runs ...
+        raise asyncio.CancelledError  # ... and the caller leaves before its reply
+
+    state.call = lost
+    async with aiohttp.ClientSession() as session:
+        with contextlib.suppress(aiohttp.ClientError):  # (its turn ended with the cancel)
+            resp = await session.post(a.make_url("/v1/chat/completions"), json=body(),
+                                      headers=HEADERS)
+            resp.close()
+        state.call = real
+        await asyncio.sleep(0.1)  # (the slot goes back within RELEASE_S)
+        status, raw = await post(session, a, body())
+        assert status == 200, raw

@@ -8,9 +8,9 @@
                 sent with others in one pipeline within RELEASE_S
     leases      refreshed by each process for the slots it holds; a killed process's come
                 back after `lease_s`
-    barge-in    a turn with a channel and a turn_id is announced (queued, never waited on):
-                a script keeps the channel's newest turn_id and publishes it; every process
-                hears it and ends an older turn of that channel it runs (Channels.supersede)
+    barge-in    a turn with a channel and a turn_id is published (queued, never waited on):
+                every process hears it and ends an older turn of that channel it runs
+                (Channels.supersede)
     health      each provider failure is counted in a shared window; the process whose
                 failure opens the circuit publishes it, and so do a close and a 429's
                 cool-down; a half-open circuit's probe is one SET NX across all processes
@@ -37,6 +37,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from yarl import URL
 
 from llmgate.bargein import Channels, SharedChannels
@@ -90,15 +91,6 @@ local lease = tonumber(ARGV[1])
 for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', now + lease, ARGV[i]) end
 redis.call('PEXPIRE', KEYS[1], lease + 1000)
 return 0
-"""
-
-# KEYS: the channel's newest turn_id. ARGV: this turn_id, the pub/sub channel, the message.
-ANNOUNCE = """
-local newest = tonumber(redis.call('GET', KEYS[1]) or '-1')
-if tonumber(ARGV[1]) <= newest then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', 86400)
-redis.call('PUBLISH', ARGV[2], ARGV[3])
-return 1
 """
 
 # KEYS: the provider's failures (zset), its open mark. ARGV: window ms, failures that
@@ -191,12 +183,12 @@ class RedisState(State):
             # a pooled connection found dead is replaced once, within the same timeout
             retry=Retry(NoBackoff(), 1), retry_on_error=[RedisConnectionError],
         )
-        # pub/sub waits for messages as long as none come: no read timeout on its socket
+        # pub/sub waits for messages as long as none come: no read timeout on its socket,
+        # but a PING now and then, so a half-open connection is found and replaced
         self._listener_client = aioredis.from_url(
-            url, socket_connect_timeout=max(self.timeout_s, 1.0), health_check_interval=0
+            url, socket_connect_timeout=max(self.timeout_s, 1.0), health_check_interval=10
         )
-        for name, lua in (("admit", ADMIT), ("refresh", REFRESH), ("announce", ANNOUNCE),
-                          ("failed", FAILED)):
+        for name, lua in (("admit", ADMIT), ("refresh", REFRESH), ("failed", FAILED)):
             self._scripts[name] = self._client.register_script(lua)
         if await self._ping():
             self._went_shared(first=True)
@@ -264,6 +256,7 @@ class RedisState(State):
     def _went_shared(self, first: bool = False) -> None:
         self._shared = True
         _gauge(1)
+        self._send_released()
         if first:
             log.info("state: shared through Redis at %s", where(self.settings.redis_url))
         else:
@@ -293,7 +286,10 @@ class RedisState(State):
         while not self._closing:
             await self._wake.wait()
             self._wake.clear()
-            await self._flush()
+            try:
+                await self._flush()
+            except Exception:  # never a dead sender under a growing outbox
+                log.error("state: sending to Redis failed", exc_info=True)
 
     async def _flush(self) -> None:
         if not self._outbox:
@@ -308,9 +304,13 @@ class RedisState(State):
                         added = add(pipe)
                         if inspect.isawaitable(added):  # (a script, in a pipeline)
                             await added
-                    await pipe.execute()
-        except FAILURES as exc:
+                    # one command's error reply (READONLY after a failover, say) costs
+                    # that command, not the batch
+                    await pipe.execute(raise_on_error=False)
+        except (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError) as exc:
             self.went_local(exc)
+        except RedisError as exc:
+            log.warning("state: Redis refused a batch (%s)", type(exc).__name__)
 
     async def _refresh_loop(self) -> None:
         while not self._closing:
@@ -340,6 +340,8 @@ class RedisState(State):
                             self._heard(message["data"])
             except FAILURES:
                 pass  # (the call path notices Redis being down)
+            except Exception:  # never a dead listener
+                log.error("state: listening to Redis failed", exc_info=True)
             if not self._closing:
                 await asyncio.sleep(RETRY_S)
 
@@ -356,11 +358,10 @@ class RedisState(State):
     # -- barge-in ------------------------------------------------------------------------
 
     def announce(self, key: str, number: int) -> None:
+        """Every process hears it; each ends only an older turn of that channel (a late or
+        repeated turn_id, or a channel whose numbering began again, ends nothing newer)."""
         message = _encode(_Message("turn", key=key, n=number, origin=self.origin))
-        turn_key = f"{self.prefix}{{ch:{key}}}:turn"
-        self.queue(lambda pipe: self._scripts["announce"](
-            keys=[turn_key], args=[number, self.topic, message], client=pipe
-        ))
+        self.queue(lambda pipe: pipe.publish(self.topic, message))
 
     def give_back(self, key: str, slot_id: str) -> None:
         """A slot's turn ended: the next admission of its key here takes it back in the
@@ -370,11 +371,17 @@ class RedisState(State):
             loop = asyncio.get_running_loop()
             self._releasing = loop.call_later(RELEASE_S, self._send_released)
 
+    def give_back_all(self, key: str, slot_ids: list[str]) -> None:
+        for slot_id in slot_ids:
+            self.give_back(key, slot_id)
+
     def take_released(self, key: str) -> list[str]:
         return self.released.pop(key, [])
 
     def _send_released(self) -> None:
         self._releasing = None
+        if not self._shared:
+            return  # kept until Redis is back (a ZREM of a slot gone already is harmless)
         released, self.released = self.released, {}
         for key, slots in released.items():
             self.queue(lambda pipe, key=key, slots=slots: pipe.zrem(key, *slots))
@@ -409,24 +416,34 @@ class SharedLimits:
             local.take(caller)
             return _Slot(caller, None, None)
         local.check(caller, in_flight=False)
+        local.take(caller)  # this process's own bound, held while Redis is asked
         name = caller.name
         slots_key = f"{state.prefix}{{key:{name}}}:slots"
         rate_key = f"{state.prefix}{{key:{name}}}:rate"
         slot_id = state.next_slot()
-        args = [most or 0, rate or 0, slot_id, state.lease_ms, *state.take_released(slots_key)]
+        released = state.take_released(slots_key)
+        args = [most or 0, rate or 0, slot_id, state.lease_ms, *released]
         try:
             verdict, wait_ms = await state.call(
                 lambda: state.script("admit", [slots_key, rate_key], args)
             )
-        except Down:
-            local.check(caller)
+        except BaseException as exc:
+            # No answer (Redis slow or down, or the caller left meanwhile): the script may
+            # have run all the same. Its slot, and the slots it was to give back, are given
+            # back once Redis answers again: a lost reply never holds a slot for lease_s.
+            state.give_back_all(slots_key, [slot_id, *released])
+            local.give_back(caller)
+            if not isinstance(exc, Down):
+                raise
+            local.check(caller)  # Redis is down: this process's own
             local.take(caller)
             return _Slot(caller, None, None)
+        if verdict != 0:
+            local.give_back(caller)
         if verdict == 1:
             raise limited(f"key '{name}' has {most} streams in flight, its most", 1)
         if verdict == 2:
             raise limited(f"key '{name}' is over its {rate} requests a minute", wait_ms / 1000)
-        local.take(caller)
         if most is None:
             return _Slot(caller, None, None)
         state.held[slot_id] = slots_key
@@ -512,7 +529,7 @@ async def probe(settings: StateConfig, timeout_s: float) -> str:
     try:
         async with asyncio.timeout(timeout_s):
             await client.ping()
-            for lua in (ADMIT, REFRESH, ANNOUNCE, FAILED):
+            for lua in (ADMIT, REFRESH, FAILED):
                 await client.script_load(lua)
             info = await client.info("server")
         version = info.get("redis_version")
