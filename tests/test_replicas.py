@@ -316,3 +316,13 @@ async def test_a_lost_admission_reply_gives_its_slot_back(replicas, redis_server
         await asyncio.sleep(0.1)  # (the slot goes back within RELEASE_S)
         status, raw = await post(session, a, body())
         assert status == 200, raw
+
+
+async def test_an_abandoned_probe_frees_the_claim_for_the_others(replicas):
+    a, b = await replicas()
+    board_a, board_b = (g.app[STATE].board for g in (a, b))
+    assert await board_a.claim_probe("fake", 30.0)
+    assert not await board_b.claim_probe("fake", 30.0)
+    board_a.abandoned("fake")  # its caller left: no verdict
+    await asyncio.sleep(0.1)
+    assert await board_b.claim_probe("fake", 30.0)

@@ -35,6 +35,9 @@ class HealthBoard(Protocol):
 
     def succeeded(self, provider: str) -> None: ...
 
+    def abandoned(self, provider: str) -> None:
+        """A probe this process claimed ended with no verdict."""
+
     async def claim_probe(self, provider: str, for_s: float) -> bool:
         """A half-open circuit's one probe, across every process: True if this one may."""
 
@@ -49,6 +52,9 @@ class LocalBoard:
         pass
 
     def succeeded(self, provider: str) -> None:
+        pass
+
+    def abandoned(self, provider: str) -> None:
         pass
 
     async def claim_probe(self, provider: str, for_s: float) -> bool:

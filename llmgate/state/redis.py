@@ -112,6 +112,13 @@ return 0
 """
 
 
+# KEYS: a provider's probe claim. ARGV: this process. Given up only by its holder.
+UNCLAIM = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
 class _Message(msgspec.Struct, omit_defaults=True):
     kind: str  # "turn" (barge-in) or "health"
     key: str = ""  # a channel's key, or a provider's name
@@ -188,7 +195,8 @@ class RedisState(State):
         self._listener_client = aioredis.from_url(
             url, socket_connect_timeout=max(self.timeout_s, 1.0), health_check_interval=10
         )
-        for name, lua in (("admit", ADMIT), ("refresh", REFRESH), ("failed", FAILED)):
+        for name, lua in (("admit", ADMIT), ("refresh", REFRESH), ("failed", FAILED),
+                          ("unclaim", UNCLAIM)):
             self._scripts[name] = self._client.register_script(lua)
         if await self._ping():
             self._went_shared(first=True)
@@ -501,6 +509,11 @@ class Board:
         st.queue(lambda pipe: pipe.delete(f"{tag}:open", f"{tag}:probe"))
         self._publish(provider, "closed", 0.0)
 
+    def abandoned(self, provider: str) -> None:
+        st = self.state
+        key = f"{st.prefix}{{health:{provider}}}:probe"
+        st.queue(lambda pipe: st._scripts["unclaim"](keys=[key], args=[st.origin], client=pipe))
+
     async def claim_probe(self, provider: str, for_s: float) -> bool:
         st = self.state
         if not st.shared:
@@ -529,7 +542,7 @@ async def probe(settings: StateConfig, timeout_s: float) -> str:
     try:
         async with asyncio.timeout(timeout_s):
             await client.ping()
-            for lua in (ADMIT, REFRESH, FAILED):
+            for lua in (ADMIT, REFRESH, FAILED, UNCLAIM):
                 await client.script_load(lua)
             info = await client.info("server")
         version = info.get("redis_version")

@@ -124,6 +124,8 @@ class Health:
 
     def abandoned(self) -> None:
         """The attempt ended with no verdict (the caller left, another target won)."""
+        if self.probing and self.board is not None:
+            self.board.abandoned(self.name)  # another process may probe at once
         self.probing = False
 
     def failed(self, exc: ApiError) -> None:
