@@ -137,6 +137,8 @@ async def check(loaded: Loaded, timeout: float, config_path: str = "config.toml"
             *_tool_rows(config, session, timeout),
             *(_kb_row(n, kb, loaded, timeout, config_path) for n, kb in config.kb.items()),
             *(_audio_row(n, a, loaded, providers, timeout) for n, a in config.audio.items()),
+            *([_timed("state redis", _redis(config, timeout), timeout)]
+              if config.state.redis_url else []),
         ]
         return list(await asyncio.gather(*probes))
 
@@ -165,6 +167,16 @@ async def _timed(what: str, probe: Awaitable[tuple[str, str]], timeout: float) -
     except Exception as exc:  # a probe's own bug must not hide the other rows
         status, detail = FAIL, f"unexpected {type(exc).__name__}"
     return Row(what, status, f"{_ms(start)} ms; {detail}")
+
+
+async def _redis(config: Config, timeout: float) -> tuple[str, str]:
+    """[state]: PING and the scripts loaded (redis imported only when configured)."""
+    from llmgate.state.redis import probe
+
+    try:
+        return OK, await probe(config.state, timeout)
+    except ConnectionError as exc:  # (its text names host and port, never the password)
+        raise Failed(str(exc)) from None
 
 
 async def _ready(row: Row) -> Row:

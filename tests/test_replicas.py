@@ -326,3 +326,23 @@ async def test_an_abandoned_probe_frees_the_claim_for_the_others(replicas):
     board_a.abandoned("fake")  # its caller left: no verdict
     await asyncio.sleep(0.1)
     assert await board_b.claim_probe("fake", 30.0)
+
+
+async def test_check_probes_redis_and_never_shows_its_password(tmp_path, capsys, upstream):
+    from tests.redis_server import RedisServer
+    from tests.test_check import check, row, write
+
+    server = RedisServer(tmp_path, password="s3cret-pw")
+    server.start()
+    try:
+        text = (f'[providers.fake]\nbase_url = "{upstream.url}"\n'
+                f'[state]\nredis_url = "{server.url}"\n')
+        code, out = await check(capsys, write(tmp_path, text))
+        status, detail = row(out, "state redis")
+        assert status == "ok" and "PING and scripts ok" in detail
+        server.stop()
+        code, out = await check(capsys, write(tmp_path, text))
+        assert code == 1 and row(out, "state redis")[0] == "FAIL"
+        assert "s3cret-pw" not in out and f"127.0.0.1:{server.port}" in out
+    finally:
+        server.stop()
