@@ -23,6 +23,7 @@ from llmgate.obs import metrics, tracing
 from llmgate.obs.metrics import Names
 from llmgate.pipeline import Call, Stage, compose
 from llmgate.server.auth import Key, KeyCheck, Rule
+from llmgate.server.feed import FEED, Feed
 from llmgate.server.handlers import ChatCompletions, MetricsPage, ModelList, Settings, healthz
 from llmgate.server.limits import default_global_max
 from llmgate.server.middleware import error_envelopes
@@ -102,6 +103,11 @@ class Generation:
         self.routes["/healthz"] = ("GET", healthz)
         if config.server.metrics:
             self.routes["/metrics"] = ("GET", MetricsPage(config.server.metrics_key).handle)
+        if config.playground.enabled:
+            from llmgate.server.playground import Events  # (aiohttp-sse: only when on)
+
+            events = Events(config.playground, self.settings.keys)
+            self.routes["/playground/events"] = ("GET", events.handle)
         self.active = 0  # turns running on this generation
         self._retired = False
         self._background: list[asyncio.Task] = []
@@ -195,6 +201,7 @@ def create_app(loaded: Loaded) -> web.Application:
     app[STATE] = state
     server = loaded.config.server
     app[CALLS] = Calls(server.call_idle_s, metrics=server.metrics)
+    app[FEED] = Feed()  # (nothing to do while no one listens)
     app[IN_FLIGHT] = in_flight
     app.cleanup_ctx.append(client_session)
     app.cleanup_ctx.append(state_ctx)

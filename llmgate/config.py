@@ -279,6 +279,11 @@ class StateConfig(_Strict):
     lease_s: Annotated[float, msgspec.Meta(ge=1, le=3600)] = 30.0  # a dead process's slots
 
 
+class PlaygroundConfig(_Strict):
+    enabled: bool = False  # /playground/events (and, to come, the page): off unless asked
+    allow_remote: bool = False  # like /metrics: loopback callers only unless this is set
+
+
 class OtelConfig(_Strict):
     # OTLP over HTTP (protobuf), e.g. "http://127.0.0.1:4318/v1/traces"; traces are off
     # without an [otel] section
@@ -293,6 +298,7 @@ class Config(_Strict):
     log: LogConfig = LogConfig()
     otel: OtelConfig | None = None
     state: StateConfig = StateConfig()
+    playground: PlaygroundConfig = PlaygroundConfig()
     providers: dict[str, ProviderConfig] = {}
     models: dict[str, list[str] | AliasConfig] = {}  # aliases: ordered targets
     kb: dict[str, KbConfig] = {}

@@ -21,6 +21,7 @@ from llmgate.pipeline import Ask, Call
 from llmgate.protocol import ChatRequest, encoder, error_path, generic_decoder, request_decoder
 from llmgate.server.auth import Caller, Key, KeyCheck, Rule
 from llmgate.server.collect import collect
+from llmgate.server.feed import FEED
 from llmgate.server.limits import LimitState
 from llmgate.server.serve import SHUTDOWN
 from llmgate.server.stream import Staged, require_finish, shutting_down, stream_answer
@@ -110,6 +111,7 @@ class ChatCompletions:
         finally:
             turn.log()
             request.app[CALLS].add(turn)
+            request.app[FEED].publish(turn)
 
     @staticmethod
     def _failed(turn: Turn, exc: Exception) -> web.Response:
