@@ -22,7 +22,7 @@ from typing import Any
 from aiohttp import web
 
 from llmgate.agora import channel_key
-from llmgate.turn import CLIENT_CLOSED, Turn
+from llmgate.turn import CLIENT_CLOSED, Turn, cached_tokens
 
 log = logging.getLogger("llmgate.call")
 
@@ -59,9 +59,8 @@ class Account:
             value = usage.get(field)
             if type(value) is int:
                 setattr(self, field, getattr(self, field) + value)
-        details = usage.get("prompt_tokens_details")
-        cached = details.get("cached_tokens") if type(details) is dict else None
-        if type(cached) is int:
+        cached = cached_tokens(usage)
+        if cached is not None:
             self.cached_tokens += cached
         notes = turn.notes
         if notes is not None:

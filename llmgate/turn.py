@@ -130,15 +130,15 @@ class Turn:
             "provider": self.provider,
             "stream": self.stream,
             "status": self.status,
-            "admitted_ms": _ms(self.admitted),
-            "ttft_ms": _ms(self.first_token),
-            "duration_ms": _ms(time.perf_counter() - self.started),
+            "admitted_ms": ms(self.admitted),
+            "ttft_ms": ms(self.first_token),
+            "duration_ms": ms(time.perf_counter() - self.started),
             "chunks": self.chunks,
         }
         if self.first_sentence is not None:
-            out["first_sentence_ms"] = _ms(self.first_sentence)
+            out["first_sentence_ms"] = ms(self.first_sentence)
         if self.first_audio is not None:
-            out["first_audio_ms"] = _ms(self.first_audio)
+            out["first_audio_ms"] = ms(self.first_audio)
         if self.rounds > 1:
             out["rounds"] = self.rounds
         if self.finish_reason:
@@ -149,9 +149,8 @@ class Turn:
                 for k, v in list(self.usage.items())[:16]
                 if len(k) <= 64 and k.endswith("_tokens") and type(v) is int
             }
-            details = self.usage.get("prompt_tokens_details")
-            cached = details.get("cached_tokens") if type(details) is dict else None
-            if type(cached) is int:
+            cached = cached_tokens(self.usage)
+            if cached is not None:
                 out["cached_tokens"] = cached
         if self.error:
             out["error"] = self.error
@@ -248,8 +247,16 @@ class Notes:
         return out
 
 
-def _ms(seconds: float | None) -> float | None:
+def ms(seconds: float | None) -> float | None:
+    """Seconds as the log line and the clock show them: ms, to two places."""
     return None if seconds is None else round(seconds * 1000, 2)
+
+
+def cached_tokens(usage: dict[str, Any]) -> int | None:
+    """`usage.prompt_tokens_details.cached_tokens`, where the provider reports it."""
+    details = usage.get("prompt_tokens_details")
+    count = details.get("cached_tokens") if type(details) is dict else None
+    return count if type(count) is int else None
 
 
 def _add_usage(total: dict[str, Any] | None, usage: dict[str, Any]) -> dict[str, Any]:

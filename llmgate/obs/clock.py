@@ -13,13 +13,9 @@ from typing import Any
 
 import msgspec
 
-from llmgate.turn import Turn
+from llmgate.turn import Turn, ms
 
 _encode = msgspec.json.Encoder().encode
-
-
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds * 1000, 2)
 
 
 def clock(turn: Turn) -> dict[str, Any]:
@@ -28,7 +24,7 @@ def clock(turn: Turn) -> dict[str, Any]:
     turn_id = turn.metadata.get("turn_id")
     if type(turn_id) is int:
         out["turn_id"] = turn_id
-    out["admitted"] = _ms(turn.admitted)
+    out["admitted"] = ms(turn.admitted)
     notes = turn.notes
     if notes is not None:
         rag = notes.rag
@@ -58,18 +54,18 @@ def clock(turn: Turn) -> dict[str, Any]:
             }
             for i, (start, end) in enumerate(notes.tools.round_ms)
         ]
-    out["first_token"] = _ms(turn.first_token)
+    out["first_token"] = ms(turn.first_token)
     # a stage marks the sentence whole as it passes, just before the writer sends its first
     # token: it is heard no sooner than that token
     sentence = turn.first_sentence
     if sentence is not None and turn.first_token is not None:
         sentence = max(sentence, turn.first_token)
-    out["first_sentence"] = _ms(sentence)
-    out["first_audio"] = _ms(turn.first_audio)
-    out["done"] = _ms(turn.elapsed())
+    out["first_sentence"] = ms(sentence)
+    out["first_audio"] = ms(turn.first_audio)
+    out["done"] = ms(turn.elapsed())
     out["llm_ttft"] = out["first_token"]
     if sentence is not None and turn.first_token is not None:
-        out["llm_ftfs"] = _ms(sentence - turn.first_token)
+        out["llm_ftfs"] = ms(sentence - turn.first_token)
     out["llm_ttfa"] = out["first_audio"]
     return out
 
@@ -88,7 +84,7 @@ def _attempts(turn: Turn) -> list[dict[str, Any]]:
         ]
     if turn.provider is None or turn.model_first is None:
         return []
-    return [{"target": f"{turn.provider}/{turn.model}", "first_token": _ms(turn.model_first),
+    return [{"target": f"{turn.provider}/{turn.model}", "first_token": ms(turn.model_first),
              "outcome": "won" if turn.status < 400 else str(turn.error)}]
 
 

@@ -27,6 +27,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from llmgate.turn import cached_tokens
+
 if TYPE_CHECKING:
     from llmgate.turn import Notes, Turn
 
@@ -190,17 +192,10 @@ def observe(turn: Turn, names: Names) -> None:
             if type(count) is int and count > 0:
                 TOKENS.labels(provider, kind).inc(count)
         cached = cached_tokens(usage)
-        if cached:
+        if cached is not None and cached > 0:
             TOKENS.labels(provider, "cached_prompt").inc(cached)
     if turn.notes is not None:
         _notes(turn, turn.notes, names)
-
-
-def cached_tokens(usage: dict) -> int | None:
-    """`usage.prompt_tokens_details.cached_tokens`, where the provider reports it."""
-    details = usage.get("prompt_tokens_details")
-    count = details.get("cached_tokens") if isinstance(details, dict) else None
-    return count if type(count) is int and count >= 0 else None
 
 
 def _notes(turn: Turn, notes: Notes, names: Names) -> None:
