@@ -122,15 +122,31 @@ class _Kb(_Strict, tag_field="kind"):
     """A [kb.NAME]: its `kind` (sqlite when not given) picks one of the structs below."""
 
 
-class SqliteKb(_Kb, tag="sqlite", kw_only=True):
-    """A knowledge base in one SQLite file (FTS5's BM25, and vectors if it has embeddings)."""
+class _StoredKb(_Kb, kw_only=True):
+    """What llmgate chunks, stores and searches itself (SQLite or PostgreSQL)."""
 
-    # the file, relative to the config file; created by `kb ingest` (needed: _check_kb)
-    path: str = ""
     chunk_tokens: Annotated[int, msgspec.Meta(ge=20, le=4000)] = 200
     overlap_tokens: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 30
     embeddings: str | None = None  # a provider whose /embeddings gives dense vectors
     embedding_model: str = "text-embedding-3-small"
+
+
+class SqliteKb(_StoredKb, tag="sqlite", kw_only=True):
+    """A knowledge base in one SQLite file (FTS5's BM25, and vectors if it has embeddings)."""
+
+    # the file, relative to the config file; created by `kb ingest` (needed: _check_kb)
+    path: str = ""
+
+
+class PostgresKb(_StoredKb, tag="postgres", kw_only=True):
+    """A knowledge base in a PostgreSQL table (tsvector + GIN; pgvector HNSW with embeddings)."""
+
+    dsn: str = ""  # postgresql://user:pass@host:5432/db; never logged (only host, port, db)
+    table: str = "llmgate_docs"  # several bases may share one database (a plain identifier)
+    language: str = "english"  # the text-search configuration of the lexical index
+    pool_max: Annotated[int, msgspec.Meta(ge=1, le=200)] = 10
+    timeout_ms: Annotated[int, msgspec.Meta(ge=1, le=60_000)] = 300  # slower: nothing found
+    ef_search: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 40  # HNSW's candidate list
 
 
 class HttpKb(_Kb, tag="http", kw_only=True):
@@ -141,7 +157,7 @@ class HttpKb(_Kb, tag="http", kw_only=True):
     timeout_s: _Positive = 2.0
 
 
-KbConfig = SqliteKb | HttpKb
+KbConfig = SqliteKb | PostgresKb | HttpKb
 
 
 class WaitingConfig(_Strict):
@@ -243,7 +259,7 @@ ToolConfig = HttpToolConfig | McpToolConfig
 # A section of several kinds: the key that names its kind, the kind when none is given
 # (None: it must be), and its structs, one a kind.
 _KINDS: dict[str, tuple[str, str | None, tuple[type[msgspec.Struct], ...]]] = {
-    "kb": ("kind", "sqlite", (SqliteKb, HttpKb)),
+    "kb": ("kind", "sqlite", (SqliteKb, PostgresKb, HttpKb)),
     "audio": ("engine", "piper", (PiperAudio, EspeakAudio, OpenaiAudio, FileAudio)),
     "tools": ("kind", None, (HttpToolConfig, McpToolConfig)),
 }
@@ -583,6 +599,9 @@ def _section(raw: Any, type_: Any, section: str, name: str) -> Any:
     return _convert(raw, type_, key)
 
 
+_IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,47}")
+
+
 def _check_kb(name: str, kb: KbConfig, providers: dict[str, ProviderConfig]) -> None:
     # What the types do not say: a path that is not empty, a URL's shape, a provider that is.
     key = f"kb.{name}"
@@ -590,6 +609,16 @@ def _check_kb(name: str, kb: KbConfig, providers: dict[str, ProviderConfig]) -> 
         case SqliteKb():
             if not kb.path:
                 raise ConfigError(f"{key}.path: a sqlite knowledge base needs its file's path")
+            if kb.embeddings is not None and kb.embeddings not in providers:
+                raise ConfigError(f"{key}.embeddings: no [providers.{kb.embeddings}]")
+        case PostgresKb():
+            if not kb.dsn.startswith(("postgresql://", "postgres://")):
+                raise ConfigError(f"{key}.dsn: expected postgresql://user:password@host:5432/db")
+            if not _IDENTIFIER.fullmatch(kb.table):
+                raise ConfigError(f"{key}.table: a plain name (letters, digits, _), at most 48")
+            if not _IDENTIFIER.fullmatch(kb.language):
+                raise ConfigError(f"{key}.language: a text-search configuration's name, "
+                                  "such as english or simple")
             if kb.embeddings is not None and kb.embeddings not in providers:
                 raise ConfigError(f"{key}.embeddings: no [providers.{kb.embeddings}]")
         case HttpKb():

@@ -137,8 +137,8 @@ def test_a_key_of_another_kind_is_refused_by_its_name(sections, message):
     ("sections", "message"),
     [
         ({"kb": {"docs": {"kind": "vector"}}},
-         'kb.docs.kind: expected one of "sqlite", "http" (not "vector")'),
-        ({"kb": {"docs": {"kind": 1}}}, 'kb.docs.kind: expected one of "sqlite", "http"'),
+         'kb.docs.kind: expected one of "sqlite", "postgres", "http" (not "vector")'),
+        ({"kb": {"docs": {"kind": 1}}}, 'kb.docs.kind: expected one of "sqlite", "postgres", "http"'),
         ({"audio": {"v": {"engine": "say"}}},
          'audio.v.engine: expected one of "piper", "espeak", "openai", "file" (not "say")'),
         ({"tools": {"t": {"kind": "grpc", "url": "http://x"}}},
