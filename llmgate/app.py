@@ -104,10 +104,9 @@ class Generation:
         if config.server.metrics:
             self.routes["/metrics"] = ("GET", MetricsPage(config.server.metrics_key).handle)
         if config.playground.enabled:
-            from llmgate.server.playground import Events  # (aiohttp-sse: only when on)
+            from llmgate.server import playground  # (aiohttp-sse: only when on)
 
-            events = Events(config.playground, self.settings.keys)
-            self.routes["/playground/events"] = ("GET", events.handle)
+            self.routes.update(playground.routes(config, self.settings))
         self.active = 0  # turns running on this generation
         self._retired = False
         self._background: list[asyncio.Task] = []

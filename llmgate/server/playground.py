@@ -17,9 +17,10 @@ from typing import Any
 from aiohttp import web
 from aiohttp_sse import sse_response
 
-from llmgate.config import PlaygroundConfig, is_loopback
+from llmgate.config import Config, PlaygroundConfig, is_loopback
 from llmgate.errors import ApiError
 from llmgate.server.feed import FEED
+from llmgate.server.handlers import Settings
 
 
 class Events:
@@ -43,3 +44,9 @@ class Events:
         finally:
             feed.unsubscribe(queue)
         return resp
+
+
+def routes(config: Config, settings: Settings) -> dict[str, tuple[str, Any]]:
+    """The playground's paths (app.Generation adds them when it is enabled)."""
+    events = Events(config.playground, settings.keys)
+    return {"/playground/events": ("GET", events.handle)}
