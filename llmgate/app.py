@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from llmgate.calls import CALLS, Calls, calls_ctx
-from llmgate.config import Config, HttpKb, KbConfig, Loaded, RouteConfig, ServerConfig
+from llmgate.config import Config, Loaded, RouteConfig, ServerConfig
 from llmgate.obs import metrics, tracing
 from llmgate.obs.metrics import Names
 from llmgate.pipeline import Call, Stage, compose
@@ -36,8 +36,7 @@ from llmgate.upstream.provider import Provider
 from llmgate.upstream.router import Router
 
 if TYPE_CHECKING:
-    from llmgate.kb.remote import HttpRetriever
-    from llmgate.kb.retriever import Retriever
+    from llmgate.kb.base import Reader
     from llmgate.tools.registry import Toolbox
     from llmgate.tts.base import Engine
 
@@ -68,10 +67,14 @@ class Generation:
             answer_timeout_s=config.server.answer_timeout_s,
             metrics=_names(config) if config.server.metrics else None,
         )
-        self.retrievers = {
-            name: _retriever(name, config.kb[name], loaded)
-            for name in {config.rag[r.rag].kb for r in config.routes if r.rag}
-        }
+        self.retrievers: dict[str, Reader] = {}
+        if any(r.rag for r in config.routes):
+            from llmgate.kb import bases
+
+            self.retrievers = {
+                name: bases.reader(name, config.kb[name], loaded)
+                for name in {config.rag[r.rag].kb for r in config.routes if r.rag}
+            }
         # A stage's module (and what it needs: numpy, soxr, jsonschema, piper, mcp) is
         # imported only when a route uses it: a plain relay carries none of them.
         self.engines: dict[str, Engine] = {}
@@ -113,8 +116,12 @@ class Generation:
         self._closing: asyncio.Task | None = None
 
     async def start(self, session) -> None:
-        """Engines readied (piper's voice loaded), MCP servers connected, model lists read.
-        An engine that cannot start is logged, and its routes answer 503 saying why."""
+        """Engines readied (piper's voice loaded), MCP servers connected, knowledge bases'
+        pools opened, model lists read. An engine that cannot start is logged, and its
+        routes answer 503 saying why; a base that cannot is logged, and its routes answer
+        "nothing found" until it can."""
+        for retriever in self.retrievers.values():
+            await retriever.start()
         if self.engines:
             from llmgate.tts.base import EngineError
 
@@ -299,7 +306,7 @@ def _model_id(router: Router, model: str) -> str:
 def _call(
     route: RouteConfig,
     config: Config,
-    retrievers: dict[str, Retriever | HttpRetriever],
+    retrievers: dict[str, Reader],
     engines: dict[str, Engine],
     toolbox: Toolbox | None,
 ) -> Call | None:
@@ -333,23 +340,6 @@ def _call(
             )
         )
     return compose(provider_call, stages) if stages else None
-
-
-def _retriever(name: str, kb: KbConfig, loaded: Loaded) -> Retriever | HttpRetriever:
-    if isinstance(kb, HttpKb):
-        from llmgate.kb.remote import HttpRetriever
-
-        return HttpRetriever(name, kb.url, kb.headers, kb.timeout_s)
-    from llmgate.kb.embeddings import EmbeddingError, embedder_for
-    from llmgate.kb.retriever import Retriever
-
-    try:
-        # A question's vector is on the voice path: a dead endpoint costs at most this.
-        embedder = embedder_for(kb, loaded, timeout_s=2.0)
-    except EmbeddingError as exc:
-        log.warning("kb.%s.embeddings: %s; retrieval is BM25 alone", name, exc)
-        embedder = None
-    return Retriever(name, loaded.path(kb.path), embedder)
 
 
 def _with_v1(path: str) -> list[str]:

@@ -6,12 +6,10 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -24,7 +22,6 @@ from llmgate import http
 from llmgate.config import (
     AudioConfig,
     Config,
-    HttpKb,
     HttpToolConfig,
     KbConfig,
     Loaded,
@@ -32,8 +29,8 @@ from llmgate.config import (
     OpenaiAudio,
 )
 from llmgate.errors import ApiError, UpstreamStatus
-from llmgate.kb.remote import HttpRetriever
-from llmgate.kb.store import KbError, search
+from llmgate.kb import bases
+from llmgate.kb.base import KbError, KbMissing
 from llmgate.tts.base import EngineError
 from llmgate.tts.engines import engine_for
 from llmgate.upstream.catalog import ask, models_of
@@ -44,7 +41,6 @@ OK, FAIL, SKIP = "ok", "FAIL", "skip"
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, configuration.EXIT_CONFIG
 NO_MODELS_LIST = (404, 405)  # some OpenAI-compatible servers have no GET /models
 PHRASE = "This is llmgate, checking its voice."
-QUERY = "llmgate check"  # a harmless question for a knowledge base
 MAX_ANSWER = 64 * 1024
 MAX_NAMES = 10  # tool names shown on a row
 _NO_TIMEOUT = aiohttp.ClientTimeout(total=None)  # each probe is bounded by --timeout
@@ -335,50 +331,23 @@ def _mcp_module() -> ModuleType:
 def _kb_row(
     name: str, kb: KbConfig, loaded: Loaded, timeout: float, config_path: str
 ) -> Awaitable[Row]:
-    what = f"kb {name}"
-    if isinstance(kb, HttpKb):
-        return _timed(what, _remote(name, kb), timeout)
-    ingest = f"python -m llmgate kb ingest --config {config_path} --kb {name} FILES..."
-    return _timed(what, _sqlite(loaded.path(kb.path), ingest), timeout)
+    return _timed(f"kb {name}", _probe_kb(name, kb, loaded, config_path), timeout)
 
 
-async def _sqlite(path: Path, ingest: str) -> tuple[str, str]:
-    if not path.exists():
-        raise Failed(f"{path} does not exist: run `{ingest}`")
-    files, chunks = await asyncio.to_thread(_kb_stats, path)
-    if not chunks:
-        raise Failed(f"{path} is empty: run `{ingest}`")
-    return OK, f"{_plural(chunks, 'chunk')} from {_plural(files, 'source')}"
-
-
-def _kb_stats(path: Path) -> tuple[int, int]:
-    """(sources, chunks), on a read-only connection as the server opens it, after one
-    search of the server's own kind (FTS5 is there and answers)."""
+async def _probe_kb(name: str, kb: KbConfig, loaded: Loaded, config_path: str) -> tuple[str, str]:
+    """The base as the server would search it (llmgate.kb.bases): it holds something, and
+    answers one search. A message names the base, never a URL's path or a password."""
+    reader = bases.reader(name, kb, loaded)
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    except sqlite3.Error as exc:
-        raise Failed(f"{path}: cannot open ({exc})") from None
-    try:
-        files, chunks = conn.execute(
-            "SELECT count(*), coalesce(sum(chunks), 0) FROM sources"
-        ).fetchone()
-        search(conn, QUERY, 1)
-    except sqlite3.Error as exc:
-        raise Failed(f"{path}: not a knowledge base ({exc})") from None
-    finally:
-        conn.close()
-    return files, chunks
-
-
-async def _remote(name: str, kb: HttpKb) -> tuple[str, str]:
-    retriever = HttpRetriever(name, kb.url, kb.headers, kb.timeout_s)
-    try:
-        hits = await retriever.search(QUERY, 1)
-    except KbError as exc:  # names the knowledge base, never the URL
+        await reader.start()
+        return OK, await reader.probe()
+    except KbMissing as exc:
+        ingest = f"python -m llmgate kb ingest --config {config_path} --kb {name} FILES..."
+        raise Failed(f"{exc}: run `{ingest}`") from None
+    except KbError as exc:
         raise Failed(str(exc)) from None
     finally:
-        await retriever.aclose()
-    return OK, f"one retrieval answered ({_plural(len(hits), 'passage')})"
+        await reader.aclose()
 
 
 # -- audio -----------------------------------------------------------------------------------

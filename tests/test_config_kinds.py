@@ -8,7 +8,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from llmgate.app import _retriever
 from llmgate.config import (
     ConfigError,
     EspeakAudio,
@@ -19,13 +18,17 @@ from llmgate.config import (
     McpToolConfig,
     OpenaiAudio,
     PiperAudio,
+    PostgresKb,
     SqliteKb,
     kind_of,
     load,
     parse,
 )
+from llmgate.kb import bases
+from llmgate.kb.base import KbError
 from llmgate.kb.remote import HttpRetriever
 from llmgate.kb.retriever import Retriever
+from llmgate.kb.store import Store
 from llmgate.tools.registry import Toolbox
 from llmgate.tts.engines import engine_for
 from llmgate.tts.espeak import EspeakEngine
@@ -138,7 +141,8 @@ def test_a_key_of_another_kind_is_refused_by_its_name(sections, message):
     [
         ({"kb": {"docs": {"kind": "vector"}}},
          'kb.docs.kind: expected one of "sqlite", "postgres", "http" (not "vector")'),
-        ({"kb": {"docs": {"kind": 1}}}, 'kb.docs.kind: expected one of "sqlite", "postgres", "http"'),
+        ({"kb": {"docs": {"kind": 1}}},
+         'kb.docs.kind: expected one of "sqlite", "postgres", "http"'),
         ({"audio": {"v": {"engine": "say"}}},
          'audio.v.engine: expected one of "piper", "espeak", "openai", "file" (not "say")'),
         ({"tools": {"t": {"kind": "grpc", "url": "http://x"}}},
@@ -190,15 +194,22 @@ def test_each_engine_is_built_from_its_own_struct(tmp_path):
     assert (closed.text_path, closed.rate) == (None, 8000)
 
 
-async def test_each_kb_kind_gets_its_own_retriever(tmp_path):
+async def test_each_kb_kind_gets_its_own_reader_and_writer(tmp_path):
     loaded = Loaded(config(), base_dir=tmp_path)
-    remote = _retriever("remote", HttpKb(url="http://127.0.0.1:1/search"), loaded)
-    local = _retriever("docs", SqliteKb(path="docs.sqlite"), loaded)
+    remote = bases.reader("remote", HttpKb(url="http://127.0.0.1:1/search"), loaded)
+    local = bases.reader("docs", SqliteKb(path="docs.sqlite"), loaded)
     try:
         assert isinstance(remote, HttpRetriever) and isinstance(local, Retriever)
     finally:
         await remote.aclose()
         await local.aclose()
+    writer = bases.writer("docs", SqliteKb(path="docs.sqlite"), loaded)
+    writer.close()
+    assert isinstance(writer, Store) and writer.path == tmp_path / "docs.sqlite"
+    with pytest.raises(KbError, match=r'kb\.remote is a retrieval service'):
+        bases.writer("remote", HttpKb(url="http://127.0.0.1:1/search"), loaded)
+    pg = PostgresKb(dsn="postgresql://u:secret@db.example:5433/app", table="t1")
+    assert bases.where(pg, loaded) == "postgresql db.example:5433/app table t1"
 
 
 async def test_each_tool_kind_goes_where_it_is_run():

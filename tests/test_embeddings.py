@@ -175,3 +175,38 @@ async def test_a_base_of_another_model_is_searched_by_bm25(tmp_path):
     finally:
         await retriever.aclose()
     assert hit.heading == "Refunds"
+
+
+async def test_kb_copy_moves_every_chunk_and_vector_without_embedding_again(config, embeddings):
+    """`kb copy --from OLD.sqlite --to NAME`: the same sources, chunks, headings and vectors;
+    the embeddings endpoint is not called; a second copy skips what is there."""
+    await kb("ingest", "--config", str(config), "--kb", "shop", str(DATA / "shop.md"))
+    with config.open("a") as toml:
+        toml.write('[kb.moved]\npath = "moved.sqlite"\nembeddings = "emb"\n'
+                   'embedding_model = "fake-embed"\n')
+    calls = len(embeddings.calls)
+    code, err = await kb("copy", "--config", str(config), "--kb", "moved",
+                         "--from", str(config.parent / "shop.sqlite"))
+    assert code == 0, err
+    assert len(embeddings.calls) == calls
+
+    def rows(name: str) -> list[tuple]:
+        conn = sqlite3.connect(config.parent / name)
+        try:
+            return conn.execute(
+                "SELECT s.path, s.hash, s.name, c.ord, c.heading, c.text, c.meta, c.vec "
+                "FROM chunks c JOIN sources s ON s.path = c.source ORDER BY s.path, c.ord"
+            ).fetchall()
+        finally:
+            conn.close()
+
+    copied = rows("moved.sqlite")
+    assert copied == rows("shop.sqlite") and len(copied) > 10
+    assert all(row[-1] is not None for row in copied)
+    code, err = await kb("copy", "--config", str(config), "--kb", "moved",
+                         "--from", str(config.parent / "shop.sqlite"))
+    assert code == 0 and rows("moved.sqlite") == copied
+    code, err = await kb("copy", "--config", str(config), "--kb", "moved",
+                         "--from", str(config.parent / "nothing.sqlite"))
+    assert code == 1 and "no such knowledge base" in err
+    assert not (config.parent / "nothing.sqlite").exists()

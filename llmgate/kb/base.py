@@ -38,6 +38,19 @@ class KbError(Exception):
     """A knowledge base that cannot be used; the message says which and why."""
 
 
+class KbMissing(KbError):
+    """A base with nothing in it yet (never ingested, or emptied): `kb ingest` fills it."""
+
+
+PROBE = "llmgate check"  # the harmless question a probe asks
+
+
+def holding(chunks: int, sources: int) -> str:
+    """What a probe says a base holds: "2 chunks from 1 source"."""
+    return (f"{chunks:,} chunk{'' if chunks == 1 else 's'} from "
+            f"{sources:,} source{'' if sources == 1 else 's'}")
+
+
 @dataclass(frozen=True)
 class Exported:
     """One source of a base with its chunks and their vectors (`kb copy`)."""

@@ -1,4 +1,4 @@
-"""`python -m llmgate kb ingest|search|stats|list|remove --config config.toml --kb NAME`.
+"""`python -m llmgate kb ingest|search|stats|list|remove|copy --config config.toml --kb NAME`.
 
 What a document holds reaches the terminal escaped (control characters, bidi overrides):
 a hostile file cannot move the cursor or retitle the window. Ctrl-C is one line and leaves
@@ -13,17 +13,19 @@ import json
 import os
 import re
 import signal
-import sqlite3
 import sys
 import threading
 from pathlib import Path
 from typing import Any
 
 from llmgate import config as configuration
+from llmgate.kb import bases
+from llmgate.kb.base import Hit, KbError, Writer
 from llmgate.kb.embeddings import EmbeddingError, embedder_for
 from llmgate.kb.ingest import FORMATS, MAX_FILE_MB, IngestError, files_under, ingest
-from llmgate.kb.retriever import Retriever
-from llmgate.kb.store import Hit, KbError, Store
+from llmgate.kb.store import Store
+
+StoredKb = configuration.SqliteKb | configuration.PostgresKb
 
 EXIT_ERROR = 1
 EXIT_CONFIG = configuration.EXIT_CONFIG
@@ -72,6 +74,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     shown.add_argument("--full", action="store_true", help="whole passages, not a preview")
     shown.add_argument("--json", action="store_true", help="one JSON object a line")
     commands.add_parser("stats", parents=[common], help="files, chunks and size")
+    copy = commands.add_parser(
+        "copy", parents=[common],
+        help="move a SQLite base (vectors and all, not embedded again) into this one",
+    )
+    copy.add_argument("--from", dest="source", required=True, metavar="PATH.sqlite")
     commands.add_parser("list", parents=[common], help="the files in the base")
     remove = commands.add_parser("remove", parents=[common], help="take files out")
     remove.add_argument("paths", nargs="+", metavar="PATH")
@@ -112,26 +119,35 @@ def _main(argv: list[str], stop: threading.Event) -> int:
         known = ", ".join(loaded.config.kb) or "none"
         print(f"llmgate: no [kb.{args.kb}] in {args.config} (there are: {known})", file=sys.stderr)
         return EXIT_CONFIG
-    if not isinstance(kb, configuration.SqliteKb):
-        kind = configuration.kind_of(kb)
-        print(f"llmgate: kb.{args.kb} is a retrieval service (kind = \"{kind}\"): "
-              "it has no file to build here", file=sys.stderr)
+    if isinstance(kb, configuration.HttpKb):
+        print(f'llmgate: kb.{args.kb} is a retrieval service (kind = "http"): '
+              "it has nothing to build here", file=sys.stderr)
         return EXIT_CONFIG
+    source = None
     try:
-        store = Store(loaded.path(kb.path))
+        if args.command == "copy":
+            source = Store(Path(args.source), create=False)
+        store = bases.writer(args.kb, kb, loaded)
     except KbError as exc:
+        if source is not None:
+            source.close()
         print(f"llmgate: {safe(str(exc))}", file=sys.stderr)
         return EXIT_ERROR
     try:
-        return _run(args, store, kb, loaded, stop)
-    except (IngestError, KbError, sqlite3.Error) as exc:
-        what = f"{store.path}: {type(exc).__name__}: {exc}" if isinstance(
-            exc, sqlite3.Error
-        ) else str(exc)
-        print(f"llmgate: {safe(what)}; the knowledge base is unchanged", file=sys.stderr)
+        return _run(args, store, kb, loaded, stop, source)
+    except (IngestError, KbError) as exc:
+        print(f"llmgate: {safe(str(exc))}; {_unchanged(store)}", file=sys.stderr)
         return EXIT_ERROR
     finally:
         store.close()
+        if source is not None:
+            source.close()
+
+
+def _unchanged(store: Writer) -> str:
+    if isinstance(store, Store):
+        return "the knowledge base is unchanged"
+    return "every source is whole or absent (each is written in one transaction)"
 
 
 def _warn(message: str) -> None:
@@ -146,15 +162,19 @@ def _warn(message: str) -> None:
 
 def _run(
     args: argparse.Namespace,
-    store: Store,
-    kb: configuration.SqliteKb,
+    store: Writer,
+    kb: StoredKb,
     loaded: configuration.Loaded,
     stop: threading.Event,
+    source: Store | None,
 ) -> int:
     if args.command == "ingest":
         return _ingest(args, store, kb, loaded, stop)
+    if args.command == "copy":
+        assert source is not None
+        return _copy(source, store, stop)
     if args.command == "search":
-        found = asyncio.run(_search(store, kb, loaded, args.question, args.k))
+        found = asyncio.run(_search(args.kb, kb, loaded, args.question, args.k))
         for hit in found:
             if args.json:
                 print(_json(hit))
@@ -165,7 +185,7 @@ def _run(
     elif args.command == "stats":
         s = store.stats()
         print(f"{s['files']} files, {s['chunks']} chunks, {s['bytes'] / 2**20:.2f} MB of text, "
-              f"{s['file_bytes'] / 2**20:.2f} MB on disk ({safe(str(store.path))})")
+              f"{s['file_bytes'] / 2**20:.2f} MB on disk ({safe(store.where)})")
     elif args.command == "list":
         for path, size, chunks in store.sources():
             print(f"{safe(path)}  ({chunks} chunks, {size} bytes)")
@@ -180,8 +200,8 @@ def _run(
 
 def _ingest(
     args: argparse.Namespace,
-    store: Store,
-    kb: configuration.SqliteKb,
+    store: Writer,
+    kb: StoredKb,
     loaded: configuration.Loaded,
     stop: threading.Event,
 ) -> int:
@@ -223,18 +243,48 @@ def _json(hit: Hit) -> str:
 
 
 async def _search(
-    store: Store, kb: configuration.SqliteKb, loaded: configuration.Loaded, q: str, k: int
+    name: str, kb: StoredKb, loaded: configuration.Loaded, q: str, k: int
 ) -> list[Hit]:
-    """What the RAG route would find: the same retriever, embeddings and all."""
+    """What the RAG route would find: the same reader, embeddings and all."""
     try:
-        embedder = embedder_for(kb, loaded, timeout_s=10.0)
+        embedder_for(kb, loaded, timeout_s=10.0)  # its mistakes said here, not skipped
     except EmbeddingError as exc:
         raise KbError(f"embeddings: {exc}") from None
-    retriever = Retriever("search", store.path, embedder)
+    reader = bases.reader(name, kb, loaded, embed_timeout_s=10.0)
     try:
-        return await retriever.search(q, k)
+        await reader.start()
+        return await reader.search(q, k)
     finally:
-        await retriever.aclose()
+        await reader.aclose()
+
+
+def _copy(source: Store, store: Writer, stop: threading.Event) -> int:
+    """Every source of a SQLite base, with its vectors, into `store` (not embedded again);
+    a source already there with the same content hash is skipped."""
+    known = store.hashes()
+    copied = skipped = chunks = vectors = 0
+    bar = _progress(source.stats()["bytes"])
+    try:
+        with store.transaction(), store.interrupt_on(stop):
+            for item in source.export():
+                if stop.is_set():
+                    raise KeyboardInterrupt
+                if known.get(item.path) == item.digest:
+                    skipped += 1
+                else:
+                    store.replace(item.path, item.digest, item.size, item.chunks,
+                                  item.vectors, item.name)
+                    copied += 1
+                    chunks += len(item.chunks)
+                    vectors += len(item.vectors or ())
+                if bar is not None:
+                    bar.update(item.size)
+    finally:
+        if bar is not None:
+            bar.close()
+    print(f"{copied} sources copied ({chunks} chunks, {vectors} vectors), "
+          f"{skipped} unchanged, into {safe(store.where)}")
+    return 0
 
 
 def _progress(total: int) -> Any:

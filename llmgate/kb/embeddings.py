@@ -16,7 +16,7 @@ import msgspec
 import numpy as np
 
 from llmgate import http
-from llmgate.config import Loaded, SqliteKb
+from llmgate.config import Loaded, PostgresKb, SqliteKb
 
 RRF_K = 60
 BATCH = 64
@@ -95,7 +95,9 @@ class Embedder:
         return asyncio.run(run())
 
 
-def embedder_for(kb: SqliteKb, loaded: Loaded, timeout_s: float) -> Embedder | None:
+def embedder_for(
+    kb: SqliteKb | PostgresKb, loaded: Loaded, timeout_s: float
+) -> Embedder | None:
     """The embedder a [kb.NAME] names with `embeddings = "provider"`, with its key."""
     if kb.embeddings is None:
         return None

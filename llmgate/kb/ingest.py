@@ -14,8 +14,9 @@ line that is not a record with a string text are skipped with a warning naming t
 are dropped from the text.
 
 A file whose content hash is already in the base is skipped; a changed one has its chunks
-replaced. A whole command runs in one transaction: an error, or Ctrl-C (the `stop` event,
-which also ends a statement SQLite is running), leaves the base as it was.
+replaced. The writer (llmgate.kb.base.Writer) keeps every source whole or absent: on SQLite
+a whole command is one transaction, so an error or Ctrl-C (the `stop` event, which also
+ends the statement running) leaves the base as it was; on PostgreSQL each source is one.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import json
 import logging
 import os
 import re
-import sqlite3
 import stat
 import threading
 import time
@@ -39,9 +39,9 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
+from llmgate.kb.base import Writer
 from llmgate.kb.chunking import Chunk, Section, Stopped, chunk_sections, iter_sections
 from llmgate.kb.embeddings import Embedder, EmbeddingError
-from llmgate.kb.store import Store
 
 log = logging.getLogger("llmgate.kb")
 
@@ -229,7 +229,7 @@ def _source(path: Path) -> Source:
 
 
 def ingest(
-    store: Store,
+    store: Writer,
     files: Iterable[Path | Source],
     chunk_tokens: int,
     overlap_tokens: int,
@@ -249,26 +249,22 @@ def ingest(
     started = time.monotonic()
     stop = stop or threading.Event()
     job = _Job(chunk_tokens, overlap_tokens, text_field, follow_symlinks, max_bytes)
-    with store.transaction():
-        # Ctrl-C ends even a statement SQLite is running (indexing a big file)
-        store.conn.set_progress_handler(stop.is_set, 10_000)
+    with store.transaction(), store.interrupt_on(stop):
         try:
             _ingest_files(store, sources, job, progress, summary, warn, strict)
             if embedder is not None:
                 _embed(store, embedder)
-        except sqlite3.OperationalError:
-            if stop.is_set():
-                raise KeyboardInterrupt from None
-            raise
         except Stopped:
             raise KeyboardInterrupt from None
-        finally:
-            store.conn.set_progress_handler(None, 0)
+        except Exception:
+            if stop.is_set():  # the statement Ctrl-C ended
+                raise KeyboardInterrupt from None
+            raise
     summary.seconds = time.monotonic() - started
     return summary
 
 
-def _embed(store: Store, embedder: Embedder) -> None:
+def _embed(store: Writer, embedder: Embedder) -> None:
     """Vectors for every chunk still without one (new ones, and a base made without)."""
     missing = store.without_vectors()
     for start in range(0, len(missing), 512):
@@ -301,7 +297,7 @@ class _Prepared:
 
 
 def _ingest_files(
-    store: Store,
+    store: Writer,
     files: list[Source],
     job: _Job,
     progress: Callable[[int], object] | None,

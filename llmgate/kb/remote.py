@@ -16,7 +16,7 @@ import aiohttp
 import msgspec
 
 from llmgate import http
-from llmgate.kb.store import Hit, KbError
+from llmgate.kb.base import PROBE, Hit, KbError
 
 MAX_ANSWER = 4 * 2**20
 
@@ -37,6 +37,8 @@ _decoder = msgspec.json.Decoder(Passages)
 
 
 class HttpRetriever:
+    """A retrieval service of the operator's own (llmgate.kb.base.Reader)."""
+
     def __init__(self, name: str, url: str, headers: dict[str, str], timeout_s: float) -> None:
         self.name = name
         self.url = url
@@ -64,6 +66,13 @@ class HttpRetriever:
             if p.score >= min_score
         ]
         return hits[:k]
+
+    async def start(self) -> None:
+        """Nothing to open: the connection pool is made by the first search."""
+
+    async def probe(self) -> str:
+        found = await self.search(PROBE, 1)
+        return f"one retrieval answered ({len(found)} passage{'' if len(found) == 1 else 's'})"
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from llmgate.http import OwnSession
+from llmgate.kb.base import PROBE, Hit, KbError, KbMissing, holding
 from llmgate.kb.embeddings import Embedder, EmbeddingError, fuse, nearest
-from llmgate.kb.store import Hit, KbError, bm25_ranked, distinct, hits, vectors
+from llmgate.kb.store import bm25_ranked, distinct, hits, vectors
 
 log = logging.getLogger("llmgate.kb")
 CANDIDATES = 50
@@ -32,6 +33,8 @@ BUSY_TIMEOUT_S = 0.1
 
 
 class Retriever:
+    """A SQLite base, searched from the server (llmgate.kb.base.Reader)."""
+
     def __init__(
         self, name: str, path: Path, embedder: Embedder | None = None, workers: int = 2
     ) -> None:
@@ -128,7 +131,7 @@ class Retriever:
         except sqlite3.Error as exc:
             self._release(conn)
             if isinstance(exc, sqlite3.OperationalError) and str(exc) == "interrupted":
-                raise
+                raise KbError(f"kb '{self.name}': the search was interrupted") from None
             raise self._unreadable(exc) from None
         except asyncio.CancelledError:
             # The caller left: stop this search's own query (not one that took the
@@ -156,6 +159,34 @@ class Retriever:
         except EmbeddingError as exc:
             log.warning("kb '%s': no question vector, BM25 alone: %s", self.name, exc)
             return None
+
+    async def start(self) -> None:
+        """Nothing to open: connections are made by the first searches."""
+
+    async def probe(self) -> str:
+        return await asyncio.to_thread(self._probe)
+
+    def _probe(self) -> str:
+        """(On a thread) the counts, on a read-only connection as the server opens it,
+        after one search of the server's own kind (FTS5 is there and answers)."""
+        if not self.path.exists():
+            raise KbMissing(f"{self.path} does not exist")
+        try:
+            conn = self._connect()
+        except sqlite3.Error as exc:
+            raise KbError(f"{self.path}: cannot open ({exc})") from None
+        try:
+            files, chunks = conn.execute(
+                "SELECT count(*), coalesce(sum(chunks), 0) FROM sources"
+            ).fetchone()
+            bm25_ranked(conn, PROBE, 1)
+        except sqlite3.Error as exc:
+            raise KbError(f"{self.path}: not a knowledge base ({exc})") from None
+        finally:
+            conn.close()
+        if not chunks:
+            raise KbMissing(f"{self.path} is empty")
+        return holding(chunks, files)
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -18,17 +18,21 @@ machine with a passage.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import sqlite3
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from llmgate.kb.base import Exported, Hit, KbError
 from llmgate.kb.chunking import Chunk
+
+_T = TypeVar("_T")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sources (
@@ -63,19 +67,6 @@ _STOP = frozenset(
     )
 )
 _WORD = re.compile(r"\w+")
-
-
-@dataclass(frozen=True)
-class Hit:
-    score: float  # BM25, higher is better
-    source: str  # the source's name (relative to the folder ingested), never a server path
-    heading: str
-    text: str
-    meta: dict[str, Any]
-
-
-class KbError(Exception):
-    """A knowledge base that cannot be used; the message says which and why."""
 
 
 MAX_TERMS = 64
@@ -172,12 +163,28 @@ def vectors(conn: sqlite3.Connection) -> tuple[list[int], list[bytes]]:
     return [r[0] for r in rows], [r[1] for r in rows]
 
 
-class Store:
-    """A knowledge base opened for writing (the `kb` commands)."""
+def _translated(method: Callable[..., _T]) -> Callable[..., _T]:
+    """A Store method whose SQLite errors are KbErrors naming the file."""
 
-    def __init__(self, path: Path) -> None:
+    @functools.wraps(method)
+    def translated(self: Store, *args: Any, **kwargs: Any) -> _T:
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as exc:
+            raise self.failed(exc) from None
+
+    return translated
+
+
+class Store:
+    """A knowledge base opened for writing (the `kb` commands): llmgate.kb.base.Writer."""
+
+    def __init__(self, path: Path, create: bool = True) -> None:
         self.path = path
+        self.where = str(path)
         self._wrote = False
+        if not create and not path.is_file():
+            raise KbError(f"{path}: no such knowledge base")
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.conn = sqlite3.connect(path, isolation_level=None)
@@ -219,6 +226,9 @@ class Store:
         finally:
             self.conn.close()
 
+    def failed(self, exc: sqlite3.Error) -> KbError:
+        return KbError(f"{self.path}: {type(exc).__name__}: {exc}")
+
     @contextmanager
     def transaction(self) -> Iterator[None]:
         """All of a command or none of it."""
@@ -230,15 +240,28 @@ class Store:
         try:
             yield
             self.conn.execute("COMMIT")
-        except BaseException:
+        except BaseException as exc:
             if self.conn.in_transaction:  # an interrupted statement rolled it back itself
                 self.conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise self.failed(exc) from None
             raise
 
+    @contextmanager
+    def interrupt_on(self, stop: threading.Event) -> Iterator[None]:
+        """Ctrl-C (`stop`) ends even a statement SQLite is running (indexing a big file)."""
+        self.conn.set_progress_handler(stop.is_set, 10_000)
+        try:
+            yield
+        finally:
+            self.conn.set_progress_handler(None, 0)
+
+    @_translated
     def hashes(self) -> dict[str, str]:
         """Every source's content hash: what "unchanged" is compared with."""
         return dict(self.conn.execute("SELECT path, hash FROM sources").fetchall())
 
+    @_translated
     def replace(
         self,
         source: str,
@@ -271,31 +294,60 @@ class Store:
             (source, digest, size, len(chunks), time.time(), name or Path(source).name),
         )
 
+    @_translated
     def remove(self, source: str) -> bool:
         self.conn.execute("DELETE FROM chunks WHERE source = ?", (source,))
         return self.conn.execute("DELETE FROM sources WHERE path = ?", (source,)).rowcount > 0
 
+    @_translated
     def without_vectors(self) -> list[tuple[int, str]]:
         """(id, text) of chunks that have no vector yet."""
         return self.conn.execute("SELECT id, text FROM chunks WHERE vec IS NULL").fetchall()
 
+    @_translated
     def set_vectors(self, rows: Sequence[tuple[bytes, int]]) -> None:
         self.conn.executemany("UPDATE chunks SET vec = ? WHERE id = ?", rows)
 
+    @_translated
     def sources(self) -> list[tuple[str, int, int]]:
         """(path, bytes, chunks) for every source."""
         return self.conn.execute(
             "SELECT path, bytes, chunks FROM sources ORDER BY path"
         ).fetchall()
 
+    @_translated
     def stats(self) -> dict[str, int]:
         files, chunks, size = self.conn.execute(
             "SELECT count(*), coalesce(sum(chunks), 0), coalesce(sum(bytes), 0) FROM sources"
         ).fetchone()
         return {"files": files, "chunks": chunks, "bytes": size, "file_bytes": _size(self.path)}
 
+    @_translated
     def search(self, question: str, k: int) -> list[Hit]:
         return search(self.conn, question, k)
+
+    def export(self) -> Iterator[Exported]:
+        """Every source with its chunks and vectors, one at a time (`kb copy`)."""
+        try:
+            rows = self.conn.execute(
+                "SELECT path, hash, bytes, coalesce(name, path) FROM sources ORDER BY path"
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise self.failed(exc) from None
+        for path, digest, size, name in rows:
+            chunks: list[Chunk] = []
+            vecs: list[bytes] = []
+            try:
+                for heading, text, meta, vec in self.conn.execute(
+                    "SELECT heading, text, meta, vec FROM chunks WHERE source = ? ORDER BY ord",
+                    (path,),
+                ):
+                    chunks.append(Chunk(heading, text, json.loads(meta) if meta else {}))
+                    vecs.append(vec)
+            except sqlite3.Error as exc:
+                raise self.failed(exc) from None
+            whole = bool(vecs) and all(v is not None for v in vecs)
+            yield Exported(path, digest, size, name, chunks, vecs if whole else None)
 
 
 def _size(path: Path) -> int:

@@ -26,14 +26,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import sqlite3
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from typing import Any, Protocol
+from typing import Any
 
 from llmgate.config import RagConfig
-from llmgate.kb.store import Hit, KbError
+from llmgate.kb.base import Hit, KbError, Reader
 from llmgate.obs import tracing
 from llmgate.pipeline import Ask, Call, Opened, Piece, end_task, own_head
 
@@ -52,16 +51,10 @@ NOTHING_FOUND = (
 )
 
 
-class Retriever(Protocol):
-    name: str
-
-    async def search(self, question: str, k: int, min_score: float = 0.0) -> list[Hit]: ...
-
-
 class RagStage:
     name = "rag"
 
-    def __init__(self, config: RagConfig, retriever: Retriever) -> None:
+    def __init__(self, config: RagConfig, retriever: Reader) -> None:
         self.config = config
         self.retriever = retriever
         # say the next one next time: a caller hears no litany
@@ -124,8 +117,9 @@ class RagStage:
                 )
         except Exception as exc:
             # The caller still gets an answer (one that says it does not know): a base
-            # that cannot be read must not silence the agent. The log says why.
-            if isinstance(exc, KbError | sqlite3.Error):
+            # that cannot be read must not silence the agent. The log says why (each
+            # backend says it as a KbError; anything else is its bug).
+            if isinstance(exc, KbError):
                 log.error("rag: kb '%s' cannot be searched: %s", self.retriever.name, exc)
             else:
                 log.error("rag: kb '%s' search failed", self.retriever.name, exc_info=True)
