@@ -66,6 +66,7 @@ class Generation:
             read_timeout_s=config.server.read_timeout_s,
             answer_timeout_s=config.server.answer_timeout_s,
             metrics=_names(config) if config.server.metrics else None,
+            playground=config.playground.enabled,
         )
         self.retrievers: dict[str, Reader] = {}
         if any(r.rag for r in config.routes):

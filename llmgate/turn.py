@@ -30,6 +30,7 @@ class Turn:
     __slots__ = (
         "admitted",
         "chunks",
+        "detail",
         "error",
         "finish_reason",
         "first_audio",
@@ -51,6 +52,7 @@ class Turn:
         "superseded",
         "timing",
         "upstream_first",
+        "upstream_status",
         "usage",
     )
 
@@ -75,6 +77,11 @@ class Turn:
         self.first_sentence: float | None = None  # (a route with a speech or audio stage)
         self.first_audio: float | None = None
         self.timing = False  # the caller asked for the clock (X-Llmgate-Timing: 1)
+        # (with timing) the last upstream request's (sent, headers came), perf_counter
+        self.upstream_status: tuple[float, float] | None = None
+        # (with timing and the playground on) what only the playground shows: the passages'
+        # sources and scores, each tool call's arguments and result; never logged
+        self.detail: dict[str, Any] | None = None
         self.upstream_first: float | None = None  # the provider's own: request -> first chunk
         self.model_first: float | None = None  # turn start -> the provider's first chunk
         self.staged = False  # on a route with stages (one may speak before the model)

@@ -109,3 +109,60 @@ async def test_an_audio_turns_clock_and_its_first_sentence_metric(make_gateway):
     after = await scrape(gateway)
     assert delta(before, after, "llmgate_time_to_first_sentence_seconds_count",
                  route="/audio/chat/completions") == 1
+
+
+async def test_the_upstream_attempt_has_its_start_status_and_first_token(gateway):
+    payload = {"model": "text", "stream": True, "messages": QUESTION}
+    _, raw = await raw_post(gateway.make_url("/v1/chat/completions"), payload, TIMING)
+    [attempt] = timing_of(raw)["attempts"]
+    assert attempt["start"] <= attempt["status"] <= attempt["first_token"]
+
+
+async def test_with_the_playground_on_the_clock_says_the_sources_found(
+    make_gateway, kb_path  # noqa: F811
+):
+    routes = {
+        "kb": {"shop": {"path": str(kb_path)}},
+        "rag": {"shop": {"kb": "shop"}},
+        "routes": [{"path": "/voice/chat/completions", "rag": "shop"}],
+    }
+    payload = {"model": "text", "stream": True, "messages": QUESTION}
+    shown = await make_gateway(playground={"enabled": True}, **routes)
+    _, raw = await raw_post(shown.make_url("/voice/chat/completions"), payload, TIMING)
+    sources = timing_of(raw)["retrieval"]["sources"]
+    assert sources and {"source", "heading", "score"} == set(sources[0])
+    assert sources[0]["source"] == "shop.md" and sources[0]["score"] > 0
+    # without the playground, what the caller cannot see stays unsaid
+    hidden = await make_gateway(**routes)
+    _, raw = await raw_post(hidden.make_url("/voice/chat/completions"), payload, TIMING)
+    assert "sources" not in timing_of(raw)["retrieval"]
+
+
+async def test_with_the_playground_on_the_clock_says_each_tool_call(
+    make_gateway, upstream, aiohttp_server
+):
+    from aiohttp import web
+
+    async def weather(request: web.Request) -> web.Response:
+        return web.json_response({"sky": "sunny", "pad": "x" * 2000})
+
+    app = web.Application()
+    app.router.add_post("/weather", weather)
+    service = await aiohttp_server(app)
+    gateway = await make_gateway(
+        playground={"enabled": True},
+        providers={"fake": {"base_url": upstream.url}},
+        tools={"weather": {"kind": "http", "url": str(service.make_url("/weather")),
+                           "description": "The weather.", "parameters": {"type": "object"}}},
+        routes=[{"path": "/tools/chat/completions", "tools": ["weather"]}],
+    )
+    payload = {"model": "use-tools-weather", "stream": True,
+               "messages": [{"role": "user", "content": "weather in Paris?"}]}
+    _, raw = await raw_post(gateway.make_url("/tools/chat/completions"), payload, TIMING)
+    marks = timing_of(raw)
+    [call] = marks["tool_calls"]
+    assert call["tool"] == "weather" and call["round"] == 1
+    assert call["arguments"] == '{"city": "Paris"}'
+    assert call["result"].startswith('{"sky":') and len(call["result"]) == 500
+    [round_] = marks["tool_rounds"]
+    assert round_["calls"][0]["tool"] == "weather" and round_["calls"][0]["ok"]

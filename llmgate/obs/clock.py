@@ -18,8 +18,10 @@ from llmgate.turn import Turn, ms
 _encode = msgspec.json.Encoder().encode
 
 
-def clock(turn: Turn) -> dict[str, Any]:
-    """The turn's marks as its caller may see them (no message text, no key)."""
+def clock(turn: Turn, detail: bool = False) -> dict[str, Any]:
+    """The turn's marks as its caller may see them (no message text, no key). With
+    `detail`, and the playground on, also what only the playground shows (turn.detail):
+    the passages' sources and scores, each tool call's arguments and result."""
     out: dict[str, Any] = {"request_id": turn.id}
     turn_id = turn.metadata.get("turn_id")
     if type(turn_id) is int:
@@ -67,13 +69,18 @@ def clock(turn: Turn) -> dict[str, Any]:
     if sentence is not None and turn.first_token is not None:
         out["llm_ftfs"] = ms(sentence - turn.first_token)
     out["llm_ttfa"] = out["first_audio"]
+    if detail and turn.detail:
+        if "sources" in turn.detail and "retrieval" in out:
+            out["retrieval"]["sources"] = turn.detail["sources"]
+        if "tool_calls" in turn.detail:
+            out["tool_calls"] = turn.detail["tool_calls"]
     return out
 
 
 def _attempts(turn: Turn) -> list[dict[str, Any]]:
     notes = turn.notes
     if notes is not None and isinstance(notes.upstream.attempts, list):
-        return [
+        attempts = [
             {
                 "target": a.target,
                 "start": a.start_ms if isinstance(a.start_ms, float | int) else None,
@@ -82,15 +89,31 @@ def _attempts(turn: Turn) -> list[dict[str, Any]]:
             }
             for a in notes.upstream.attempts
         ]
+        for attempt in attempts:  # the one that answered: its headers and first token
+            if attempt["outcome"] == "won":
+                _answered(turn, attempt)
+        return attempts
     if turn.provider is None or turn.model_first is None:
         return []
-    return [{"target": f"{turn.provider}/{turn.model}", "first_token": ms(turn.model_first),
-             "outcome": "won" if turn.status < 400 else str(turn.error)}]
+    attempt: dict[str, Any] = {"target": f"{turn.provider}/{turn.model}"}
+    if turn.upstream_status is not None:
+        attempt["start"] = ms(turn.upstream_status[0] - turn.started)
+    _answered(turn, attempt)
+    attempt["outcome"] = "won" if turn.status < 400 else str(turn.error)
+    return [attempt]
+
+
+def _answered(turn: Turn, attempt: dict[str, Any]) -> None:
+    """`status` (the provider's headers came) and `first_token` (its first chunk)."""
+    if turn.upstream_status is not None:
+        attempt["status"] = ms(turn.upstream_status[1] - turn.started)
+    if turn.model_first is not None:
+        attempt["first_token"] = ms(turn.model_first)
 
 
 def comment(turn: Turn) -> bytes:
     """The SSE comment line that carries the clock on a stream."""
-    return b": llmgate-timing " + _encode(clock(turn)) + b"\n\n"
+    return b": llmgate-timing " + _encode(clock(turn, detail=True)) + b"\n\n"
 
 
 def server_timing(turn: Turn) -> str:

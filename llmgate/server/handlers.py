@@ -49,6 +49,7 @@ class Settings:
     read_timeout_s: float = 30.0
     metrics: metrics.Names | None = None  # None: metrics off
     answer_timeout_s: float = 300.0  # a non-streamed answer, whole
+    playground: bool = False  # [playground] enabled: the clock may carry turn.detail
 
 
 class ChatCompletions:
@@ -78,7 +79,10 @@ class ChatCompletions:
         # A span per turn with [otel] on (continuing the caller's traceparent); else free.
         with tracing.turn_span(request.headers, route=self.route) as span:
             turn = Turn(self.route, request.headers.get("X-Request-Id"))
-            turn.timing = request.headers.get("X-Llmgate-Timing") == "1"
+            if request.headers.get("X-Llmgate-Timing") == "1":
+                turn.timing = True
+                if self.settings.playground:
+                    turn.detail = {}
             try:
                 return await self._measured(request, turn)
             finally:

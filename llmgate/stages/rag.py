@@ -85,6 +85,11 @@ class RagStage:
             elapsed = round((time.monotonic() - started) * 1000, 2)
             note = ask.turn.noted().rag
             note.retrieval_ms, note.hits, note.top_score = elapsed, len(hits), top
+            if ask.turn.detail is not None:  # the playground shows what was found
+                ask.turn.detail["sources"] = [
+                    {"source": h.source, "heading": h.heading, "score": round(h.score, 4)}
+                    for h in hits
+                ]
             _place(ask.body["messages"], self._system_message(hits), self.config.placement)
             async with aclosing(inner(ask)) as items:
                 while filler:  # no answer yet: the phrase goes out if none comes in time

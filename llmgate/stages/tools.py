@@ -44,6 +44,7 @@ from llmgate.tools.base import Tool, ToolError
 from llmgate.tools.registry import Toolbox
 from llmgate.turn import ToolCallNote, ToolsNote
 
+DETAIL_ARGUMENTS, DETAIL_RESULT = 2000, 500  # characters of a call the playground shows
 log = logging.getLogger("llmgate.tools")
 _ARGS_SHOWN = 200  # characters of a bad argument string the model is shown
 MAX_CALLS_PER_ROUND = 16  # calls of ours run in one round; the rest are answered unrun
@@ -175,6 +176,14 @@ class ToolStage:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("tool %s arguments %s", name, call["function"]["arguments"][:2000])
         answer.calls_noted.append(noted)
+        detail = answer.ask.turn.detail
+        if detail is not None:  # the playground shows what ran, and what it said
+            detail.setdefault("tool_calls", []).append({
+                "round": round_no + 1,
+                "tool": name,
+                "arguments": call["function"]["arguments"][:DETAIL_ARGUMENTS],
+                "result": result[:DETAIL_RESULT],
+            })
         return result
 
 

@@ -115,6 +115,8 @@ class UpstreamCall:
                 # (a small gzip of data lines would grow to gigabytes on the loop).
                 auto_decompress=False,
             )
+            if self._turn.timing:  # the clock's `status`: the provider's headers came
+                self._turn.upstream_status = (self._sent, time.perf_counter())
             if resp.status >= 300:
                 raw = await _read_bounded(resp, MAX_ERROR_BODY)
                 raise provider.status_error(resp.status, resp.headers, raw)
