@@ -44,13 +44,15 @@ def clock(turn: Turn, detail: bool = False) -> dict[str, Any]:
         out["attempts"] = attempts
     if notes is not None and notes.tools is not None and notes.tools.round_ms:
         calls = notes.tools.calls
+        # with `detail`: each call's arguments and result, kept by the tool stage
+        said = (turn.detail or {}).get("tool_calls", {}) if detail else {}
         out["tool_rounds"] = [
             {
                 "start": start,
                 "end": end,
                 "calls": [
                     {"tool": c.name, "ms": c.ms if isinstance(c.ms, float) else None,
-                     "ok": c.ok}
+                     "ok": c.ok, **said.get(id(c), {})}
                     for c in calls if c.round == i + 1
                 ],
             }
@@ -69,11 +71,8 @@ def clock(turn: Turn, detail: bool = False) -> dict[str, Any]:
     if sentence is not None and turn.first_token is not None:
         out["llm_ftfs"] = ms(sentence - turn.first_token)
     out["llm_ttfa"] = out["first_audio"]
-    if detail and turn.detail:
-        if "sources" in turn.detail and "retrieval" in out:
-            out["retrieval"]["sources"] = turn.detail["sources"]
-        if "tool_calls" in turn.detail:
-            out["tool_calls"] = turn.detail["tool_calls"]
+    if detail and turn.detail and "sources" in turn.detail and "retrieval" in out:
+        out["retrieval"]["sources"] = turn.detail["sources"]
     return out
 
 

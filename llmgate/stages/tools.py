@@ -178,12 +178,10 @@ class ToolStage:
         answer.calls_noted.append(noted)
         detail = answer.ask.turn.detail
         if detail is not None:  # the playground shows what ran, and what it said
-            detail.setdefault("tool_calls", []).append({
-                "round": round_no + 1,
-                "tool": name,
+            detail.setdefault("tool_calls", {})[id(noted)] = {
                 "arguments": call["function"]["arguments"][:DETAIL_ARGUMENTS],
                 "result": result[:DETAIL_RESULT],
-            })
+            }
         return result
 
 
