@@ -802,7 +802,18 @@ def main() -> int:
         help="run llmgate from this source tree (e.g. a git worktree of main), not the "
         "installed one: PYTHONPATH for the llmgate processes only (default: $LLMGATE_SRC)",
     )
+    parser.add_argument(
+        "--kind", choices=("sqlite", "postgres"), default="sqlite",
+        help="rag --kind postgres: the knowledge base's stores side by side "
+        "(scripts/bench_kb.py: ingest, lexical and hybrid retrieval, SQLite and PostgreSQL)",
+    )
     args = parser.parse_args()
+    if args.kind == "postgres":
+        if set(args.scenarios) - {"rag"}:
+            parser.error("--kind postgres is for the rag scenario alone")
+        import bench_kb
+
+        return bench_kb.run(KB_CHUNKS_QUICK if args.quick else KB_CHUNKS, args.json)
     global SRC
     if args.src:
         SRC = Path(args.src).resolve()
