@@ -54,12 +54,15 @@ async def test_the_page_is_served_with_a_strict_policy(make_gateway):
     # nothing inline for the policy to refuse: every script and style is a file of its own
     assert b"<script>" not in body and b"<style" not in body and b" style=" not in body
     assert not re.search(rb"\son[a-z]+\s*=", body)  # no onclick= and the like
+    served = {}
     for name, kind in [("playground.js", "text/javascript"), ("playground.css", "text/css")]:
-        status, headers, body = await get(gateway, "/playground/static/" + name)
+        status, headers, served[name] = await get(gateway, "/playground/static/" + name)
         assert status == 200 and headers["Content-Type"] == kind + "; charset=utf-8"
         assert headers["Content-Security-Policy"] == CSP
         assert headers["X-Content-Type-Options"] == "nosniff"
-    assert b"innerHTML" not in body and b"insertAdjacentHTML" not in body
+    script = served["playground.js"]
+    for html in (b"innerHTML", b"outerHTML", b"insertAdjacentHTML", b"document.write", b"eval("):
+        assert html not in script  # text from the model, tools or documents stays text
 
 
 async def test_every_playground_path_is_off_unless_enabled(gateway):
@@ -364,3 +367,15 @@ async def test_a_turn_sent_by_another_client_is_in_the_live_view(tab, playground
                                             "ls => ls.map(l => l.textContent)")
     assert "done" in labels and "first token" in labels
     assert (await stats(tab))["bars"] == len(labels)
+
+
+async def test_append_sends_two_user_messages_in_a_row(tab, playground_gateway):
+    await open_playground(tab, playground_gateway)
+    await say(tab, "What's the weather", "text")
+    await idle(tab, 1)
+    await say(tab, "in Paris?", "text", button="#append")  # as the engine with interruption off
+    await idle(tab, 2)
+    first, second = sent(tab)
+    assert [m["role"] for m in second["messages"]] == ["system", "user", "user"]
+    assert [m["turn_id"] for m in second["messages"][1:]] == [0, 1]
+    assert second["messages"][1] == first["messages"][1]
