@@ -135,7 +135,9 @@ async def test_ingest_is_idempotent_and_a_changed_file_replaced(pg_server, tmp_p
     assert code == 0 and _consistent(pg_server, name) == (1, 2)
 
 
-async def test_a_killed_ingest_leaves_every_source_whole_or_absent(pg_server, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+async def test_a_killed_ingest_leaves_every_source_whole_or_absent(pg_server, tmp_path, sig):  # noqa: F811
+    """Killed (no handler runs: mid-COPY, mid-transaction) or Ctrl-C (one line, exit 130)."""
     name = table()
     config = _pg_config(tmp_path, pg_server.dsn, name)
     docs = tmp_path / "docs"
@@ -145,7 +147,7 @@ async def test_a_killed_ingest_leaves_every_source_whole_or_absent(pg_server, tm
         (docs / f"f{i:03}.md").write_text(f"# File {i}\n\n{paragraph}\n\n" * 3)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "llmgate", "kb", "ingest", "--config", str(config), "--kb", "docs",
-        str(docs), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        str(docs), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
     )
 
@@ -156,8 +158,12 @@ async def test_a_killed_ingest_leaves_every_source_whole_or_absent(pg_server, tm
             return False
 
     await eventually(some, timeout=30)
-    proc.send_signal(signal.SIGKILL)  # no Ctrl-C handler runs: mid-COPY, mid-transaction
-    await proc.wait()
+    proc.send_signal(sig)
+    _, err = await asyncio.wait_for(proc.communicate(), 10)
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130
+        assert err.decode().strip() == ("llmgate: interrupted; every source is whole or absent "
+                                        "(each is written in one transaction)")
     done, _ = _consistent(pg_server, name)
     assert 3 <= done < 300
     code, err = await kb("ingest", "--config", str(config), "--kb", "docs", str(docs))

@@ -135,6 +135,9 @@ def _main(argv: list[str], stop: threading.Event) -> int:
         return EXIT_ERROR
     try:
         return _run(args, store, kb, loaded, stop, source)
+    except KeyboardInterrupt:
+        print(f"llmgate: interrupted; {_unchanged(store)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (IngestError, KbError) as exc:
         print(f"llmgate: {safe(str(exc))}; {_unchanged(store)}", file=sys.stderr)
         return EXIT_ERROR

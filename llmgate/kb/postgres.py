@@ -414,6 +414,7 @@ class PgWriter:
         self._dims: int | None = None
         self._indexed = True  # the vectors have their HNSW index (made by close if not)
         self._wrote = False
+        self._interrupted = False
         try:
             self._call(self._connect, "open")
         except BaseException:
@@ -430,8 +431,11 @@ class PgWriter:
                     return future.result(timeout=0.1)
                 except TimeoutError:
                     if self._stop is not None and self._stop.is_set():
-                        future.cancel()
                         raise KeyboardInterrupt from None
+        except KeyboardInterrupt:  # the event, or SIGINT's handler raising here
+            future.cancel()
+            self._interrupted = True  # (close then builds nothing)
+            raise
         except KbError as exc:
             raise self._failed(exc) from None
         except _errors() as exc:
@@ -507,8 +511,9 @@ class PgWriter:
         """The vectors' HNSW index is built here, once, after the rows are in (much faster
         than row by row); a writer killed before it leaves exact search, still right."""
         try:
+            self._call(self._settled)  # a statement cancelled by Ctrl-C ends first
             if self._conn is not None:
-                if self._wrote and (self._stop is None or not self._stop.is_set()):
+                if self._wrote and not self._interrupted:
                     self._call(self._tidy, "tidy the indexes")
                 self._call(self._conn.close)
         except (KbError, KeyboardInterrupt):
@@ -520,20 +525,30 @@ class PgWriter:
             if not self._thread.is_alive():
                 self._loop.close()
 
+    async def _settled(self) -> None:
+        others = asyncio.all_tasks() - {asyncio.current_task()}
+        if others:
+            await asyncio.wait(others, timeout=5)
+
     async def _tidy(self) -> None:
         """After writes: the GIN index's pending list merged (rows COPYed in wait there, and
         every search would scan it: 2 ms a search at 100k chunks until autovacuum came), the
         planner's statistics renewed, and the vectors' HNSW index built if missing."""
+        import asyncpg
+
         await self._conn.execute("SET maintenance_work_mem = '256MB'")
-        await self._conn.execute("SELECT gin_clean_pending_list($1::regclass)",
-                                 f'"{self.kb.table}_tsv"')
         if not self._indexed:
             await self._conn.execute(
                 f'CREATE INDEX IF NOT EXISTS "{self.kb.table}_vec" ON {self.names.chunks} '
                 "USING hnsw (vec vector_cosine_ops)"
             )
             self._indexed = True
-        await self._conn.execute(f"ANALYZE {self.names.chunks}")
+        try:  # (the table's owner's to do; autovacuum does both in time otherwise)
+            await self._conn.execute("SELECT gin_clean_pending_list($1::regclass)",
+                                     f'"{self.kb.table}_tsv"')
+            await self._conn.execute(f"ANALYZE {self.names.chunks}")
+        except asyncpg.InsufficientPrivilegeError:
+            pass
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
