@@ -26,6 +26,7 @@ from tests.browser import Browser, Tab
 from tests.conftest import API_KEY, eventually
 from tests.fake_upstream import text_chunks
 from tests.test_cancellation import agora_body
+from tests.test_tools import CITY, service  # noqa: F401 (fixture)
 
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 ON = {"enabled": True}
@@ -379,3 +380,28 @@ async def test_append_sends_two_user_messages_in_a_row(tab, playground_gateway):
     assert [m["role"] for m in second["messages"]] == ["system", "user", "user"]
     assert [m["turn_id"] for m in second["messages"][1:]] == [0, 1]
     assert second["messages"][1] == first["messages"][1]
+
+
+async def test_llmgates_tool_rounds_and_filler_are_shown(
+    tab, make_gateway, upstream, service  # noqa: F811 (the fixture)
+):
+    gateway = await make_gateway(
+        playground=ON,
+        providers={"fake": {"base_url": upstream.url, "idle_timeout_s": 30}},
+        tools={"weather": {"kind": "http", "url": service.url + "slow0.3", "parameters": CITY}},
+        routes=[{"path": "/chat/completions"}, {
+            "path": "/tools/chat/completions", "tools": ["weather"],
+            "tool_filler": {"phrases": ["Let me check that for you."], "after_ms": 100},
+        }],
+    )
+    await open_playground(tab, gateway)
+    await say(tab, "Weather in Paris?", "use-tools-weather", route="/tools/chat/completions")
+    await idle(tab, 1)
+    said = await tab.eval_on_selector_all(".turn .answer .said", "s => s.map(x => x.textContent)")
+    assert [x.strip() for x in said] == ["fillerLet me check that for you."]  # tag, phrase
+    rounds = await tab.text_content(".turn .rounds")
+    assert "llmgate's tool round 1: weather ok" in rounds
+    assert 'arguments: {"city": "Paris"}' in rounds and "sunny" in rounds  # the clock's detail
+    labels = await tab.eval_on_selector_all(".turn .waterfall .label",
+                                            "ls => ls.map(l => l.textContent)")
+    assert "tool round 1: weather" in labels
