@@ -296,7 +296,7 @@ class StateConfig(_Strict):
 
 
 class PlaygroundConfig(_Strict):
-    enabled: bool = False  # /playground/events (and, to come, the page): off unless asked
+    enabled: bool = False  # /playground (the page), its /routes and /events: off unless asked
     allow_remote: bool = False  # like /metrics: loopback callers only unless this is set
 
 
