@@ -9,6 +9,7 @@ on a developer's machine, saying how to install it; in CI (LLMGATE_CI=1) they fa
 
 from __future__ import annotations
 
+import atexit
 import os
 import pwd
 import shutil
@@ -51,13 +52,40 @@ def _run_as() -> tuple[int, int] | None:
     return entry.pw_uid, entry.pw_gid
 
 
+def _reachable(path: Path) -> bool:
+    """Whether another user may run what is in `path` (every folder above it searchable)."""
+    return all(parent.stat().st_mode & 0o001 for parent in path.parents)
+
+
+def _for_others(binaries: Path) -> Path:
+    """The binaries where the server's own user can run them: as they are, or (a checkout
+    under /root, say) a copy of the install in a temporary folder, made once a run
+    (PostgreSQL finds its libraries and extensions beside its binaries)."""
+    if _reachable(binaries):
+        return binaries
+    install = binaries.parent  # site-packages/pgserver/pginstall
+    copy = Path(tempfile.gettempdir()) / f"llmgate-pginstall-{os.getpid()}"
+    if not copy.exists():
+        staging = Path(tempfile.mkdtemp(prefix="llmgate-pginstall-"))
+        for part in ("bin", "lib", "share"):
+            shutil.copytree(install / part, staging / "pgserver" / "pginstall" / part,
+                            symlinks=True)
+        # the binaries' RPATH: $ORIGIN/../../../pgserver.libs (the wheel's own libpq)
+        shutil.copytree(install.parent.parent / "pgserver.libs", staging / "pgserver.libs",
+                        symlinks=True)
+        staging.chmod(0o755)
+        staging.rename(copy)
+        atexit.register(shutil.rmtree, copy, True)
+    return copy / "pgserver" / "pginstall" / "bin"
+
+
 class PgServer:
     """One PostgreSQL server; `stop()` and `start()` again on the same port and data
     (the database going down and coming back)."""
 
     def __init__(self) -> None:
-        self.bin = _binaries()
         self.owner = _run_as()
+        self.bin = _binaries() if self.owner is None else _for_others(_binaries())
         self.dir = Path(tempfile.mkdtemp(prefix="llmgate-pg-"))
         self.dir.chmod(0o700)
         if self.owner is not None:
