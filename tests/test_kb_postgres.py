@@ -344,3 +344,33 @@ def test_a_vector_keeps_every_bit_through_pgvector_binary_form():
     vec = np.random.default_rng(1).standard_normal(7).astype(np.float32)
     assert _vector_out(_vector_in(vec.tobytes())) == vec.tobytes()
     assert json.loads(json.dumps(np.frombuffer(_vector_out(_vector_in(vec)), "<f4").tolist()))
+
+
+async def test_check_probes_a_postgres_base(pg_server, shop, tmp_path, capsys):  # noqa: F811
+    from tests.test_check import check, provider, row, write
+
+    down = pg_server.dsn.replace(f":{pg_server.port}/", ":1/")
+    config = provider("p", "http://127.0.0.1:1/v1") + f"""
+[kb.shop]
+kind = "postgres"
+dsn = "{pg_server.dsn}"
+table = "{shop.table}"
+[kb.fresh]
+kind = "postgres"
+dsn = "{pg_server.dsn}"
+table = "{table()}"
+[kb.away]
+kind = "postgres"
+dsn = "{down}"
+"""
+    path = write(tmp_path, config)
+    code, out = await check(capsys, path)
+    assert code == 1
+    status, detail = row(out, "kb shop")
+    assert status == "ok" and detail.endswith("14 chunks from 1 source")
+    status, detail = row(out, "kb fresh")
+    assert status == "FAIL" and "does not exist yet" in detail
+    assert f"python -m llmgate kb ingest --config {path} --kb fresh" in detail
+    status, detail = row(out, "kb away")
+    assert status == "FAIL" and "postgresql 127.0.0.1:1/postgres table llmgate_docs" in detail
+    assert "pw-not-shown" not in out
