@@ -198,6 +198,10 @@ class Live:
 LIVE = web.AppKey("live", Live)
 
 
+async def _end_feed(app: web.Application) -> None:
+    app[FEED].close()
+
+
 def create_app(loaded: Loaded) -> web.Application:
     state = state_for(loaded.config, _global_max(loaded.config))
     in_flight: set[asyncio.Task] = set()
@@ -216,6 +220,7 @@ def create_app(loaded: Loaded) -> web.Application:
     app.on_startup.append(lambda app: live.current.start(app[SESSION]))
     if loaded.config.server.metrics:
         app.on_startup.append(_count_start)
+    app.on_shutdown.append(_end_feed)  # an open playground page never holds the drain
     app.on_cleanup.append(lambda _: live.current.aclose())
     if loaded.config.otel is not None:
         otel = loaded.config.otel

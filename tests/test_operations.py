@@ -348,3 +348,16 @@ async def test_a_body_read_just_after_its_headers_does_not_arm_the_header_timer(
         assert not transport.closed and b"done" in transport.out
     finally:
         await runner.cleanup()
+
+
+async def test_an_open_playground_feed_does_not_hold_the_drain(child, upstream):
+    """The live view never ends by itself: shutting down ends it, so a browser tab left on
+    the page does not keep the process for drain_s (twice, as aiohttp waits)."""
+    gw = await child("drain_s = 30\n[playground]\nenabled = true")
+    async with aiohttp.ClientSession() as session:
+        feed = await session.get(f"{gw.url}/playground/events", headers=HEADERS)
+        assert feed.status == 200
+        gw.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(gw.proc.wait(), 10) == 0
+        assert await feed.content.read() == b""  # ended cleanly
+    assert "drained" in await gw.stderr()

@@ -45,6 +45,15 @@ class Feed:
     def unsubscribe(self, queue: asyncio.Queue) -> None:
         self._subscribers.discard(queue)
 
+    def close(self) -> None:
+        """Shutting down: every listener's feed ends (a `None` last), so that an open page
+        never holds the process past its drain."""
+        for queue in self._subscribers:
+            if queue.full():
+                queue.get_nowait()
+            queue.put_nowait(None)
+        self._subscribers.clear()
+
 
 FEED = web.AppKey("playground_feed", Feed)
 

@@ -107,7 +107,10 @@ class Events:
         try:
             async with sse_response(request) as resp:
                 while resp.is_connected():
-                    await resp.send(await queue.get(), event="turn")
+                    event = await queue.get()
+                    if event is None:  # shutting down (Feed.close)
+                        break
+                    await resp.send(event, event="turn")
         finally:
             feed.unsubscribe(queue)
         return resp
