@@ -9,6 +9,7 @@ two rankings without comparing their scores.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 
 import aiohttp
@@ -18,6 +19,7 @@ import numpy as np
 from llmgate import http
 from llmgate.config import Loaded, PostgresKb, SqliteKb
 
+log = logging.getLogger("llmgate.kb")
 RRF_K = 60
 BATCH = 64
 # An answer is bounded by the texts it embeds: a vector of 3,072 floats is ~70 KB as JSON,
@@ -108,6 +110,20 @@ def embedder_for(
     headers = {**provider.headers, **http.bearer(provider.api_key)}
     name = f"provider '{kb.embeddings}'"
     return Embedder(provider.base_url, headers, kb.embedding_model, timeout_s, name)
+
+
+async def question_vector(
+    embedder: Embedder | None, session: http.OwnSession, question: str, kb: str, instead: str
+) -> np.ndarray | None:
+    """A question's vector for a reader; None without an embedder, or when the endpoint
+    fails (logged: the `instead` list answers alone)."""
+    if embedder is None:
+        return None
+    try:
+        return (await embedder.embed(session.get(), [question]))[0]
+    except EmbeddingError as exc:
+        log.warning("kb '%s': no question vector, %s alone: %s", kb, instead, exc)
+        return None
 
 
 def normalized(vectors: np.ndarray) -> np.ndarray:

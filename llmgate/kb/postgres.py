@@ -35,7 +35,7 @@ from llmgate.config import PostgresKb
 from llmgate.http import OwnSession
 from llmgate.kb.base import PROBE, Exported, Hit, KbError, KbMissing, holding
 from llmgate.kb.chunking import Chunk
-from llmgate.kb.embeddings import Embedder, EmbeddingError, fuse
+from llmgate.kb.embeddings import Embedder, fuse, question_vector
 from llmgate.kb.store import _STOP, _WORD, MAX_TERMS, distinct
 
 log = logging.getLogger("llmgate.kb")
@@ -351,13 +351,8 @@ class PgReader:
         return True
 
     async def _query_vector(self, question: str) -> np.ndarray | None:
-        if self.embedder is None:
-            return None
-        try:
-            return (await self.embedder.embed(self._client.get(), [question]))[0]
-        except EmbeddingError as exc:
-            log.warning("kb '%s': no question vector, lexical alone: %s", self.name, exc)
-            return None
+        return await question_vector(self.embedder, self._client, question, self.name,
+                                     "lexical")
 
     async def probe(self) -> str:
         """For `check`: what the base holds, after one search of the server's own kind."""

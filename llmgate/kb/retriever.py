@@ -24,7 +24,7 @@ import numpy as np
 
 from llmgate.http import OwnSession
 from llmgate.kb.base import PROBE, Hit, KbError, KbMissing, holding
-from llmgate.kb.embeddings import Embedder, EmbeddingError, fuse, nearest
+from llmgate.kb.embeddings import Embedder, fuse, nearest, question_vector
 from llmgate.kb.store import bm25_ranked, distinct, hits, vectors
 
 log = logging.getLogger("llmgate.kb")
@@ -152,13 +152,8 @@ class Retriever:
         self._slots.release()
 
     async def _query_vector(self, question: str) -> np.ndarray | None:
-        if self.embedder is None:
-            return None
-        try:
-            return (await self.embedder.embed(self._client.get(), [question]))[0]
-        except EmbeddingError as exc:
-            log.warning("kb '%s': no question vector, BM25 alone: %s", self.name, exc)
-            return None
+        return await question_vector(self.embedder, self._client, question, self.name,
+                                     "BM25")
 
     async def start(self) -> None:
         """Nothing to open: connections are made by the first searches."""
