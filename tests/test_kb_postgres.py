@@ -374,3 +374,29 @@ dsn = "{down}"
     status, detail = row(out, "kb away")
     assert status == "FAIL" and "postgresql 127.0.0.1:1/postgres table llmgate_docs" in detail
     assert "pw-not-shown" not in out
+
+
+async def test_a_running_reader_takes_up_vectors_added_later(pg_server, embeddings, monkeypatch):  # noqa: F811
+    """A base made lexical, given vectors by a later `kb ingest` while the server runs:
+    the server's reader reads the base's row again (every META_S) and goes hybrid."""
+    from llmgate.kb import postgres
+
+    monkeypatch.setattr(postgres, "META_S", 0.0)
+    base = PostgresKb(dsn=pg_server.dsn, table=table())
+    writer = await asyncio.to_thread(PgWriter, "shop", base)
+    await asyncio.to_thread(ingest, writer, [DATA / "shop.md"], 60, 10)
+    await asyncio.to_thread(writer.close)
+    embedder = Embedder(embeddings.url, {}, "fake-embed", 5)
+    reader = PgReader("shop", base, embedder)
+    await reader.start()
+    try:
+        question = "What is your telephone number?"
+        before = [h.heading.split(" > ")[-1] for h in await reader.search(question, 3)]
+        writer = await asyncio.to_thread(PgWriter, "shop", base)
+        await asyncio.to_thread(ingest, writer, [DATA / "shop.md"], 60, 10, embedder=embedder)
+        await asyncio.to_thread(writer.close)
+        after = [h.heading.split(" > ")[-1] for h in await reader.search(question, 3)]
+    finally:
+        await reader.aclose()
+    assert "Contact" not in before
+    assert "Contact" in after

@@ -48,6 +48,7 @@ CANDIDATES = 50  # each list's length before fusion, as SQLite's
 # ranking every match takes seconds at a million rows. Chunks holding every word come first.
 LEXICAL_POOL = 1000
 _encode = msgspec.json.Encoder().encode
+META_S = 30.0  # a server's reader reads the base's row again this often (a kb ingest's vectors)
 RECONNECT_S = 1.0  # a base that could not be reached is tried again at most this often
 CONNECT_TIMEOUT_S = 5.0  # opening the pool, off any turn
 
@@ -226,6 +227,7 @@ class PgReader:
         self._failed = _Failures(name, kb)
         self._pool: Any = None
         self._meta: _Meta | None = None
+        self._meta_until = 0.0  # read again after this (monotonic)
         self._opening: asyncio.Task | None = None
         self._next_try = 0.0
         self._down: str | None = None  # why it could not be reached, once logged
@@ -258,6 +260,7 @@ class PgReader:
         try:
             async with pool.acquire() as conn:
                 self._meta = await _read_meta(conn, self.kb.table)
+                self._meta_until = time.monotonic() + META_S
         except (KbError, *_errors()) as exc:
             await pool.close()
             self._note_down(self._failed(exc))
@@ -309,8 +312,10 @@ class PgReader:
     ) -> list[Hit]:
         if self.delay_s:
             await conn.execute("SELECT pg_sleep($1)", self.delay_s)
-        if self._meta is None:  # made since the pool opened?
+        if self._meta is None or time.monotonic() >= self._meta_until:
+            # made since the pool opened? given vectors since (their dimensions)?
             self._meta = await _read_meta(conn, self.kb.table)
+            self._meta_until = time.monotonic() + META_S
             if self._meta is None:
                 raise KbMissing(f"{self._failed.prefix}: no such base yet (run `kb ingest`)")
         dense = vector is not None and self._dense_ok(vector)
