@@ -36,7 +36,7 @@ from llmgate.http import OwnSession
 from llmgate.kb.base import PROBE, Exported, Hit, KbError, KbMissing, holding
 from llmgate.kb.chunking import Chunk
 from llmgate.kb.embeddings import Embedder, fuse, question_vector
-from llmgate.kb.store import _STOP, _WORD, MAX_TERMS, distinct
+from llmgate.kb.store import distinct, question_words
 
 log = logging.getLogger("llmgate.kb")
 _T = TypeVar("_T")
@@ -80,10 +80,9 @@ def _secret(dsn: str) -> str | None:
 
 
 def lexical_queries(question: str) -> tuple[str, str] | None:
-    """(every word, any word) for `websearch_to_tsquery`: a question's words less the filler
-    ones, as SQLite's match_query takes them; None for a question of filler only."""
-    words = [w for w in _WORD.findall(question) if w.casefold() not in _STOP]
-    unique = list(dict.fromkeys(words))[:MAX_TERMS]
+    """(every word, any word) for `websearch_to_tsquery`, of the words SQLite's search
+    takes (store.question_words); None for a question of filler only."""
+    unique = question_words(question)
     if not unique:
         return None
     return " ".join(unique), " or ".join(unique)
@@ -96,6 +95,8 @@ class _Names:
         self.table = kb.table
         self.chunks = f'"{kb.table}"'
         self.sources = f'"{kb.table}_sources"'
+        self.tsv_index = f"{kb.table}_tsv"
+        self.vec_index = f"{kb.table}_vec"
         self.language = kb.language
 
     def schema(self) -> list[str]:
@@ -111,7 +112,7 @@ class _Names:
             f"meta jsonb, tsv tsvector GENERATED ALWAYS AS (setweight(to_tsvector({lang}, "
             f"text), 'A') || setweight(to_tsvector({lang}, heading), 'B')) STORED)",
             f'CREATE INDEX IF NOT EXISTS "{self.table}_source" ON {self.chunks} (source)',
-            f'CREATE INDEX IF NOT EXISTS "{self.table}_tsv" ON {self.chunks} USING gin (tsv)',
+            f'CREATE INDEX IF NOT EXISTS "{self.tsv_index}" ON {self.chunks} USING gin (tsv)',
         ]
 
     def lexical(self, dense: bool) -> str:
@@ -259,8 +260,7 @@ class PgReader:
             return
         try:
             async with pool.acquire() as conn:
-                self._meta = await _read_meta(conn, self.kb.table)
-                self._meta_until = time.monotonic() + META_S
+                await self._read_meta(conn)
         except (KbError, *_errors()) as exc:
             await pool.close()
             self._note_down(self._failed(exc))
@@ -312,12 +312,10 @@ class PgReader:
     ) -> list[Hit]:
         if self.delay_s:
             await conn.execute("SELECT pg_sleep($1)", self.delay_s)
-        if self._meta is None or time.monotonic() >= self._meta_until:
-            # made since the pool opened? given vectors since (their dimensions)?
-            self._meta = await _read_meta(conn, self.kb.table)
-            self._meta_until = time.monotonic() + META_S
-            if self._meta is None:
-                raise KbMissing(f"{self._failed.prefix}: no such base yet (run `kb ingest`)")
+        # made since the pool opened? given vectors since (their dimensions)?
+        stale = self._meta is None or time.monotonic() >= self._meta_until
+        if stale and await self._read_meta(conn) is None:
+            raise KbMissing(f"{self._failed.prefix}: no such base yet (run `kb ingest`)")
         dense = vector is not None and self._dense_ok(vector)
         every, anyw = queries if queries is not None else ("", "")
         args: list[Any] = [self._meta.language, every, anyw]
@@ -341,6 +339,12 @@ class PgReader:
             for i, score in ranked if i in rows
         ]
         return distinct(found, k)
+
+    async def _read_meta(self, conn: Any) -> _Meta | None:
+        """The base's row, kept for META_S."""
+        self._meta = await _read_meta(conn, self.kb.table)
+        self._meta_until = time.monotonic() + META_S
+        return self._meta
 
     def _dense_ok(self, vector: np.ndarray) -> bool:
         dims = self._meta.dims if self._meta is not None else None
@@ -367,13 +371,11 @@ class PgReader:
                 raise KbError(self._down or self._failed.prefix)
         try:
             async with self._pool.acquire() as conn:
-                meta = await _read_meta(conn, self.kb.table)
-                if meta is None:
+                if await self._read_meta(conn) is None:
                     raise KbMissing(f"{self._failed.prefix} does not exist yet")
                 files, chunks = await conn.fetchrow(
                     f"SELECT count(*), coalesce(sum(chunks), 0) FROM {self.names.sources}"
                 )
-                self._meta = meta
                 await self._search(conn, lexical_queries(PROBE), None, 1, 0.0)
         except KbError:
             raise
@@ -481,7 +483,7 @@ class PgWriter:
         self._dims = meta.dims
         if meta.dims is not None:
             self._indexed = bool(await conn.fetchval(
-                "SELECT 1 FROM pg_indexes WHERE indexname = $1", f"{self.kb.table}_vec"
+                "SELECT 1 FROM pg_indexes WHERE indexname = $1", self.names.vec_index
             ))
         await _setup(conn)
 
@@ -539,13 +541,13 @@ class PgWriter:
         await self._conn.execute("SET maintenance_work_mem = '256MB'")
         if not self._indexed:
             await self._conn.execute(
-                f'CREATE INDEX IF NOT EXISTS "{self.kb.table}_vec" ON {self.names.chunks} '
+                f'CREATE INDEX IF NOT EXISTS "{self.names.vec_index}" ON {self.names.chunks} '
                 "USING hnsw (vec vector_cosine_ops)"
             )
             self._indexed = True
         try:  # (the table's owner's to do; autovacuum does both in time otherwise)
             await self._conn.execute("SELECT gin_clean_pending_list($1::regclass)",
-                                     f'"{self.kb.table}_tsv"')
+                                     f'"{self.names.tsv_index}"')
             await self._conn.execute(f"ANALYZE {self.names.chunks}")
         except asyncpg.InsufficientPrivilegeError:
             pass

@@ -72,12 +72,18 @@ _WORD = re.compile(r"\w+")
 MAX_TERMS = 64
 
 
-def match_query(question: str) -> str | None:
-    """An FTS5 query for a question: its words less the filler ones, any of them (FTS5
-    folds case itself). None for a question of filler only ("who are you"): nothing in a
-    knowledge base answers it, and an OR of filler would match every chunk."""
+def question_words(question: str) -> list[str]:
+    """A question's words less the filler ones, each once, at most MAX_TERMS: what either
+    store's lexical search looks for. [] for a question of filler only ("who are you"):
+    nothing in a knowledge base answers it, and an OR of filler would match every chunk."""
     words = [w for w in _WORD.findall(question) if w.casefold() not in _STOP]
-    unique = list(dict.fromkeys(words))[:MAX_TERMS]
+    return list(dict.fromkeys(words))[:MAX_TERMS]
+
+
+def match_query(question: str) -> str | None:
+    """An FTS5 query for a question: any of its words (FTS5 folds case itself); None for a
+    question of filler only."""
+    unique = question_words(question)
     if not unique:
         return None
     return " OR ".join('"' + w.replace('"', '""') + '"' for w in unique)
